@@ -1,0 +1,175 @@
+"""``eqm sample`` (offline, reproducible from a noise file) and ``eqm convert`` (official .pt -> safetensors)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images offline (reproducible from a saved noise file)",
+                       description="Generate images by gradient descent on the EqM field. Defaults follow the "
+                                   "paper's EqM-XL/2 setting: NAG-GD, step size 0.0017, mu 0.3, 249 updates, CFG 1.5.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt official, bare state dict, "
+                   ".safetensors) or a bundled model name ('digits')")
+    p.add_argument("--arch", help="architecture, e.g. EqM-XL/2 (checked against the file; needed by none)")
+    p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
+    p.add_argument("--labels", help="comma-separated class labels, one image each (e.g. 1,207,999); "
+                   "'a+b' composes labels a and b")
+    p.add_argument("--n", type=int, help="number of images when --labels is not given (unconditional)")
+    p.add_argument("--noise", help="initial latents, .npy float32 of shape (n, C, H, W)")
+    p.add_argument("--start", help="start latents to denoise, .npy float32 (n, C, H, W) (noised with --noise-level)")
+    p.add_argument("--noise-level", type=float, default=None,
+                   help="with --start: g in x = g*start + (1-g)*eps (1 = no extra noise)")
+    p.add_argument("--seed", type=int, default=0, help="seed of image i is seed + i (ignored with --noise)")
+    p.add_argument("--sampler", choices=["nag", "gd"], default="nag")
+    p.add_argument("--steps", type=int, default=249, help="number of gradient updates (official --num-sampling-steps minus 1)")
+    p.add_argument("--step-size", type=float, default=0.0017)
+    p.add_argument("--mu", type=float, default=0.3, help="NAG-GD look-ahead factor")
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-channels", choices=["official", "all"], default=None,
+                   help="guide the first 3 latent channels (official EqM) or all; default: from the checkpoint")
+    p.add_argument("--grad-norm-threshold", type=float, default=0.0, help="stop a sample when ||grad|| < this (0 = off)")
+    p.add_argument("--latents-out", help="write final latents, .npy float32 (n, C, H, W)")
+    p.add_argument("--images-out", help="write images, .npy uint8 (n, H, W, C)")
+    p.add_argument("--out", help="folder for PNG files")
+    p.add_argument("--vae", default=os.environ.get("EQM_VAE"), help="SD-VAE folder (diffusers) for latent models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
+    p.set_defaults(handler=run_sample)
+
+    c = sub.add_parser("convert", help="official checkpoint -> safetensors with metadata",
+                       description="Write the chosen weights of an official checkpoint as safetensors, with the "
+                                   "architecture, input size, classes and guidance mode as metadata.")
+    c.add_argument("src", help="official train.py checkpoint (.pt) or bare state dict")
+    c.add_argument("dst", help="output .safetensors file")
+    c.add_argument("--arch", help="architecture, checked against the file")
+    c.add_argument("--weights", choices=["ema", "model"], default="ema")
+    c.add_argument("--guidance-channels", choices=["official", "all"], default="official",
+                   help="guidance mode to record (official = first 3 channels, as the released weights were evaluated)")
+    c.set_defaults(handler=run_convert)
+
+
+def parse_labels(text: str) -> list[tuple[int, ...]]:
+    """'1,207,3+5' -> [(1,), (207,), (3, 5)]."""
+    from service.cli import UsageError
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            out.append(tuple(int(p) for p in item.split("+")))
+        except ValueError:
+            raise UsageError(f"--labels: {item!r} is not a label (integers, comma-separated, '+' to compose)") from None
+    return out
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    from service.cli import UsageError
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"{what} {path}: not a .npy array ({exc})") from None
+    if arr.ndim != 4 or arr.dtype.kind != "f":
+        raise UsageError(f"{what} {path}: expected float32 of shape (n, C, H, W), got {arr.dtype} {arr.shape}")
+    return arr.astype(np.float32)
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from models import resolve_checkpoint
+    from models.checkpoint import load_model
+    from models.codecs import make_codec
+    from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample
+    from service.cli import UsageError
+
+    dtype = DTYPES[args.dtype]
+    loaded = load_model(resolve_checkpoint(args.checkpoint), arch=args.arch, weights=args.weights,
+                        guidance_mode=args.guidance_channels, device=args.device, dtype=dtype)
+    cfg, spec = loaded.model.config, loaded.spec
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    label_sets = parse_labels(args.labels) if args.labels else None
+    noise = _load_npy(args.noise, "--noise") if args.noise else None
+    start = _load_npy(args.start, "--start") if args.start else None
+    n = len(label_sets) if label_sets else (noise.shape[0] if noise is not None else
+                                            start.shape[0] if start is not None else args.n)
+    if not n:
+        raise UsageError("give --labels, --n, --noise or --start to say how many images to make")
+    label_sets = label_sets or [()] * n
+    for arr, what in ((noise, "--noise"), (start, "--start")):
+        if arr is not None and (arr.shape[0] != n or tuple(arr.shape[1:]) != shape):
+            raise UsageError(f"{what} has shape {arr.shape}, expected ({n}, {', '.join(map(str, shape))})")
+    for labels in label_sets:
+        for y in labels:
+            if not 0 <= y < cfg.num_classes:
+                raise UsageError(f"--labels: {y} is out of range (the model has classes 0..{cfg.num_classes - 1})")
+    if not (args.out or args.images_out or args.latents_out):
+        raise UsageError("nothing to write: give --out DIR, --images-out FILE.npy or --latents-out FILE.npy")
+    codec = None
+    if args.out or args.images_out:
+        codec = make_codec(spec.codec, channels=cfg.in_channels, latent_size=cfg.input_size, vae_dir=args.vae,
+                           device=args.device)
+
+    eps = torch.from_numpy(noise) if noise is not None else torch.stack([noise_for_seed(args.seed + i, shape) for i in range(n)])
+    x0 = eps if start is None else (torch.from_numpy(start) if args.noise_level is None
+                                    else partially_noised(torch.from_numpy(start), args.noise_level, eps))
+    params = SamplerParams(sampler=args.sampler, step_size=args.step_size, mu=args.mu, max_steps=args.steps,
+                           grad_norm_threshold=args.grad_norm_threshold)
+    conditions = [Condition(labels=labels, cfg_scale=args.cfg_scale if labels else 1.0) for labels in label_sets]
+    t0 = time.perf_counter()
+    result = sample(loaded.model, x0, conditions, params, null_label=cfg.null_label,
+                    guided_channels=spec.guided_channels, progress=_progress_bar(args.steps))
+    elapsed = time.perf_counter() - t0
+    print(f"sampled {n} in {elapsed:.1f}s; steps per sample: mean {np.mean(result.steps):.1f}, "
+          f"min {min(result.steps)}, max {max(result.steps)}", file=sys.stderr)
+
+    if args.latents_out:
+        _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
+    if codec is not None:
+        images = codec.decode(result.latents)
+        if args.images_out:
+            _save_npy(args.images_out, images)
+        if args.out:
+            from PIL import Image
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(images):
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+    return 0
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    """Atomic write: nothing half-written is left behind."""
+    tmp = Path(path + ".tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def _progress_bar(total: int):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+
+    def update(step: int, _total: int) -> None:
+        bar.n = step
+        bar.refresh()
+        if step >= _total:
+            bar.close()
+    return update
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from models.checkpoint import convert, describe
+    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels)
+    print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
+          f"guidance on {loaded.spec.guided_channels} channels")
+    return 0

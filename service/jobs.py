@@ -1,0 +1,237 @@
+"""Jobs in Redis: the contract between the HTTP API and the workers.
+
+Keys (``P`` = settings.key_prefix, default ``eqm``):
+
+- ``P:jobs``                 stream of job ids (field ``id``); consumer group ``P:workers``. A worker
+                             reads with XREADGROUP, acks when the job's results are stored; a dead
+                             worker's entries are reclaimed with XAUTOCLAIM after ``claim_idle_ms``.
+- ``P:job:<id>``             hash, the job record: ``spec`` (JSON of ``JobSpec``), ``status``
+                             (queued|running|done|failed|cancelled), ``created``/``started``/``finished``
+                             (unix seconds), ``worker``, ``attempts``, ``error``, ``progress`` (JSON list, one
+                             ``{"steps", "grad_norm"}`` per image), ``images`` (JSON list of ``ImageResult``
+                             dicts once done), ``cancel`` ("1" once a cancel was asked). TTL: result_ttl_s.
+- ``P:job:<id>:input``       bytes of the uploaded image for denoising (already cropped to the model's size, PNG).
+- ``P:job:<id>:image:<k>``   encoded bytes of image k (PNG/JPEG/WebP). TTL: result_ttl_s.
+- ``P:job:<id>:events``      stream of progress events (fields ``event`` and ``data`` JSON), MAXLEN ~1000;
+                             events: ``queued``, ``started``, ``progress``, ``image``, ``done``, ``failed``,
+                             ``cancelled``. Server-sent events replay it with XREAD.
+- ``P:queued``               set of ids not yet started (queue depth = SCARD).
+- ``P:cancel``               pub/sub channel: job ids whose cancellation was asked.
+- ``P:workers``              hash worker name -> JSON ``{"device", "model", "metrics_url", "seen"}``; a worker
+                             whose ``seen`` is older than 3 heartbeats is not live.
+- ``P:deadletter``           stream of ``{"id", "reason"}`` for jobs delivered too many times.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+JOB_KINDS = ("generate", "denoise", "compose")
+STATUSES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_STATUSES = ("done", "failed", "cancelled")
+IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class SamplerSpec:
+    sampler: str = "nag"
+    step_size: float = 0.0017
+    mu: float = 0.3
+    max_steps: int = 249
+    grad_norm_threshold: float = 0.0
+
+
+@dataclass
+class ImageSpec:
+    """One image of a job: its labels (empty = unconditional; 2+ = composition), weights and seed."""
+
+    seed: int
+    labels: list[int] = field(default_factory=list)
+    weights: list[float] | None = None
+
+
+@dataclass
+class JobSpec:
+    kind: str
+    model: str
+    images: list[ImageSpec]
+    cfg_scale: float = 1.0
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    deadline: float | None = None          # unix seconds; samples still running then return their iterate, flagged
+    format: str = "png"
+    noise_level: float | None = None       # denoise: g in g*x + (1-g)*eps before the descent (None = no extra noise)
+    priority: int = 0                      # higher first
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    submitted: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "JobSpec":
+        raw = json.loads(text)
+        raw["images"] = [ImageSpec(**i) for i in raw["images"]]
+        raw["sampler"] = SamplerSpec(**raw["sampler"])
+        return cls(**raw)
+
+
+@dataclass
+class ImageResult:
+    index: int
+    steps: int                   # gradient updates taken
+    grad_norm: float             # last ||grad||
+    stopped_early: bool          # below its gradient-norm threshold before the step cap
+    deadline_exceeded: bool = False
+    content_type: str = "image/png"
+
+
+class Keys:
+    """Redis key names under one prefix."""
+
+    def __init__(self, prefix: str = "eqm"):
+        self.prefix = prefix
+        self.stream = f"{prefix}:jobs"
+        self.group = f"{prefix}:workers"
+        self.queued = f"{prefix}:queued"
+        self.cancel_channel = f"{prefix}:cancel"
+        self.workers = f"{prefix}:workers"
+        self.deadletter = f"{prefix}:deadletter"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def input(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:input"
+
+    def image(self, job_id: str, k: int) -> str:
+        return f"{self.prefix}:job:{job_id}:image:{k}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:events"
+
+
+class JobStore:
+    """Client side of the queue: submit, read, cancel, stream events. Used by the API and tests."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "eqm", ttl_s: int = 3600):
+        self.r = client
+        self.keys = Keys(prefix)
+        self.ttl_s = ttl_s
+
+    def ensure_group(self) -> None:
+        try:
+            self.r.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def queue_depth(self) -> int:
+        return int(self.r.scard(self.keys.queued))
+
+    def submit(self, spec: JobSpec, input_png: bytes | None = None) -> str:
+        """Store the record (and upload), then enqueue: one MULTI, so a job is never half-submitted."""
+        self.ensure_group()
+        k = self.keys
+        now = time.time()
+        record = {"spec": spec.to_json(), "status": "queued", "created": now, "attempts": 0,
+                  "progress": json.dumps([{"steps": 0, "grad_norm": None} for _ in spec.images])}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.job(spec.id), mapping=record)
+        pipe.expire(k.job(spec.id), self.ttl_s)
+        if input_png is not None:
+            pipe.set(k.input(spec.id), input_png, ex=self.ttl_s)
+        pipe.xadd(k.events(spec.id), {"event": "queued", "data": json.dumps({"id": spec.id, "time": now})}, maxlen=1000)
+        pipe.expire(k.events(spec.id), self.ttl_s)
+        pipe.sadd(k.queued, spec.id)
+        pipe.xadd(k.stream, {"id": spec.id})
+        pipe.execute()
+        return spec.id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.r.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        rec = {key.decode(): val.decode() for key, val in raw.items()}
+        out: dict[str, Any] = {"id": job_id, "status": rec.get("status", "queued")}
+        out["spec"] = json.loads(rec["spec"])
+        for name in ("created", "started", "finished"):
+            out[name] = float(rec[name]) if rec.get(name) else None
+        out["attempts"] = int(rec.get("attempts", 0))
+        out["worker"] = rec.get("worker")
+        out["error"] = rec.get("error")
+        out["progress"] = json.loads(rec.get("progress", "[]"))
+        out["images"] = json.loads(rec.get("images", "[]"))
+        out["cancel_requested"] = rec.get("cancel") == "1"
+        return out
+
+    def image(self, job_id: str, k: int) -> bytes | None:
+        return self.r.get(self.keys.image(job_id, k))
+
+    def cancel(self, job_id: str) -> str | None:
+        """Ask for cancellation; returns the status then (None if unknown). Final jobs are left alone."""
+        key = self.keys.job(job_id)
+        status = self.r.hget(key, "status")
+        if status is None:
+            return None
+        status = status.decode()
+        if status in FINAL_STATUSES:
+            return status
+        self.r.hset(key, "cancel", "1")
+        if self.r.srem(self.keys.queued, job_id):
+            # Not started yet: cancel right here; a worker that later reads the entry skips it.
+            self.finish(job_id, "cancelled")
+            return "cancelled"
+        self.r.publish(self.keys.cancel_channel, job_id)
+        return status
+
+    def finish(self, job_id: str, status: str, error: str | None = None, images: list[ImageResult] | None = None) -> None:
+        """Write a final status once (a Lua check-and-set: a second finisher changes nothing)."""
+        now = time.time()
+        mapping = {"status": status, "finished": now}
+        if error:
+            mapping["error"] = error
+        if images is not None:
+            mapping["images"] = json.dumps([asdict(i) for i in images])
+        finished = self.r.eval(_FINISH_ONCE, 1, self.keys.job(job_id), json.dumps(mapping))
+        if finished:
+            self.publish(job_id, status, {"id": job_id, "status": status, "error": error, "time": now})
+
+    def publish(self, job_id: str, event: str, data: dict) -> None:
+        key = self.keys.events(job_id)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=1000)
+        pipe.expire(key, self.ttl_s)
+        pipe.execute()
+
+    def events(self, job_id: str, last_id: str = "0", block_ms: int = 1000) -> list[tuple[str, str, dict]]:
+        """Events after ``last_id``: ``[(entry_id, event, data)]``, waiting up to ``block_ms`` for the first."""
+        reply = self.r.xread({self.keys.events(job_id): last_id}, block=block_ms, count=100)
+        out = []
+        for _, entries in reply or []:
+            for entry_id, fields_ in entries:
+                out.append((entry_id.decode(), fields_[b"event"].decode(), json.loads(fields_[b"data"])))
+        return out
+
+    def live_workers(self, heartbeat_s: float = 2.0) -> dict[str, dict]:
+        now = time.time()
+        out = {}
+        for name, raw in self.r.hgetall(self.keys.workers).items():
+            info = json.loads(raw)
+            if now - float(info.get("seen", 0)) <= 3 * heartbeat_s:
+                out[name.decode()] = info
+        return out
+
+
+# Set the final fields only if the job is not final yet; returns 1 when it did.
+_FINISH_ONCE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status or status == 'done' or status == 'failed' or status == 'cancelled' then return 0 end
+local fields = cjson.decode(ARGV[1])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, tostring(v)) end
+return 1
+"""

@@ -1,0 +1,72 @@
+"""Service settings: one object, read from the environment once (``EQM_*`` variables)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _env(name: str, default, cast):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+_bool.__name__ = "boolean"
+_list.__name__ = "comma-separated list"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the service. ``Settings.from_env()`` reads ``EQM_<NAME>`` for each field."""
+
+    redis_url: str = ""                      # empty: `eqm serve` starts an embedded redis-server
+    key_prefix: str = "eqm"                  # all Redis keys start with "<prefix>:"
+    checkpoint: str = "digits"               # bundled name or path of the model to serve
+    model_name: str = ""                     # public name of the model (default: derived from the checkpoint)
+    vae: str = ""                            # SD-VAE folder for latent models
+    device: str = ""                         # worker device ("" = cuda if available else cpu)
+    dtype: str = "float32"                   # model dtype on the worker
+    result_ttl_s: int = 3600                 # job records and images expire after this
+    max_queue: int = 1000                    # queued jobs beyond this get 429
+    max_images_per_job: int = 64
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_pixels: int = 16_000_000      # decompression-bomb guard, checked before decoding
+    wait_timeout_s: float = 60.0             # longest ?wait=true
+    api_keys: tuple[str, ...] = ()           # empty: no authentication
+    capacity: int = 64                       # worker sample slots
+    max_rows: int = 0                        # worker model rows (0 = 3 x capacity)
+    claim_idle_ms: int = 30_000              # a pending job idle this long is reclaimed by another worker
+    heartbeat_s: float = 2.0                 # workers refresh their liveness (and their jobs' claims) this often
+    max_deliveries: int = 3                  # a job delivered more often than this is dead-lettered
+    metrics_port: int = 0                    # worker Prometheus endpoint (0 = none)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        values = {}
+        for f in fields(cls):
+            cast = {bool: _bool, int: int, float: float, str: str}.get(type(f.default), _list)
+            values[f.name] = _env(f"EQM_{f.name.upper()}", f.default, cast)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def rows(self) -> int:
+        return self.max_rows or 3 * self.capacity
