@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -55,17 +54,19 @@ def _torch_load(path: Path) -> object:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, EOFError, RuntimeError) as exc:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "Weights only load failed" in str(exc):
+    except Exception as exc:  # torch raises many types on bad input; each becomes one line
+        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
             raise CheckpointError(f"{path}: refuses to unpickle objects other than tensors ({_first_unsafe(exc)})") from None
-        raise CheckpointError(f"{path}: file is truncated or corrupt ({text})") from None
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise CheckpointError(f"{path}: refuses to unpickle objects other than tensors ({_first_unsafe(exc)})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
-    except Exception as exc:  # anything else torch raises on garbage input
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        with open(path, "rb") as fh:
+            is_zip = fh.read(2) == b"PK"     # torch.save writes a zip archive since torch 1.6
+        if is_zip or isinstance(exc, (EOFError, zipfile.BadZipFile)):
+            raise CheckpointError(f"{path}: file is truncated or corrupt ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:160] if lines else type(exc).__name__
 
 
 def _first_unsafe(exc: Exception) -> str:

@@ -214,7 +214,8 @@ class SlotBatch:
         high = 1 + max(max(self.slot_rows[s]) for s in slots)
         bucket = self.bucket_for(high)
         out = self.forward(self.model_in[:bucket], self.labels[:bucket])       # (bucket, C, H, W)
-        nag_step(out, self.x, self.m, self.model_in, slot_ids, rows, weights, self.eta, self.mu,
+        # The kernel indexes rows of ``out``; rows past the bucket are unused, so it gets the same view.
+        nag_step(out, self.x, self.m, self.model_in[:bucket], slot_ids, rows, weights, self.eta, self.mu,
                  self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels)
 
     def snapshot(self, slots: list[int]) -> tuple[list[int], list[float], list[bool]]:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from service import cli_offline
     cli_offline.register(sub)
-    for module in ("service.cli_service", "service.cli_digits"):
+    for module in ("service.cli_worker", "service.cli_service", "service.cli_digits"):
         try:
             __import__(module)
         except ModuleNotFoundError as exc:

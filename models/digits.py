@@ -1,0 +1,233 @@
+"""The bundled digits model: scikit-learn's 8x8 digits, a small pixel-space EqM, its training and sampler defaults."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelSpec, save_safetensors
+from .eqm import EqM, EqMConfig
+from .sampler import SamplerParams
+
+# The one split every digits figure uses: stratified 80/20, seed 0 (training never sees the test part).
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+PIXEL_MAX = 16                       # sklearn digits hold integers 0..16
+CLASS_NAMES = tuple(str(d) for d in range(10))
+IMAGE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class DigitsSplit:
+    """Train and held-out test digits as (N, 1, 8, 8) float32 in [-1, 1] with their labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def to_unit_range(values: np.ndarray) -> np.ndarray:
+    """Digit intensities 0..16 -> [-1, 1], the same map as IdentityCodec (v * 255/16 / 127.5 - 1 = v/8 - 1)."""
+    return values.astype(np.float32) * (2.0 / PIXEL_MAX) - 1.0
+
+
+def to_uint8_images(values: np.ndarray) -> np.ndarray:
+    """Digit intensities 0..16, shape (N, 64) -> uint8 images (N, 8, 8, 1) on the 0..255 scale."""
+    pixels = np.rint(values.astype(np.float64) * (255.0 / PIXEL_MAX)).astype(np.uint8)
+    return pixels.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 1)
+
+
+def load_digits_split() -> DigitsSplit:
+    """scikit-learn's 1797 digits, split stratified 80/20 with seed 0."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        data.data, data.target, test_size=TEST_FRACTION, stratify=data.target, random_state=SPLIT_SEED)
+
+    def as_tensor(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(to_unit_range(values)).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+    return DigitsSplit(as_tensor(x_train), torch.from_numpy(y_train).long(),
+                       as_tensor(x_test), torch.from_numpy(y_test).long())
+
+
+def digits_config() -> EqMConfig:
+    """The architecture of the bundled model: 16 tokens of 2x2 pixels, a 4-block transformer."""
+    return EqMConfig(arch="EqM-Digits/2", input_size=IMAGE_SIZE, patch_size=2, in_channels=1, hidden_size=128,
+                     depth=4, num_heads=4, mlp_ratio=3.0, class_dropout_prob=0.1, num_classes=10,
+                     learn_sigma=False)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of ``eqm train-digits``; the defaults made the bundled weights."""
+
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    loss_a: float = 0.8              # c(g) is flat up to g = a, then falls linearly to 0 at g = 1
+    loss_lambda: float = 4.0         # gradient magnitude multiplier (the paper's lambda)
+    log_every: int = 50
+    threads: int = 0                 # 0 = all cores
+
+
+def target_scale(g: torch.Tensor, a: float, lam: float) -> torch.Tensor:
+    """The paper's c(g) = lambda * min(1, (1 - g) / (1 - a)): zero gradient at the data (g = 1)."""
+    return lam * torch.clamp((1.0 - g) / (1.0 - a), max=1.0)
+
+
+def eqm_loss(model: EqM, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """EqM objective with the descent sign: the output should be (x - eps) * c(g) at x_g = g*x + (1-g)*eps.
+
+    The paper writes the target as the gradient (eps - x) * c(g) and samples with x - eta*f; this
+    codebase's networks output the descent direction and samplers do x + eta*f, hence the minus.
+    """
+    n = x.shape[0]
+    g = torch.rand(n, 1, 1, 1, generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    x_g = g * x + (1.0 - g) * eps
+    target = (x - eps) * target_scale(g, cfg.loss_a, cfg.loss_lambda)
+    return (model(x_g, y) - target).pow(2).mean()
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced: the EMA network and its log."""
+
+    ema: EqM
+    losses: list[tuple[int, float]]
+    final_loss: float
+    seconds: float
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    # Linear warm-up, then cosine decay: short runs need both to reach a low loss without blowing up.
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def train_digits(cfg: TrainConfig, *, progress: bool = True, log=print) -> TrainResult:
+    """Train the digits EqM on the train split; returns the EMA weights (what gets saved)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    split = load_digits_split()
+    model = EqM(digits_config()).train()
+    ema = deepcopy(model).eval().requires_grad_(False)
+    decay_params = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    other_params = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
+                             {"params": other_params, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    n_train = split.x_train.shape[0]
+    losses: list[tuple[int, float]] = []
+    window: list[float] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc="train-digits", unit="step", file=sys.stderr)
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        loss = eqm_loss(model, split.x_train[idx], split.y_train[idx], cfg, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        # EMA warm-up: early on a 0.999 average would mostly remember the random initialisation.
+        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1.0 - decay)
+        window.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            mean = float(np.mean(window))
+            losses.append((step + 1, round(mean, 5)))
+            window.clear()
+            message = f"step {step + 1}/{cfg.steps}  loss {mean:.4f}  lr {_lr_at(step, cfg):.2e}"
+            if bar is not None:
+                bar.write(message)
+            else:
+                log(message)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(ema=ema, losses=losses, final_loss=losses[-1][1], seconds=seconds)
+
+
+@dataclass(frozen=True)
+class DigitsSamplerDefaults:
+    """Sampler settings chosen by experiment for the digits model (``bench/eval_digits.py`` measures them)."""
+
+    params: SamplerParams = SamplerParams(sampler="nag", step_size=0.03, mu=0.3, max_steps=60)
+    cfg_scale: float = 1.5
+    grad_norm_threshold: float = 0.3           # adaptive stopping: ||g|| below this ends a sample
+    composition_cfg_scale: float = 1.5
+    denoise_steps: int = 60
+
+    def adaptive(self) -> SamplerParams:
+        """The default sampler with adaptive stopping switched on."""
+        return SamplerParams(sampler=self.params.sampler, step_size=self.params.step_size, mu=self.params.mu,
+                             max_steps=self.params.max_steps, grad_norm_threshold=self.grad_norm_threshold)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["params"] = asdict(self.params)
+        return out
+
+
+DIGITS_DEFAULTS = DigitsSamplerDefaults()
+
+
+def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path, json_path: Path,
+                      command: str) -> dict:
+    """Write the EMA weights (safetensors with metadata) and the training record (json)."""
+    config = result.ema.config
+    spec = ModelSpec(config=config, guidance_mode="all", codec="identity", class_names=CLASS_NAMES)
+    extra = {"training_command": command, "training_seed": str(cfg.seed), "split_seed": str(SPLIT_SEED),
+             "train_steps": str(cfg.steps), "final_loss": f"{result.final_loss:.5f}", "weights": "ema"}
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(result.ema, spec, weights_path, extra=extra)
+    record = {
+        "command": command,
+        "seed": cfg.seed,
+        "split": {"seed": SPLIT_SEED, "test_fraction": TEST_FRACTION, "stratified": True},
+        "model_config": config.to_dict(),
+        "train_config": asdict(cfg),
+        "steps": cfg.steps,
+        "final_loss": result.final_loss,
+        "train_seconds": round(result.seconds, 1),
+        "train_device": f"CPU ({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}",
+        "torch": torch.__version__,
+        "file_bytes": weights_path.stat().st_size,
+        "sampler_defaults": DIGITS_DEFAULTS.to_dict(),
+        "loss_log": [{"step": s, "loss": l} for s, l in result.losses],
+    }
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, json_path)
+    return record

@@ -1,0 +1,245 @@
+"""The worker engine: continuous batching of EqM samples, ``step()`` = schedule -> run -> update.
+
+EqM has no timestep, so a sample's whole state is its slot in the runner's ``SlotBatch``; samples
+join and leave the running batch at any step and the batch never drains to take new work. One
+step:
+
+1. ``Scheduler.schedule(now)``: samples of cancelled / past-deadline jobs leave, waiting samples
+   enter free slots (priority, then round-robin between jobs, within the row budget);
+2. ``ModelRunner.execute``: frees and admits slots, one forward on the active rows, one fused
+   NAG-GD step, one read-back of steps / gradient norms / finished flags;
+3. ``Scheduler.update``: samples below their threshold or at their step cap finish; the runner
+   hands back their latents, which are decoded in one batch and encoded (PNG/JPEG/WebP).
+
+Results are per sample and do not depend on what else shares the batch: a sample's start is
+``noise_for_seed(seed)`` (or its encoded upload), every row is evaluated independently by the model
+and the fused step touches only that sample's rows, so the same request and seed give the same
+image (to float rounding of batched matmuls) whatever else runs beside it.
+
+No I/O happens here: the worker turns ``StepOutput`` into Redis writes, the benchmark into numbers.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from models.sampler import Condition, SamplerParams, condition_rows
+from service.images import ImageError, content_type, decode_image, encode_image
+from service.jobs import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
+from service.metrics import Metrics
+from service.runner import ModelRunner, SampleInput
+from service.scheduler import JobRequest, SampleKey, SampleRequest, Scheduler
+
+MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
+
+
+class JobError(ValueError):
+    """A job the engine cannot run as specified (one-line message, stored as the job's error)."""
+
+
+@dataclass
+class ImageOutput:
+    job_id: str
+    result: ImageResult
+    data: bytes | None               # encoded image (None when the engine does not encode)
+    latent: torch.Tensor             # (C, H, W) float32 final iterate, on CPU
+
+
+@dataclass
+class JobOutput:
+    job_id: str
+    status: str                      # "done" or "cancelled"
+    images: list[ImageResult]        # by index; a cancelled job lists the images finished before
+    latency_s: float                 # from submission to its last image
+
+
+@dataclass
+class Progress:
+    job_id: str
+    index: int
+    steps: int
+    grad_norm: float | None
+
+
+@dataclass
+class StepOutput:
+    images: list[ImageOutput] = field(default_factory=list)
+    jobs: list[JobOutput] = field(default_factory=list)
+    progress: list[Progress] = field(default_factory=list)   # every sample still running
+    rows: int = 0                                            # rows evaluated this step
+    seconds: float = 0.0
+
+
+@dataclass
+class _Job:
+    spec: JobSpec
+    submitted: float
+    results: dict[int, ImageResult] = field(default_factory=dict)
+    resolved: int = 0
+    cancelled: bool = False
+
+
+class Engine:
+    """Continuous-batching sampler of one device; feed it with ``add_job``, drive it with ``step``."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler | None = None, *, model_name: str = "model",
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+                 encode_images: bool = True, max_upload_pixels: int = 16_000_000):
+        self.runner = runner
+        self.scheduler = scheduler or Scheduler(runner.capacity, runner.max_rows)
+        self.model_name = model_name
+        self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.encode_images = encode_images
+        self.max_upload_pixels = max_upload_pixels
+        cfg = runner.model.config
+        self.num_classes, self.null_label = cfg.num_classes, cfg.null_label
+        self._jobs: dict[str, _Job] = {}
+        self._inputs: dict[SampleKey, SampleInput] = {}
+
+    # -- input ----------------------------------------------------------------------------------
+    def add_job(self, spec: JobSpec, input_image: bytes | None = None) -> None:
+        """Validate a job and queue its samples; raises ``JobError`` for a job that cannot run."""
+        if spec.id in self._jobs:
+            raise JobError(f"job {spec.id} is already running here")
+        inputs = self._sample_inputs(spec, input_image)
+        max_steps = inputs[0].params.max_steps
+        samples = [SampleRequest(i.key, len(i.rows), max_steps) for i in inputs]
+        try:
+            self.scheduler.add_job(JobRequest(spec.id, samples, priority=spec.priority, deadline=spec.deadline))
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
+        self._jobs[spec.id] = _Job(spec, submitted=spec.submitted)
+        self._inputs.update((i.key, i) for i in inputs)
+
+    def _sample_inputs(self, spec: JobSpec, input_image: bytes | None) -> list[SampleInput]:
+        if spec.kind not in JOB_KINDS:
+            raise JobError(f"job kind must be one of {', '.join(JOB_KINDS)}, not {spec.kind!r}")
+        if not spec.images:
+            raise JobError("a job needs at least one image")
+        if spec.format not in IMAGE_FORMATS:
+            raise JobError(f"image format must be one of {', '.join(IMAGE_FORMATS)}, not {spec.format!r}")
+        try:
+            params = SamplerParams(**asdict(spec.sampler))
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"sampler settings: {exc}") from None
+        base = None
+        if spec.kind == "denoise":
+            if input_image is None:
+                raise JobError("a denoise job needs an input image and none was stored")
+            if spec.noise_level is not None and not 0.0 <= spec.noise_level <= 1.0:
+                raise JobError(f"noise level must be in [0, 1], got {spec.noise_level}")
+            try:
+                pixels = decode_image(input_image, self.runner.image_size, self.runner.channels,
+                                      self.max_upload_pixels)
+            except ImageError as exc:
+                raise JobError(str(exc)) from None
+            base = self.runner.encode_pixels(pixels)
+        inputs = []
+        for index, image in enumerate(spec.images):
+            for y in image.labels:
+                if not 0 <= int(y) < self.num_classes:
+                    raise JobError(f"image {index}: label {y} is out of range (classes 0..{self.num_classes - 1})")
+            weights = tuple(image.weights) if image.weights is not None else None
+            if weights is not None and len(weights) != len(image.labels):
+                raise JobError(f"image {index}: {len(weights)} weights given for {len(image.labels)} labels")
+            cond = Condition(tuple(int(y) for y in image.labels), weights,
+                             spec.cfg_scale if image.labels else 1.0)
+            rows = condition_rows(cond, self.null_label)
+            if len(rows) > MAX_ROWS_PER_SAMPLE:
+                raise JobError(f"image {index}: {len(rows)} model rows, at most {MAX_ROWS_PER_SAMPLE} per image "
+                               f"(compose fewer labels)")
+            inputs.append(SampleInput(SampleKey(spec.id, index), int(image.seed), rows, params, base,
+                                      spec.noise_level if spec.kind == "denoise" else None))
+        return inputs
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job held here; its samples leave at the next step. False when it is not here."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        job.cancelled = True
+        self.scheduler.cancel(job_id)
+        return True
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self._jobs)
+
+    def job_ids(self) -> list[str]:
+        return list(self._jobs)
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> StepOutput:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule(self.clock())
+        needed = list(out.admit) + [s.key for s in out.stop if not s.started]
+        run = self.runner.execute(out, {k: self._inputs[k] for k in needed})
+        finished = self.scheduler.update(out, run.statuses)
+        latents = self.runner.retire(f.key for f in finished)
+
+        # (key, reason, steps, grad_norm, latent) of every sample that left in this step
+        leaving = [(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm, run.stopped[s.key].latent)
+                   for s in out.stop]
+        leaving += [(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
+        result = StepOutput(rows=run.rows_evaluated)
+        self._emit(leaving, result)
+        finished_keys = {f.key for f in finished}
+        result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))
+                           for k, st in run.statuses.items() if k not in finished_keys]
+
+        result.seconds = time.perf_counter() - t0
+        m = self.metrics
+        if out.run:
+            m.step_seconds.observe(result.seconds)
+            m.nfe_total.inc(run.rows_evaluated)
+        m.batch_occupancy.set(self.scheduler.rows_in_use / self.runner.max_rows)
+        return result
+
+    def _emit(self, leaving, result: StepOutput) -> None:
+        kept = [item for item in leaving if item[4] is not None]
+        pixels = self.runner.decode(torch.stack([item[4] for item in kept])) if kept and self.encode_images else None
+        now = self.clock()
+        for i, (key, reason, steps, grad_norm, latent) in enumerate(kept):
+            job = self._jobs[key.job_id]
+            res = ImageResult(index=key.index, steps=steps, grad_norm=_finite(grad_norm),
+                              stopped_early=reason == "converged", deadline_exceeded=reason == "deadline",
+                              content_type=content_type(job.spec.format))
+            data = encode_image(pixels[i], job.spec.format) if pixels is not None else None
+            job.results[key.index] = res
+            result.images.append(ImageOutput(key.job_id, res, data, latent))
+        for key, reason, steps, grad_norm, _ in leaving:
+            job = self._jobs[key.job_id]
+            task = job.spec.kind
+            # scheduler stop reasons are the metric outcomes: converged|step_cap|deadline|cancelled
+            self.metrics.images_total.labels(self.model_name, task, reason).inc()
+            if reason != "cancelled":
+                self.metrics.steps_per_sample.labels(self.model_name, task).observe(steps)
+                if math.isfinite(grad_norm):
+                    self.metrics.final_grad_norm.labels(self.model_name, task).observe(grad_norm)
+            job.resolved += 1
+            if job.resolved == len(job.spec.images):
+                status = "cancelled" if job.cancelled else "done"
+                latency = max(0.0, now - job.submitted)
+                result.jobs.append(JobOutput(key.job_id, status, [job.results[i] for i in sorted(job.results)], latency))
+                self.metrics.jobs_total.labels(status).inc()
+                self.metrics.job_latency_seconds.observe(latency)
+                del self._jobs[key.job_id]
+            self._inputs.pop(key, None)
+
+    def run_until_idle(self, max_steps: int | None = None) -> list[StepOutput]:
+        """Step until every job is resolved (tests, the benchmark, offline use)."""
+        outputs, n = [], 0
+        while self.has_work and (max_steps is None or n < max_steps):
+            outputs.append(self.step())
+            n += 1
+        return outputs
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None

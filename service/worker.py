@@ -1,0 +1,492 @@
+"""One worker process: one device, one ``Engine``, jobs from the shared Redis stream.
+
+Run it as ``python -m service.worker --device cuda:0 ...`` (``eqm worker`` starts and supervises one
+per device). Any number of workers on any number of machines share one queue by pointing at the
+same Redis URL; the keys are those of ``service.jobs``.
+
+Delivery: at least once; results: exactly once.
+
+- A worker reads one entry at a time (XREADGROUP) while its engine has room, so jobs spread over
+  workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
+- Every heartbeat it refreshes ``P:workers`` and re-claims its own pending entries (XCLAIM JUSTID
+  with idle 0, which does not count as a delivery), so long jobs of a live worker are never taken.
+- A dead worker's entries go idle; after ``claim_idle_ms`` another worker takes them (XAUTOCLAIM) and
+  runs the job again from its seeds, giving the same images. Image keys are rewritten with the
+  same bytes and the final status is written once (``JobStore.finish``), so nothing is duplicated.
+- An entry delivered more than ``max_deliveries`` times (its workers kept dying) goes to
+  ``P:deadletter`` and the job fails with that reason.
+- Cancellation: a listener thread on ``P:cancel`` (backed up by reading the records' ``cancel``
+  field every heartbeat) feeds a thread-safe queue that the loop drains before every step.
+- SIGTERM/SIGINT: stop reading, let in-flight samples finish for ``grace_s``, then hand unfinished
+  jobs back to the queue (re-queued, entry acked) and exit 0. A second signal hands back at once.
+- A crash (an exception out of the engine) exits 1 without handing back: the entry stays pending,
+  is reclaimed, and a job that keeps crashing workers ends in the dead-letter stream.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import redis
+
+from service.engine import Engine, JobError, StepOutput
+from service.jobs import FINAL_STATUSES, JobSpec, JobStore
+from service.metrics import Metrics, serve_metrics
+from service.settings import Settings
+
+log = logging.getLogger("eqm.worker")
+
+
+@dataclass
+class WorkerConfig:
+    redis_url: str
+    checkpoint: str = "digits"
+    device: str = "cpu"
+    key_prefix: str = "eqm"
+    model_name: str = ""
+    vae: str = ""
+    dtype: str = "float32"
+    capacity: int = 64
+    max_rows: int = 0                   # 0 = 3 x capacity
+    claim_idle_ms: int = 30_000
+    heartbeat_s: float = 2.0
+    max_deliveries: int = 3
+    result_ttl_s: int = 3600
+    metrics_port: int = 0               # 0 = no endpoint
+    grace_s: float = 10.0               # shutdown: how long in-flight samples may still run
+    progress_interval_s: float = 0.3    # progress events per job at most this often
+    threads: int = 0                    # torch CPU threads (0 = torch's default)
+    name: str = ""                      # consumer name (default host:pid:device)
+    parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
+    warmup: bool = True
+
+    @property
+    def rows(self) -> int:
+        return self.max_rows or 3 * self.capacity
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
+        base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
+                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype,
+                    device=settings.device or _default_device(), capacity=settings.capacity,
+                    max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
+                    heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
+                    result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
+    """Load the checkpoint and codec on the device, warm every bucket, wrap it all in an engine."""
+    import torch
+
+    from models import resolve_checkpoint
+    from models.codecs import make_codec
+    from models.checkpoint import load_model
+    from service.runner import ModelRunner
+    from service.cli_offline import DTYPES
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    path = resolve_checkpoint(cfg.checkpoint)
+    loaded = load_model(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    mc = loaded.spec.config
+    codec = make_codec(loaded.spec.codec, channels=mc.in_channels, latent_size=mc.input_size,
+                       vae_dir=cfg.vae or None, device=cfg.device)
+    runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows)
+    if cfg.warmup:
+        runner.warmup()
+    return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics)
+
+
+class Worker:
+    """The loop of one worker process (see the module docstring)."""
+
+    def __init__(self, cfg: WorkerConfig, engine: Engine | None = None, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.name = cfg.name or f"{socket.gethostname()}:{os.getpid()}:{cfg.device}"
+        self.metrics = metrics or (engine.metrics if engine is not None else Metrics())
+        self.engine = engine
+        self.r = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
+        self.store = JobStore(self.r, cfg.key_prefix, cfg.result_ttl_s)
+        self.keys = self.store.keys
+        self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._inflight: dict[str, str] = {}            # job id -> stream entry id
+        self._lock = threading.Lock()                  # guards _inflight against the heartbeat thread
+        self._progress: dict[str, list[dict]] = {}
+        self._last_progress: dict[str, float] = {}
+        self._unwritten: list[StepOutput] = []         # results whose Redis writes failed, retried
+        self._stop = threading.Event()                 # a stop was asked (signal or parent gone)
+        self._hurry = threading.Event()                # hand back now, no grace
+        self._closed = threading.Event()               # threads end
+        self._next_autoclaim = 0.0
+        self._metrics_url = ""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def request_stop(self, hurry: bool = False) -> None:
+        if self._stop.is_set() or hurry:
+            self._hurry.set()
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.request_stop())
+
+    def run(self) -> int:
+        if self.engine is None:
+            self.engine = build_engine(self.cfg, self.metrics)
+        if self.cfg.metrics_port:
+            serve_metrics(self.metrics, self.cfg.metrics_port)
+            self._metrics_url = f"http://{socket.gethostname()}:{self.cfg.metrics_port}/metrics"
+        self.store.ensure_group()
+        threads = [threading.Thread(target=self._listen_cancels, name="cancel-listener", daemon=True),
+                   threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
+        self._beat()
+        for t in threads:
+            t.start()
+        log.info("worker %s ready: %s on %s, capacity %d samples / %d rows", self.name, self.engine.model_name,
+                 self.cfg.device, self.engine.runner.capacity, self.engine.runner.max_rows)
+        try:
+            self._loop()
+            self._hand_back()
+        finally:
+            self._closed.set()
+            for t in threads:
+                t.join(timeout=2)
+            try:
+                self.r.hdel(self.keys.workers, self.name)
+            except redis.RedisError:
+                pass
+        log.info("worker %s stopped", self.name)
+        return 0
+
+    def _loop(self) -> None:
+        engine = self.engine
+        drain_until = None
+        while True:
+            if self.cfg.parent_pid and os.getppid() != self.cfg.parent_pid:
+                self.request_stop()
+            if self._stop.is_set() and drain_until is None:
+                drain_until = time.monotonic() + self.cfg.grace_s
+                log.info("stopping: no new jobs; %d in flight get %.0fs to finish", len(engine.job_ids()), self.cfg.grace_s)
+            if drain_until is not None and (not engine.has_work or self._hurry.is_set() or time.monotonic() > drain_until):
+                self._flush_unwritten()
+                return
+            self._drain_cancels()
+            if drain_until is None and self._wants_more():
+                self._guarded(self._fetch, 0 if engine.has_work else 500)
+            if engine.has_work:
+                out = engine.step()
+                self._unwritten.append(out)
+                self._flush_unwritten()
+
+    def _guarded(self, fn, *args) -> None:
+        """Redis calls of the loop: a lost connection is logged and retried, not fatal."""
+        try:
+            fn(*args)
+        except redis.ConnectionError as exc:
+            log.warning("redis unreachable (%s); retrying", exc)
+            time.sleep(0.5)
+
+    # -- taking jobs ----------------------------------------------------------------------------
+    def _wants_more(self) -> bool:
+        """Keep a backlog of about one batch, and at least two jobs to take turns, no more:
+        the rest stays in the stream for other workers."""
+        sched = self.engine.scheduler
+        return sched.num_waiting < sched.capacity or sched.num_waiting_jobs < 2
+
+    def _fetch(self, block_ms: int) -> None:
+        k = self.keys
+        now = time.monotonic()
+        if now >= self._next_autoclaim:
+            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 2000)
+            claimed = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name,
+                                  min_idle_time=self.cfg.claim_idle_ms, start_id="0-0", count=1)
+            for entry_id, fields in (claimed[1] if claimed else []):
+                self._take(entry_id.decode(), fields, reclaimed=True)
+            if claimed and claimed[1]:
+                return
+        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=1,
+                            block=block_ms or None)
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                self._take(entry_id.decode(), fields, reclaimed=False)
+
+    def _xcall(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.store.ensure_group()       # the stream or group was deleted under us
+            return None
+
+    def _take(self, entry_id: str, fields: dict | None, reclaimed: bool) -> None:
+        k = self.keys
+        if not fields or b"id" not in fields:
+            self._ack(entry_id)             # deleted or malformed entry: nothing to run
+            return
+        job_id = fields[b"id"].decode()
+        if job_id in self.engine.job_ids():
+            return                          # our own entry came back idle: keep running it
+        status, spec_json, cancel = self.r.hmget(k.job(job_id), "status", "spec", "cancel")
+        if status is None or status.decode() in FINAL_STATUSES:
+            self._ack(entry_id)             # expired, or finished by an earlier delivery
+            return
+        deliveries = self._deliveries(entry_id) if reclaimed else 1
+        if deliveries > self.cfg.max_deliveries:
+            reason = (f"dead-lettered: delivered {deliveries} times (limit {self.cfg.max_deliveries}); "
+                      "the workers running it stopped or crashed each time")
+            log.warning("job %s %s", job_id, reason)
+            self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
+            self._fail(job_id, entry_id, reason)
+            return
+        if cancel == b"1":
+            self.store.finish(job_id, "cancelled")
+            self.metrics.jobs_total.labels("cancelled").inc()
+            self._ack(entry_id)
+            return
+        try:
+            spec = JobSpec.from_json(spec_json)
+            upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
+            self.engine.add_job(spec, upload)
+        except (JobError, ValueError, TypeError, KeyError) as exc:
+            self._fail(job_id, entry_id, f"invalid job: {exc}")
+            return
+        with self._lock:
+            self._inflight[job_id] = entry_id
+        self._progress[job_id] = [{"steps": 0, "grad_norm": None} for _ in spec.images]
+        self._last_progress[job_id] = time.monotonic()
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.job(job_id), mapping={"status": "running", "started": now, "worker": self.name})
+        pipe.hincrby(k.job(job_id), "attempts", 1)
+        pipe.srem(k.queued, job_id)
+        pipe.execute()
+        self.store.publish(job_id, "started", {"id": job_id, "worker": self.name, "time": now,
+                                               "reclaimed": reclaimed})
+        log.info("job %s: %s, %d images%s", job_id, spec.kind, len(spec.images), " (reclaimed)" if reclaimed else "")
+
+    def _deliveries(self, entry_id: str) -> int:
+        info = self.r.xpending_range(self.keys.stream, self.keys.group, min=entry_id, max=entry_id, count=1)
+        return int(info[0]["times_delivered"]) if info else 1
+
+    def _fail(self, job_id: str, entry_id: str, error: str) -> None:
+        self.r.srem(self.keys.queued, job_id)
+        self.store.finish(job_id, "failed", error=error)
+        self.metrics.jobs_total.labels("failed").inc()
+        self._ack(entry_id)
+
+    def _ack(self, entry_id: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.xack(self.keys.stream, self.keys.group, entry_id)
+        pipe.xdel(self.keys.stream, entry_id)
+        pipe.execute()
+
+    # -- cancellation ---------------------------------------------------------------------------
+    def _drain_cancels(self) -> None:
+        while True:
+            try:
+                job_id = self._cancels.get_nowait()
+            except queue.Empty:
+                return
+            if self.engine.cancel(job_id):
+                log.info("job %s: cancel requested", job_id)
+
+    def _listen_cancels(self) -> None:
+        while not self._closed.is_set():
+            try:
+                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.keys.cancel_channel)
+                while not self._closed.is_set():
+                    msg = pubsub.get_message(timeout=0.2)
+                    if msg and msg.get("type") == "message":
+                        self._cancels.put(msg["data"].decode())
+                pubsub.close()
+            except redis.RedisError as exc:
+                log.warning("cancel listener: %s; reconnecting", exc)
+                self._closed.wait(0.5)
+
+    # -- heartbeat ------------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        while not self._closed.wait(self.cfg.heartbeat_s):
+            try:
+                self._beat()
+            except redis.RedisError as exc:
+                log.warning("heartbeat: %s", exc)
+
+    def _beat(self) -> None:
+        k = self.keys
+        with self._lock:
+            inflight = dict(self._inflight)
+        info = {"device": self.cfg.device, "model": self.engine.model_name if self.engine else "",
+                "metrics_url": self._metrics_url, "seen": time.time(), "pid": os.getpid(),
+                "capacity": self.cfg.capacity, "jobs": len(inflight)}
+        self.r.hset(k.workers, self.name, json.dumps(info))
+        self.metrics.queue_depth.set(self.store.queue_depth())
+        if not inflight:
+            return
+        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours.
+        ours = {e["message_id"].decode() for e in self.r.xpending_range(
+            k.stream, k.group, min="-", max="+", count=10_000, consumername=self.name)}
+        mine = [e for e in inflight.values() if e in ours]
+        if mine:
+            self.r.xclaim(k.stream, k.group, self.name, min_idle_time=0, message_ids=mine, justid=True)
+        # Backstop for cancel messages lost while the listener reconnected.
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in inflight:
+            pipe.hget(k.job(job_id), "cancel")
+        for job_id, flag in zip(inflight, pipe.execute()):
+            if flag == b"1":
+                self._cancels.put(job_id)
+
+    # -- results --------------------------------------------------------------------------------
+    def _flush_unwritten(self) -> None:
+        while self._unwritten:
+            try:
+                self._write(self._unwritten[0])
+            except redis.ConnectionError as exc:
+                log.warning("could not store results (%s); retrying", exc)
+                time.sleep(0.5)
+                return
+            self._unwritten.pop(0)
+
+    def _write(self, out: StepOutput) -> None:
+        k, ttl = self.keys, self.cfg.result_ttl_s
+        now_m, now = time.monotonic(), time.time()
+        pipe = self.r.pipeline(transaction=False)
+        touched: set[str] = set()
+        for img in out.images:
+            idx = img.result.index
+            pipe.set(k.image(img.job_id, idx), img.data, ex=ttl)
+            self._progress.setdefault(img.job_id, [])
+            if idx < len(self._progress[img.job_id]):
+                self._progress[img.job_id][idx] = {"steps": img.result.steps, "grad_norm": img.result.grad_norm}
+            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result)})
+        for p in out.progress:
+            prog = self._progress.get(p.job_id)
+            if prog is not None and p.index < len(prog):
+                prog[p.index] = {"steps": p.steps, "grad_norm": p.grad_norm}
+                touched.add(p.job_id)
+        for job_id in touched:
+            if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
+                self._last_progress[job_id] = now_m
+                data = json.dumps(self._progress[job_id])
+                pipe.hset(k.job(job_id), "progress", data)
+                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": self._progress[job_id]})
+        for job in out.jobs:
+            if job.job_id in self._progress:
+                pipe.hset(k.job(job.job_id), "progress", json.dumps(self._progress[job.job_id]))
+        pipe.execute()
+        # Images are stored before the final status, so "done" always means the images are there.
+        for job in out.jobs:
+            self.store.finish(job.job_id, job.status, images=job.images)
+            with self._lock:
+                entry_id = self._inflight.pop(job.job_id, None)
+            if entry_id is not None:
+                self._ack(entry_id)
+            self._progress.pop(job.job_id, None)
+            self._last_progress.pop(job.job_id, None)
+            log.info("job %s: %s in %.2fs", job.job_id, job.status, job.latency_s)
+
+    def _event(self, pipe, job_id: str, event: str, data: dict) -> None:
+        key = self.keys.events(job_id)
+        pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=1000)
+        pipe.expire(key, self.cfg.result_ttl_s)
+
+    def _hand_back(self) -> None:
+        """Put unfinished jobs back in the queue for another worker (graceful stop only)."""
+        with self._lock:
+            inflight = dict(self._inflight)
+            self._inflight.clear()
+        for job_id, entry_id in inflight.items():
+            requeued = self.r.eval(_HAND_BACK, 3, self.keys.job(job_id), self.keys.stream, self.keys.queued,
+                                   self.keys.group, entry_id, job_id)
+            if requeued:
+                self.store.publish(job_id, "queued", {"id": job_id, "time": time.time(), "handed_back": self.name})
+            log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
+
+
+# Re-queue a job unless it is final; always ack and delete the old entry. Returns 1 if re-queued.
+_HAND_BACK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local requeue = status and status ~= 'done' and status ~= 'failed' and status ~= 'cancelled'
+if requeue then
+  redis.call('HSET', KEYS[1], 'status', 'queued')
+  redis.call('SADD', KEYS[3], ARGV[3])
+  redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
+end
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[2], ARGV[2])
+if requeue then return 1 end
+return 0
+"""
+
+
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``python -m service.worker`` and ``eqm worker`` (defaults: EQM_* settings)."""
+    p.add_argument("--redis-url", help="Redis URL (default EQM_REDIS_URL)")
+    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
+    p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
+    p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (state stays float32)")
+    p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
+    p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
+    p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
+    p.add_argument("--claim-idle-ms", type=int, help="reclaim a dead worker's job after this idle time")
+    p.add_argument("--heartbeat-s", type=float, help="heartbeat period in seconds")
+    p.add_argument("--max-deliveries", type=int, help="dead-letter a job delivered more often than this")
+    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, let in-flight samples run this long")
+    p.add_argument("--threads", type=int, help="torch CPU threads per worker (0 = torch default)")
+
+
+def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
+    settings = Settings.from_env()
+    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "capacity", "max_rows", "key_prefix",
+             "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads")
+    overrides = {n: getattr(args, n, None) for n in names}
+    overrides.update(extra)
+    cfg = WorkerConfig.from_settings(settings, **overrides)
+    if not cfg.redis_url:
+        raise ValueError("no Redis URL: pass --redis-url or set EQM_REDIS_URL")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
+    add_worker_arguments(p)
+    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
+    p.add_argument("--name", help="consumer name (default host:pid:device)")
+    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process exits (set by the supervisor)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(message)s")
+    try:
+        cfg = config_from_args(args, device=args.device, metrics_port=args.metrics_port, name=args.name,
+                               parent_pid=args.parent_pid)
+    except ValueError as exc:
+        print(f"eqm worker: error: {exc}", file=sys.stderr)
+        return 2
+    worker = Worker(cfg)
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
