@@ -214,6 +214,7 @@ class SlotBatch:
         high = 1 + max(max(self.slot_rows[s]) for s in slots)
         bucket = self.bucket_for(high)
         out = self.forward(self.model_in[:bucket], self.labels[:bucket])       # (bucket, C, H, W)
+        out = out.contiguous()   # learn_sigma models return a channel slice; the fused step wants dense rows
         # The kernel indexes rows of ``out``; rows past the bucket are unused, so it gets the same view.
         nag_step(out, self.x, self.m, self.model_in[:bucket], slot_ids, rows, weights, self.eta, self.mu,
                  self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels)

@@ -161,3 +161,23 @@ def test_bad_params():
         SamplerParams(step_size=0)
     with pytest.raises(ValueError, match=r"mu must be in \[0, 1\)"):
         SamplerParams(mu=1.0)
+
+
+def test_sampler_through_the_triton_kernel_matches_eager(model, monkeypatch):
+    """The sampler's step is the fused kernel where it runs (here: the Triton interpreter)."""
+    import kernels.nag_step as ns
+    if not ns.HAS_TRITON or not (ns._INTERPRETING or torch.cuda.is_available()):
+        pytest.skip("needs triton with a GPU or TRITON_INTERPRET=1 set before triton was imported")
+    x0 = torch.stack([noise_for_seed(i, (4, 8, 8)) for i in range(3)])
+    conds = [Condition((1,), cfg_scale=1.5), Condition((2, 5)), Condition(())]
+    params = [SamplerParams(step_size=0.05, max_steps=6), SamplerParams(sampler="gd", step_size=0.05, max_steps=4),
+              SamplerParams(step_size=0.05, max_steps=5, grad_norm_threshold=1e9)]
+    eager = sample(model, x0, conds, params, null_label=NULL, guided_channels=3)
+    calls = []
+    real = ns.nag_step_triton
+    monkeypatch.setattr(ns, "nag_step_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("EQM_FORCE_TRITON", "1")
+    fused = sample(model, x0, conds, params, null_label=NULL, guided_channels=3)
+    assert calls, "the fused kernel was not used"
+    torch.testing.assert_close(fused.latents, eager.latents, rtol=1e-5, atol=1e-5)
+    assert fused.steps == eager.steps == [6, 4, 0]
