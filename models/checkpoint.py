@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import zipfile
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ class ModelSpec:
     guidance_mode: str = "official"      # "official" = first 3 channels (released EqM weights), "all" = every channel
     codec: str = "sd-vae"                # "sd-vae" (latents of the SD VAE) or "identity" (pixel space)
     class_names: tuple[str, ...] = ()    # optional, index = label
+    # Recommended sampler settings of this model (SamplerParams fields + "cfg_scale"); empty = paper's XL/2 ones.
+    sampler_defaults: dict = field(default_factory=dict, compare=False)
 
     @property
     def guided_channels(self) -> int:
@@ -194,6 +196,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         guidance_mode=guidance_mode or meta.get("guidance_mode", "official"),
         codec=meta.get("codec", "sd-vae" if found.in_channels == 4 else "identity"),
         class_names=tuple(json.loads(meta["class_names"])) if "class_names" in meta else (),
+        sampler_defaults=json.loads(meta["sampler_defaults"]) if "sampler_defaults" in meta else {},
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model=model, spec=spec, source=str(path))
@@ -231,6 +234,8 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
     }
     if spec.class_names:
         meta["class_names"] = json.dumps(list(spec.class_names))
+    if spec.sampler_defaults:
+        meta["sampler_defaults"] = json.dumps(spec.sampler_defaults)
     meta.update(extra or {})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")

@@ -16,8 +16,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images offline (reproducible from a saved noise file)",
-                       description="Generate images by gradient descent on the EqM field. Defaults follow the "
-                                   "paper's EqM-XL/2 setting: NAG-GD, step size 0.0017, mu 0.3, 249 updates, CFG 1.5.")
+                       description="Generate images by gradient descent on the EqM field. Sampler options left out "
+                                   "take the checkpoint's recommended settings if it records any (the bundled digits "
+                                   "model does), else the paper's EqM-XL/2 setting: NAG-GD, step size 0.0017, mu 0.3, "
+                                   "249 updates, CFG 1.5, no early stop.")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt official, bare state dict, "
                    ".safetensors) or a bundled model name ('digits')")
     p.add_argument("--arch", help="architecture, e.g. EqM-XL/2 (checked against the file; needed by none)")
@@ -30,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-level", type=float, default=None,
                    help="with --start: g in x = g*start + (1-g)*eps (1 = no extra noise)")
     p.add_argument("--seed", type=int, default=0, help="seed of image i is seed + i (ignored with --noise)")
-    p.add_argument("--sampler", choices=["nag", "gd"], default="nag")
-    p.add_argument("--steps", type=int, default=249, help="number of gradient updates (official --num-sampling-steps minus 1)")
-    p.add_argument("--step-size", type=float, default=0.0017)
-    p.add_argument("--mu", type=float, default=0.3, help="NAG-GD look-ahead factor")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--sampler", choices=["nag", "gd"], default=None, help="default: nag")
+    p.add_argument("--steps", type=int, default=None, help="number of gradient updates (official --num-sampling-steps minus 1); default 249")
+    p.add_argument("--step-size", type=float, default=None, help="default 0.0017")
+    p.add_argument("--mu", type=float, default=None, help="NAG-GD look-ahead factor; default 0.3")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = none); default 1.5")
     p.add_argument("--guidance-channels", choices=["official", "all"], default=None,
                    help="guide the first 3 latent channels (official EqM) or all; default: from the checkpoint")
-    p.add_argument("--grad-norm-threshold", type=float, default=0.0, help="stop a sample when ||grad|| < this (0 = off)")
+    p.add_argument("--grad-norm-threshold", type=float, default=None, help="stop a sample when ||grad|| < this (0 = off; the default)")
     p.add_argument("--latents-out", help="write final latents, .npy float32 (n, C, H, W)")
     p.add_argument("--images-out", help="write images, .npy uint8 (n, H, W, C)")
     p.add_argument("--out", help="folder for PNG files")
@@ -121,12 +123,11 @@ def run_sample(args: argparse.Namespace) -> int:
     eps = torch.from_numpy(noise) if noise is not None else torch.stack([noise_for_seed(args.seed + i, shape) for i in range(n)])
     x0 = eps if start is None else (torch.from_numpy(start) if args.noise_level is None
                                     else partially_noised(torch.from_numpy(start), args.noise_level, eps))
-    params = SamplerParams(sampler=args.sampler, step_size=args.step_size, mu=args.mu, max_steps=args.steps,
-                           grad_norm_threshold=args.grad_norm_threshold)
-    conditions = [Condition(labels=labels, cfg_scale=args.cfg_scale if labels else 1.0) for labels in label_sets]
+    params, cfg_scale = sampler_settings(args, spec.sampler_defaults)
+    conditions = [Condition(labels=labels, cfg_scale=cfg_scale if labels else 1.0) for labels in label_sets]
     t0 = time.perf_counter()
     result = sample(loaded.model, x0, conditions, params, null_label=cfg.null_label,
-                    guided_channels=spec.guided_channels, progress=_progress_bar(args.steps))
+                    guided_channels=spec.guided_channels, progress=_progress_bar(params.max_steps))
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; steps per sample: mean {np.mean(result.steps):.1f}, "
           f"min {min(result.steps)}, max {max(result.steps)}", file=sys.stderr)
@@ -144,6 +145,21 @@ def run_sample(args: argparse.Namespace) -> int:
             for i, img in enumerate(images):
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
     return 0
+
+
+PAPER_DEFAULTS = {"sampler": "nag", "step_size": 0.0017, "mu": 0.3, "max_steps": 249, "grad_norm_threshold": 0.0,
+                  "cfg_scale": 1.5}
+
+
+def sampler_settings(args: argparse.Namespace, model_defaults: dict):
+    """Flags given > the checkpoint's recommended settings > the paper's EqM-XL/2 setting."""
+    from models.sampler import SamplerParams
+    merged = {**PAPER_DEFAULTS, **{k: v for k, v in model_defaults.items() if k in PAPER_DEFAULTS}}
+    given = {"sampler": args.sampler, "step_size": args.step_size, "mu": args.mu, "max_steps": args.steps,
+             "grad_norm_threshold": args.grad_norm_threshold, "cfg_scale": args.cfg_scale}
+    merged.update({k: v for k, v in given.items() if v is not None})
+    cfg_scale = float(merged.pop("cfg_scale"))
+    return SamplerParams(**merged), cfg_scale
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:
