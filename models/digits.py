@@ -194,6 +194,11 @@ class DigitsSamplerDefaults:
         return SamplerParams(sampler=self.params.sampler, step_size=self.params.step_size, mu=self.params.mu,
                              max_steps=self.params.max_steps, grad_norm_threshold=self.grad_norm_threshold)
 
+    def for_checkpoint(self) -> dict:
+        """What the weights file records as its recommended settings (SamplerParams fields + cfg_scale):
+        the adaptive sampler, since it loses no accuracy and saves most steps."""
+        return {**asdict(self.adaptive()), "cfg_scale": self.cfg_scale}
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["params"] = asdict(self.params)
@@ -207,7 +212,8 @@ def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path,
                       command: str) -> dict:
     """Write the EMA weights (safetensors with metadata) and the training record (json)."""
     config = result.ema.config
-    spec = ModelSpec(config=config, guidance_mode="all", codec="identity", class_names=CLASS_NAMES)
+    spec = ModelSpec(config=config, guidance_mode="all", codec="identity", class_names=CLASS_NAMES,
+                     sampler_defaults=DIGITS_DEFAULTS.for_checkpoint())
     extra = {"training_command": command, "training_seed": str(cfg.seed), "split_seed": str(SPLIT_SEED),
              "train_steps": str(cfg.steps), "final_loss": f"{result.final_loss:.5f}", "weights": "ema"}
     weights_path.parent.mkdir(parents=True, exist_ok=True)

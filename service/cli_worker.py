@@ -4,7 +4,8 @@
 ``python -m service.worker --device D`` for each device in its own session (terminal signals reach
 only the supervisor, which forwards them) and with its Prometheus port ``--metrics-port + index``.
 A worker that exits while the supervisor is not stopping is restarted after a back-off (1 s,
-doubling to 30 s while it keeps failing within a minute of its start). SIGTERM/SIGINT: every worker
+doubling to 30 s while it keeps failing within a minute of its start); one that exits with code 2
+(bad checkpoint, codec or settings) stops everything instead, since a restart cannot help. SIGTERM/SIGINT: every worker
 gets SIGTERM, finishes or hands back its jobs within ``--grace-s``, and the supervisor exits 0.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from service.worker import EXIT_CONFIG_ERROR
 
 log = logging.getLogger("eqm.supervisor")
 
@@ -86,6 +89,10 @@ class Supervisor:
                 rc = child.proc.poll()
                 if rc is None:
                     continue
+                if rc == EXIT_CONFIG_ERROR:
+                    log.error("worker %d on %s cannot start (see its error above); stopping", child.index, child.device)
+                    self._shutdown()
+                    return EXIT_CONFIG_ERROR
                 if now - child.started > HEALTHY_AFTER_S:
                     child.backoff_s = BACKOFF_START_S
                 log.warning("worker %d on %s (pid %d) exited with %s; restarting in %.0fs",

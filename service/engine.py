@@ -75,6 +75,17 @@ class StepOutput:
 
 
 @dataclass
+class _Departure:
+    """A sample leaving the engine in this step, for whatever reason."""
+
+    key: SampleKey
+    reason: str                      # converged | step_cap | deadline | cancelled (= the metric outcome)
+    steps: int
+    grad_norm: float
+    latent: torch.Tensor | None      # None when cancelled
+
+
+@dataclass
 class _Job:
     spec: JobSpec
     submitted: float
@@ -183,10 +194,9 @@ class Engine:
         finished = self.scheduler.update(out, run.statuses)
         latents = self.runner.retire(f.key for f in finished)
 
-        # (key, reason, steps, grad_norm, latent) of every sample that left in this step
-        leaving = [(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm, run.stopped[s.key].latent)
-                   for s in out.stop]
-        leaving += [(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
+        leaving = [_Departure(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm,
+                              run.stopped[s.key].latent) for s in out.stop]
+        leaving += [_Departure(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
         result = StepOutput(rows=run.rows_evaluated)
         self._emit(leaving, result)
         finished_keys = {f.key for f in finished}
@@ -198,25 +208,27 @@ class Engine:
         if out.run:
             m.step_seconds.observe(result.seconds)
             m.nfe_total.inc(run.rows_evaluated)
-        m.batch_occupancy.set(self.scheduler.rows_in_use / self.runner.max_rows)
+        # Rows the forward evaluated / capacity rows; an engine left idle reads 0.
+        m.batch_occupancy.set(run.rows_evaluated / self.runner.max_rows if self.has_work else 0.0)
         return result
 
-    def _emit(self, leaving, result: StepOutput) -> None:
-        kept = [item for item in leaving if item[4] is not None]
-        pixels = self.runner.decode(torch.stack([item[4] for item in kept])) if kept and self.encode_images else None
+    def _emit(self, leaving: list[_Departure], result: StepOutput) -> None:
+        """Images (decoded in one batch) and finished jobs out of the samples that left this step."""
+        kept = [d for d in leaving if d.latent is not None]      # cancelled samples leave no image
+        pixels = self.runner.decode(torch.stack([d.latent for d in kept])) if kept and self.encode_images else None
         now = self.clock()
-        for i, (key, reason, steps, grad_norm, latent) in enumerate(kept):
-            job = self._jobs[key.job_id]
-            res = ImageResult(index=key.index, steps=steps, grad_norm=_finite(grad_norm),
-                              stopped_early=reason == "converged", deadline_exceeded=reason == "deadline",
+        for i, d in enumerate(kept):
+            job = self._jobs[d.key.job_id]
+            res = ImageResult(index=d.key.index, steps=d.steps, grad_norm=_finite(d.grad_norm),
+                              stopped_early=d.reason == "converged", deadline_exceeded=d.reason == "deadline",
                               content_type=content_type(job.spec.format))
             data = encode_image(pixels[i], job.spec.format) if pixels is not None else None
-            job.results[key.index] = res
-            result.images.append(ImageOutput(key.job_id, res, data, latent))
-        for key, reason, steps, grad_norm, _ in leaving:
+            job.results[d.key.index] = res
+            result.images.append(ImageOutput(d.key.job_id, res, data, d.latent))
+        for d in leaving:
+            key, reason, steps, grad_norm = d.key, d.reason, d.steps, d.grad_norm
             job = self._jobs[key.job_id]
             task = job.spec.kind
-            # scheduler stop reasons are the metric outcomes: converged|step_cap|deadline|cancelled
             self.metrics.images_total.labels(self.model_name, task, reason).inc()
             if reason != "cancelled":
                 self.metrics.steps_per_sample.labels(self.model_name, task).observe(steps)

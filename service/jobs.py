@@ -17,8 +17,10 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
                              ``cancelled``. Server-sent events replay it with XREAD.
 - ``P:queued``               set of ids not yet started (queue depth = SCARD).
 - ``P:cancel``               pub/sub channel: job ids whose cancellation was asked.
-- ``P:workers``              hash worker name -> JSON ``{"device", "model", "metrics_url", "seen"}``; a worker
-                             whose ``seen`` is older than 3 heartbeats is not live.
+- ``P:workers``              hash worker name -> JSON ``{"device", "model", "metrics_url", "seen", "pid",
+                             "capacity", "jobs"}``; a worker whose ``seen`` is older than 3 heartbeats is not
+                             live. A worker stopped gracefully hands unfinished jobs back: status ``queued``
+                             again, id back in ``P:queued`` and a new stream entry (event ``queued``).
 - ``P:deadletter``           stream of ``{"id", "reason"}`` for jobs delivered too many times.
 """
 from __future__ import annotations

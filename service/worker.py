@@ -39,12 +39,16 @@ from pathlib import Path
 
 import redis
 
+from models.checkpoint import CheckpointError
+from models.codecs import CodecError
 from service.engine import Engine, JobError, StepOutput
 from service.jobs import FINAL_STATUSES, JobSpec, JobStore
 from service.metrics import Metrics, serve_metrics
 from service.settings import Settings
 
 log = logging.getLogger("eqm.worker")
+
+EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
 
 
 @dataclass
@@ -151,8 +155,11 @@ class Worker:
         if self.engine is None:
             self.engine = build_engine(self.cfg, self.metrics)
         if self.cfg.metrics_port:
-            serve_metrics(self.metrics, self.cfg.metrics_port)
-            self._metrics_url = f"http://{socket.gethostname()}:{self.cfg.metrics_port}/metrics"
+            try:
+                serve_metrics(self.metrics, self.cfg.metrics_port)
+                self._metrics_url = f"http://{socket.gethostname()}:{self.cfg.metrics_port}/metrics"
+            except OSError as exc:     # a busy port must not take the worker down (nor restart-loop it)
+                log.error("metrics endpoint on port %d not started: %s", self.cfg.metrics_port, exc)
         self.store.ensure_group()
         threads = [threading.Thread(target=self._listen_cancels, name="cancel-listener", daemon=True),
                    threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
@@ -164,6 +171,10 @@ class Worker:
         try:
             self._loop()
             self._hand_back()
+            try:        # nothing of ours is pending now: leave the consumer group tidy
+                self.r.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+            except redis.RedisError:
+                pass
         finally:
             self._closed.set()
             for t in threads:
@@ -199,7 +210,7 @@ class Worker:
         """Redis calls of the loop: a lost connection is logged and retried, not fatal."""
         try:
             fn(*args)
-        except redis.ConnectionError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("redis unreachable (%s); retrying", exc)
             time.sleep(0.5)
 
@@ -214,7 +225,7 @@ class Worker:
         k = self.keys
         now = time.monotonic()
         if now >= self._next_autoclaim:
-            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 2000)
+            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 4000)   # reclaim within ~1.25 x idle
             claimed = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name,
                                   min_idle_time=self.cfg.claim_idle_ms, start_id="0-0", count=1)
             for entry_id, fields in (claimed[1] if claimed else []):
@@ -244,7 +255,7 @@ class Worker:
         job_id = fields[b"id"].decode()
         if job_id in self.engine.job_ids():
             return                          # our own entry came back idle: keep running it
-        status, spec_json, cancel = self.r.hmget(k.job(job_id), "status", "spec", "cancel")
+        status, spec_json = self.r.hmget(k.job(job_id), "status", "spec")
         if status is None or status.decode() in FINAL_STATUSES:
             self._ack(entry_id)             # expired, or finished by an earlier delivery
             return
@@ -256,7 +267,14 @@ class Worker:
             self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
             self._fail(job_id, entry_id, reason)
             return
-        if cancel == b"1":
+        # Marking the job running is one script: a cancel that lands between a read and a write
+        # here could otherwise be overwritten by "running".
+        now = time.time()
+        state = self.r.eval(_START, 2, k.job(job_id), k.queued, now, self.name, job_id).decode()
+        if state in ("missing", "final"):
+            self._ack(entry_id)
+            return
+        if state == "cancel":
             self.store.finish(job_id, "cancelled")
             self.metrics.jobs_total.labels("cancelled").inc()
             self._ack(entry_id)
@@ -272,12 +290,6 @@ class Worker:
             self._inflight[job_id] = entry_id
         self._progress[job_id] = [{"steps": 0, "grad_norm": None} for _ in spec.images]
         self._last_progress[job_id] = time.monotonic()
-        now = time.time()
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(k.job(job_id), mapping={"status": "running", "started": now, "worker": self.name})
-        pipe.hincrby(k.job(job_id), "attempts", 1)
-        pipe.srem(k.queued, job_id)
-        pipe.execute()
         self.store.publish(job_id, "started", {"id": job_id, "worker": self.name, "time": now,
                                                "reclaimed": reclaimed})
         log.info("job %s: %s, %d images%s", job_id, spec.kind, len(spec.images), " (reclaimed)" if reclaimed else "")
@@ -360,7 +372,7 @@ class Worker:
         while self._unwritten:
             try:
                 self._write(self._unwritten[0])
-            except redis.ConnectionError as exc:
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("could not store results (%s); retrying", exc)
                 time.sleep(0.5)
                 return
@@ -422,6 +434,18 @@ class Worker:
             log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
 
 
+# Start a job unless it is gone, final or cancelled: status running, attempts + 1, out of the queued set.
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == 'done' or status == 'failed' or status == 'cancelled' then return 'final' end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
+redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1], 'worker', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('SREM', KEYS[2], ARGV[3])
+return 'started'
+"""
+
 # Re-queue a job unless it is final; always ack and delete the old entry. Returns 1 if re-queued.
 _HAND_BACK = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -482,10 +506,15 @@ def main(argv: list[str] | None = None) -> int:
                                parent_pid=args.parent_pid)
     except ValueError as exc:
         print(f"eqm worker: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG_ERROR
     worker = Worker(cfg)
     worker.install_signal_handlers()
-    return worker.run()
+    try:
+        return worker.run()
+    except (CheckpointError, CodecError) as exc:
+        # A setup error, not a crash: exit code 2 tells the supervisor not to restart.
+        print(f"eqm worker: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ def test_same_request_same_image_whatever_shares_the_batch(model):
     ref, _ = collect(alone)
 
     busy = make_engine(model, capacity=6)
+    # Neighbours with other sampler settings (GD, another step size and cap, a threshold) in the same batch.
     busy.add_job(spec(images=[ImageSpec(seed=s, labels=[s % 10]) for s in range(5)],
-                      sampler=SamplerSpec(step_size=0.05, max_steps=25)))
+                      sampler=SamplerSpec(sampler="gd", step_size=0.08, max_steps=25, grad_norm_threshold=0.5)))
     busy.add_job(spec("denoise", images=[ImageSpec(seed=7)], noise_level=0.5),
                  input_image=encode_image(np.full((8, 8, 1), 200, np.uint8)))
     for _ in range(7):

@@ -1,0 +1,68 @@
+"""Operations endpoints, never behind an API key: liveness, readiness, Prometheus metrics and targets."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import redis
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import ApiState, get_state
+from service.api.schemas import Health, Readiness, error_responses
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the API process answers")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, summary="Readiness: Redis reachable and a live worker",
+            responses={503: {"model": Readiness, "description": "not ready (the body says why)",
+                             "headers": error_responses(503)[503]["headers"]}})
+def readyz(state: ApiState = Depends(get_state)):
+    """Ready when Redis answers and at least one worker serving the model sent a heartbeat within three
+    heartbeat periods. Jobs submitted while not ready are refused with 503."""
+    try:
+        state.redis.ping()
+        workers = state.store.live_workers(state.settings.heartbeat_s)
+        depth = state.store.queue_depth()
+    except redis.RedisError as exc:
+        body = Readiness(status="not ready", redis=False, workers=0, detail=f"Redis unreachable: {exc}")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+    serving = sum(1 for w in workers.values() if w.get("model") == state.model.name)
+    if not serving:
+        body = Readiness(status="not ready", redis=True, workers=0, queue_depth=depth,
+                         detail=f"no live worker serves model {state.model.name!r}")
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "10"})
+    return Readiness(status="ready", redis=True, workers=serving, queue_depth=depth,
+                     detail=f"{serving} worker(s) serve {state.model.name!r}")
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API process",
+            responses={200: {"content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+                             "description": "Prometheus text exposition format"}})
+def metrics(state: ApiState = Depends(get_state)) -> Response:
+    """Requests, submissions and the queue depth (refreshed from Redis at each scrape). Each worker
+    serves the engine's metrics on its own port: see ``/sd/workers``."""
+    body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/sd/workers", summary="Prometheus HTTP service discovery of the workers' metrics endpoints",
+            responses={200: {"description": "a list of {targets, labels} groups (Prometheus http_sd format)"}})
+def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:
+    """Each live worker that serves metrics, as ``host:port`` with its name, device and model as labels:
+    point Prometheus' ``http_sd_configs`` here to scrape every worker on every machine."""
+    groups = []
+    for name, info in sorted(state.store.live_workers(state.settings.heartbeat_s).items()):
+        url = info.get("metrics_url") or ""
+        if not url:
+            continue
+        parts = urlsplit(url)
+        labels = {"worker": name, "device": str(info.get("device", "")), "model": str(info.get("model", ""))}
+        if parts.path and parts.path != "/metrics":
+            labels["__metrics_path__"] = parts.path
+        groups.append({"targets": [parts.netloc], "labels": labels})
+    return JSONResponse(groups)

@@ -1,0 +1,203 @@
+"""``/v1/jobs/{id}``: status, images, server-sent events and cancellation of one job."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from typing import AsyncIterator
+
+import redis
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from service.api.deps import ApiState, get_state, require_api_key
+from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
+                                 error_responses)
+from service.api.uploads import LimitedBodyRoute
+from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
+                   dependencies=[Depends(require_api_key)])
+
+JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
+             examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
+KEEPALIVE_S = 15.0
+_ENTRY_ID = re.compile(r"^\d+-\d+$")
+
+
+def not_found(job_id: str) -> HTTPException:
+    return HTTPException(404, f"job {job_id} not found (unknown, or expired after its TTL)")
+
+
+# -- status -----------------------------------------------------------------------------------
+
+def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus:
+    """The job record, its images' progress and whether each image is stored (blocking Redis calls)."""
+    rec = state.store.get(job_id)
+    if rec is None:
+        raise not_found(job_id)
+    spec = rec["spec"]
+    n = len(spec["images"])
+    pipe = state.redis.pipeline(transaction=False)
+    for k in range(n):
+        pipe.exists(state.store.keys.image(job_id, k))
+    stored = [bool(x) for x in pipe.execute()]
+    results = {r["index"]: r for r in rec["images"]}
+    progress = rec["progress"]
+    content_type = IMAGE_FORMATS.get(spec.get("format", "png"), "image/png")
+    links = JobLinks(self=request.url_for("get_job", job_id=job_id).path,
+                     events=request.url_for("job_events", job_id=job_id).path,
+                     images=[request.url_for("get_image", job_id=job_id, index=k).path for k in range(n)])
+    images = []
+    for k, image in enumerate(spec["images"]):
+        result = results.get(k)
+        seen = progress[k] if k < len(progress) else {}
+        images.append(ImageStatus(
+            index=k, labels=image.get("labels", []), weights=image.get("weights"), seed=image["seed"],
+            ready=stored[k], steps=(result or seen).get("steps") or 0, grad_norm=(result or seen).get("grad_norm"),
+            stopped_early=result.get("stopped_early") if result else None,
+            deadline_exceeded=result.get("deadline_exceeded") if result else None,
+            content_type=content_type, url=links.images[k]))
+    created, started, finished = rec["created"], rec["started"], rec["finished"]
+    end = finished or time.time()
+    timings = Timings(queued_s=_span(created, started or end),
+                      running_s=_span(started, end) if started else None, total_s=_span(created, end))
+    return JobStatus(id=job_id, status=rec["status"], kind=spec["kind"], model=spec["model"], created=created,
+                     started=started, finished=finished, timings=timings, guidance_scale=spec["cfg_scale"],
+                     sampler=SamplerSettings(**spec["sampler"]), format=spec["format"],
+                     noise_level=spec.get("noise_level"), deadline=spec.get("deadline"), worker=rec["worker"],
+                     attempts=rec["attempts"], error=rec["error"], cancel_requested=rec["cancel_requested"],
+                     images=images, links=links)
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return round(max(0.0, end - start), 4) if start is not None and end is not None else None
+
+
+async def job_status_response(request: Request, state: ApiState, job_id: str) -> JobStatus:
+    return await run_in_threadpool(read_job_status, request, state, job_id)
+
+
+@router.get("/{job_id}", response_model=JobStatus, summary="Job status, per-image steps and gradient norms",
+            responses=error_responses(401, 404, 422))
+def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state)) -> JobStatus:
+    """Status (queued, running, done, failed, cancelled), timings, and for every image its seed, the
+    gradient updates taken, the last gradient norm and whether it can be downloaded yet."""
+    return read_job_status(request, state, job_id)
+
+
+# -- images -----------------------------------------------------------------------------------
+
+_IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_FORMATS.values()}
+
+
+@router.get("/{job_id}/images/{index}", response_class=Response, summary="Download image k of a job",
+            responses={200: {"content": _IMAGE_CONTENT, "description": "the encoded image"},
+                       **error_responses(401, 404, 409, 422)})
+def get_image(job_id: str = JobId, index: int = Path(..., ge=0, le=100_000, description="image index k"),
+              state: ApiState = Depends(get_state)) -> Response:
+    """The image bytes, in the job's format (PNG, JPEG or WebP). Images become available one by one
+    as they finish, before the job as a whole is done."""
+    keys = state.store.keys
+    pipe = state.redis.pipeline(transaction=False)
+    pipe.get(keys.image(job_id, index))
+    pipe.hmget(keys.job(job_id), "spec", "status")
+    data, (spec_json, status) = pipe.execute()
+    if spec_json is None:
+        raise not_found(job_id)
+    spec = json.loads(spec_json)
+    n = len(spec["images"])
+    if index >= n:
+        raise HTTPException(404, f"job {job_id} has {n} image(s): indices 0..{n - 1}")
+    if data is not None:
+        return Response(content=data, media_type=IMAGE_FORMATS.get(spec["format"], "application/octet-stream"),
+                        headers={"Cache-Control": "private, max-age=3600"})
+    status = status.decode() if status else "unknown"
+    if status in FINAL_STATUSES:
+        raise HTTPException(404, f"image {index} of job {job_id} was not produced: the job is {status}")
+    raise HTTPException(409, f"image {index} of job {job_id} is not finished yet (job {status}); "
+                             f"follow the job's events or retry", headers={"Retry-After": "1"})
+
+
+# -- events -----------------------------------------------------------------------------------
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, summary="Server-sent events of a job",
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                             "description": "events queued, started, progress, image, then done | failed | "
+                                            "cancelled, after which the stream ends"},
+                       **error_responses(401, 404, 422)})
+async def job_events(job_id: str = JobId, last_event_id: str | None = Header(None, description="resume after this "
+                     "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
+    """Replays the job's events from the start (or after ``Last-Event-ID``), then follows them live.
+    ``progress`` carries ``images: [{steps, grad_norm}]``; ``image`` carries one image's final steps
+    and norm. The stream ends after the final event; comments keep idle connections open."""
+    if not await state.aredis.exists(state.store.keys.job(job_id)):
+        raise not_found(job_id)
+    start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
+    return StreamingResponse(_event_stream(state, job_id, start), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(event: str, data: str, entry_id: str | None = None) -> str:
+    return (f"id: {entry_id}\n" if entry_id else "") + f"event: {event}\ndata: {data}\n\n"
+
+
+async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[str]:
+    keys = state.store.keys
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    try:
+        while True:
+            reply = await state.aredis.xread({keys.events(job_id): last}, block=1000, count=100)
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id.decode()
+                    event = fields[b"event"].decode()
+                    yield _sse(event, fields[b"data"].decode(), last)
+                    if event in FINAL_STATUSES:
+                        return
+                quiet_since = loop.time()
+            if reply:
+                continue
+            status, error = await state.aredis.hmget(keys.job(job_id), "status", "error")
+            if status is None:
+                yield _sse("expired", json.dumps({"id": job_id, "detail": "the job expired after its TTL"}))
+                return
+            if status.decode() in FINAL_STATUSES:
+                # Final, but its final event was trimmed from the stream: say it from the record.
+                data = {"id": job_id, "status": status.decode(), "error": error.decode() if error else None}
+                yield _sse(status.decode(), json.dumps(data))
+                return
+            if loop.time() - quiet_since >= KEEPALIVE_S:
+                quiet_since = loop.time()
+                yield ": keep-alive\n\n"
+    except redis.RedisError as exc:
+        yield _sse("error", json.dumps({"id": job_id, "detail": f"lost the job store: {exc}; reconnect"}))
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+@router.delete("/{job_id}", response_model=CancelResult, summary="Cancel a job",
+               responses={202: {"model": CancelResult, "description": "cancellation asked; the running job stops "
+                                "at its next step"}, **error_responses(401, 404, 422)})
+def cancel_job(job_id: str = JobId, state: ApiState = Depends(get_state)):
+    """A queued job is cancelled at once (200). A running job's images leave the batch at the worker's
+    next step (202); images already finished stay downloadable. A final job is left as it is (200)."""
+    before = state.store.r.hget(state.store.keys.job(job_id), "status")
+    status = state.store.cancel(job_id)
+    if status is None:
+        raise not_found(job_id)
+    if status == "cancelled":
+        already = before is not None and before.decode() == "cancelled"
+        body = CancelResult(id=job_id, status=status, cancel_requested=not already,
+                            message="already cancelled" if already else "cancelled before it started")
+        return JSONResponse(body.model_dump(), status_code=200)
+    if status in FINAL_STATUSES:
+        body = CancelResult(id=job_id, status=status, cancel_requested=False,
+                            message=f"the job is already {status}; nothing to cancel")
+        return JSONResponse(body.model_dump(), status_code=200)
+    body = CancelResult(id=job_id, status=status, cancel_requested=True,
+                        message="cancellation asked; the worker stops the job at its next step")
+    return JSONResponse(body.model_dump(), status_code=202)

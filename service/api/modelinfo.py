@@ -1,0 +1,111 @@
+"""What the API knows about the served model: sizes, classes and sampler defaults, without its weights.
+
+The API never runs the network, so it reads only the checkpoint's description: a safetensors file
+written by ``eqm convert`` (or the bundled digits model) carries its config and class names in the
+header, read without loading a tensor; any other checkpoint is loaded on the CPU once to infer its
+config from the tensor shapes (convert it to safetensors to make API start-up instant).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from models import resolve_checkpoint
+from models.checkpoint import CheckpointError, infer_config, read_state_dict
+from models.eqm import EqMConfig
+from models.sampler import SamplerParams
+from service.classnames import ClassIndex
+from service.settings import Settings
+
+SD_VAE_DOWNSAMPLE = 8            # stabilityai/sd-vae-ft-ema: 256 px <-> 32x32 latents
+PAPER_GUIDANCE_SCALE = 1.5       # the paper's headline setting (EqM-XL/2, FID 1.90)
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for every option it leaves out."""
+
+    sampler: str
+    step_size: float
+    mu: float
+    max_steps: int
+    grad_norm_threshold: float
+    guidance_scale: float
+    composition_guidance_scale: float
+    denoise_max_steps: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str                     # public name; the workers use the same (EQM_MODEL_NAME or the file's stem)
+    source: str
+    config: EqMConfig
+    codec: str                    # "identity" (pixel space) or "sd-vae" (latents)
+    guidance_mode: str
+    image_size: int               # pixels per side of the images in and out
+    channels: int                 # 1 = grey, 3 = RGB
+    classes: ClassIndex
+    defaults: SamplingDefaults
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.input_size, c.input_size)
+
+
+def model_name(settings: Settings) -> str:
+    """The name workers report for the same settings (``service.worker.build_engine``)."""
+    return settings.model_name or Path(settings.checkpoint).stem
+
+
+def load_model_info(settings: Settings) -> ModelInfo:
+    """Read the served checkpoint's description; a ``CheckpointError`` says what is wrong with it."""
+    path = resolve_checkpoint(settings.checkpoint)
+    if not path.is_file():
+        hint = " (the bundled model ships with the package: reinstall it)" if settings.checkpoint == "digits" else ""
+        raise CheckpointError(f"{path}: no such checkpoint file{hint}; set EQM_CHECKPOINT to a model file")
+    meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    if "config" in meta:
+        raw = json.loads(meta["config"])
+        known = {f.name for f in fields(EqMConfig)}
+        config = EqMConfig(**{k: v for k, v in raw.items() if k in known})
+    else:
+        state, meta = read_state_dict(path)
+        config = infer_config(state, str(path))
+        del state
+    codec = meta.get("codec", "sd-vae" if config.in_channels == 4 else "identity")
+    if codec == "sd-vae":
+        image_size, channels = config.input_size * SD_VAE_DOWNSAMPLE, 3
+    else:
+        image_size, channels = config.input_size, config.in_channels
+    names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else ()
+    return ModelInfo(
+        name=model_name(settings), source=str(path), config=config, codec=codec,
+        guidance_mode=meta.get("guidance_mode", "official"), image_size=image_size, channels=channels,
+        classes=ClassIndex.for_model(config.num_classes, names), defaults=_defaults_for(config))
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def _defaults_for(config: EqMConfig) -> SamplingDefaults:
+    from models.digits import DIGITS_DEFAULTS, digits_config
+    if config.arch == digits_config().arch:
+        d = DIGITS_DEFAULTS
+        p = d.adaptive()
+        return SamplingDefaults(p.sampler, p.step_size, p.mu, p.max_steps, p.grad_norm_threshold,
+                                d.cfg_scale, d.composition_cfg_scale, d.denoise_steps)
+    p = SamplerParams()      # the paper's EqM-XL/2 setting: NAG-GD, eta 0.0017, mu 0.3, 249 updates
+    return SamplingDefaults(p.sampler, p.step_size, p.mu, p.max_steps, p.grad_norm_threshold,
+                            PAPER_GUIDANCE_SCALE, PAPER_GUIDANCE_SCALE, p.max_steps)
