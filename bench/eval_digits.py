@@ -47,7 +47,7 @@ class EvalConfig:
     grid_path: Path | None = GRID_PATH       # None: no PNG (the quick smoke run leaves the measured one alone)
 
     def quick(self) -> "EvalConfig":
-        return replace(self, per_class=5, per_pair=5, denoise_count=50, ood_count=100, grid_path=None)
+        return replace(self, per_class=3, per_pair=3, denoise_count=30, ood_count=60, grid_path=None)
 
 
 @dataclass
@@ -245,19 +245,19 @@ def format_report(report: Report, cfg: EvalConfig, quick: bool) -> str:
         SECTION_TITLE,
         "",
         f"Measured {date} by `python bench/eval_digits.py{' --quick' if quick else ''}` on CPU "
-        f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), torch {torch.__version__}, "
+        f"({os.cpu_count()} cores, torch threads: {torch.get_num_threads()}), torch {torch.__version__}, "
         f"in {report.seconds:.0f} s. Checkpoint `{cfg.checkpoint}`; every figure is on the held-out test split "
         "(stratified 20 %, seed 0) or on samples judged by a classifier trained on the train split only.",
         "",
         f"Default sampler: {p.sampler.upper()}-GD, step size {p.step_size}, mu {p.mu}, {p.max_steps} steps, "
-        f"CFG {d.cfg_scale}; adaptive stopping at ||g|| < {d.grad_norm_threshold}; noise seeds from {cfg.seed}.",
+        f"CFG {d.cfg_scale}; adaptive stopping at ‖g‖ < {d.grad_norm_threshold}; noise seeds from {cfg.seed}.",
         "",
         "| Measure | Result | Target |",
         "|---|---|---|",
         f"| Classifier ({report.classifier_name}) test accuracy | {report.classifier_accuracy:.1%} | >= 97 % |",
         f"| Class-conditional accuracy ({report.samples} samples, {cfg.per_class}/class, "
         f"{report.fixed_steps:.0f} steps) | {report.fixed_accuracy:.1%} | >= 90 % |",
-        f"| Adaptive stopping (||g|| < {d.grad_norm_threshold}): mean steps, accuracy | "
+        f"| Adaptive stopping (‖g‖ < {d.grad_norm_threshold}): mean steps, accuracy | "
         f"{report.adaptive_steps:.1f} steps ({report.step_saving:.0%} saved), {report.adaptive_accuracy:.1%} "
         f"({(report.adaptive_accuracy - report.fixed_accuracy) * 100:+.1f} pts) | >= 40 % saved, >= -2 pts |",
         f"| Composition (2 labels, {cfg.per_pair}/pair, CFG {d.composition_cfg_scale}): in one of the two | "
@@ -269,38 +269,40 @@ def format_report(report: Report, cfg: EvalConfig, quick: bool) -> str:
         f"{report.psnr_label:.2f} dB ({report.psnr_label - report.psnr_noised:+.2f} dB) | |",
         f"| Denoising, same start: unconditional, fixed {d.denoise_steps} steps | "
         f"{report.psnr_uncond_fixed:.2f} dB ({report.psnr_uncond_fixed - report.psnr_noised:+.2f} dB) | |",
-        f"| OOD AUROC of ||f(x, null)|| ({report.ood_count} each): test digits vs uniform noise in [-1, 1] | {report.auroc_uniform:.4f} | >= 0.9 |",
-        f"| OOD AUROC of ||f(x, null)||: test digits vs pixel-shuffled test digits | {report.auroc_shuffled:.4f} | >= 0.9 |",
+        f"| OOD AUROC of ‖f(x, null)‖ ({report.ood_count} each): test digits vs uniform noise in [-1, 1] | {report.auroc_uniform:.4f} | >= 0.9 |",
+        f"| OOD AUROC of ‖f(x, null)‖: test digits vs pixel-shuffled test digits | {report.auroc_shuffled:.4f} | >= 0.9 |",
         "",
         "Per-class accuracy: " + ", ".join(f"{c}: {a:.0%}" for c, a in enumerate(report.per_class_accuracy)) + ".",
         "Composition pairs (in either / first / second): " + "; ".join(
             f"{a}+{b}: {v[0]:.0%} / {v[1]:.0%} / {v[2]:.0%}" for (a, b), v in report.composition.items()) + ".",
-        f"Median ||f(x, null)||: test digits {report.norm_test:.2f}, uniform noise {report.norm_uniform:.2f}, "
+        f"Median ‖f(x, null)‖: test digits {report.norm_test:.2f}, uniform noise {report.norm_uniform:.2f}, "
         f"shuffled digits {report.norm_shuffled:.2f}. Denoising starts from "
         f"g*x + (1-g)*eps with g = {DENOISE_LEVEL}; PSNR is per image on [-1, 1] (peak-to-peak 2), both images "
         "clamped, then averaged.",
-        f"Samples per class (one row per digit, {GRID_SCALE}x nearest): `bench/digits_samples.png`.",
-        "",
     ]
+    if cfg.grid_path is not None:
+        lines.append(f"Samples per class (one row per digit, {GRID_SCALE}x nearest): "
+                     f"`{cfg.grid_path.relative_to(ROOT) if cfg.grid_path.is_relative_to(ROOT) else cfg.grid_path}`.")
+    lines.append("")
     return "\n".join(lines)
 
 
 def write_section(section: str, path: Path = RESULTS_PATH) -> None:
     """Replace this report's section of RESULTS.md (or append it), leaving every other section as it is."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
     pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text, count=1)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="digits", help="bundled name or file (default: the bundled digits model)")
-    p.add_argument("--per-class", type=int, default=None, help="samples per class (default 50; --quick: 5)")
+    p.add_argument("--per-class", type=int, default=None, help="samples per class (default 50; --quick: 3)")
     p.add_argument("--quick", action="store_true", help="a few samples only (seconds): a smoke test, not a measurement")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed")
     p.add_argument("--no-write", action="store_true", help="print the report without touching bench/RESULTS.md")

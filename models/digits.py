@@ -74,8 +74,8 @@ def digits_config() -> EqMConfig:
 class TrainConfig:
     """Optimisation settings of ``eqm train-digits``; the defaults made the bundled weights."""
 
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 3000
+    batch_size: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_steps: int = 100
@@ -183,10 +183,10 @@ def train_digits(cfg: TrainConfig, *, progress: bool = True, log=print) -> Train
 class DigitsSamplerDefaults:
     """Sampler settings chosen by experiment for the digits model (``bench/eval_digits.py`` measures them)."""
 
-    params: SamplerParams = SamplerParams(sampler="nag", step_size=0.03, mu=0.3, max_steps=60)
+    params: SamplerParams = SamplerParams(sampler="nag", step_size=0.05, mu=0.3, max_steps=60)
     cfg_scale: float = 1.5
-    grad_norm_threshold: float = 0.3           # adaptive stopping: ||g|| below this ends a sample
-    composition_cfg_scale: float = 1.5
+    grad_norm_threshold: float = 1.0           # adaptive stopping: ||g|| below this ends a sample
+    composition_cfg_scale: float = 2.0         # two conditional fields pull apart: stronger guidance keeps a digit
     denoise_steps: int = 60
 
     def adaptive(self) -> SamplerParams:
@@ -218,6 +218,7 @@ def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path,
              "train_steps": str(cfg.steps), "final_loss": f"{result.final_loss:.5f}", "weights": "ema"}
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(result.ema, spec, weights_path, extra=extra)
+    os.chmod(weights_path, 0o644)     # the writer's temp file is owner-only; a shipped model must be readable
     record = {
         "command": command,
         "seed": cfg.seed,
@@ -227,7 +228,8 @@ def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path,
         "steps": cfg.steps,
         "final_loss": result.final_loss,
         "train_seconds": round(result.seconds, 1),
-        "train_device": f"CPU ({torch.get_num_threads()} threads), {platform.processor() or platform.machine()}",
+        "train_device": f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), "
+                        f"{platform.processor() or platform.machine()}",
         "torch": torch.__version__,
         "file_bytes": weights_path.stat().st_size,
         "sampler_defaults": DIGITS_DEFAULTS.to_dict(),

@@ -1,10 +1,10 @@
-"""ImageNet-1k class names: index -> (WordNet id, names), the order every ImageNet model uses.
+"""Class labels as people write them, and the ImageNet-1k names (index -> WordNet id, names).
 
-Index ``i`` is the ``i``-th WordNet synset in sorted order (``n01440764`` tench ... ``n15075141``
-toilet tissue), as in the ILSVRC-2012 ``LOC_synset_mapping.txt`` file; each entry keeps the synset's
-comma-separated names, the first being its usual label. ``resolve_label`` accepts an index, a WordNet
-id or any of the names (case-insensitive), so ``"golden retriever"``, ``"n02099601"`` and ``207``
-are the same class. Models whose checkpoint carries its own ``class_names`` use those instead.
+ImageNet index ``i`` is the ``i``-th WordNet synset in sorted order (``n01440764`` tench ...
+``n15075141`` toilet tissue), as in the ILSVRC-2012 ``LOC_synset_mapping.txt`` file; each entry keeps
+the synset's comma-separated names, the first being its usual label. ``ClassIndex.resolve`` accepts
+an index, a WordNet id or any of the names (case-insensitive), so ``"golden retriever"``,
+``"n02099601"`` and ``207`` are the same class. A checkpoint's own ``class_names`` take precedence.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(s)
     s.add_argument("--device", help="worker device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda:0 if present)")
     s.add_argument("--metrics-port", type=int, help="worker Prometheus port (default EQM_METRICS_PORT, else a free one)")
+    s.add_argument("--threads", type=int, help="torch CPU threads of a CPU worker (default: every core; 1 is "
+                   "steadier when other busy processes share the cores)")
     s.add_argument("--redis-dir", help="keep the embedded Redis' append-only file in this folder (default: none, "
                    "jobs are lost at exit)")
     s.set_defaults(handler=run_serve)
@@ -48,7 +51,7 @@ def _settings(args: argparse.Namespace):
 def run_serve(args: argparse.Namespace) -> int:
     from service.serve import serve
     return serve(_settings(args), device=args.device, metrics_port=args.metrics_port, redis_dir=args.redis_dir,
-                 log_level=args.log_level)
+                 threads=args.threads, log_level=args.log_level)
 
 
 def run_api(args: argparse.Namespace) -> int:
@@ -64,6 +67,9 @@ def run_api(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     load_model_info(settings)                 # a bad checkpoint is a one-line error here, not a traceback later
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that last step a no-op, so a stop
+    # asked by docker or systemd ends with status 0 instead of "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, lambda *_: None)
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
         return 0

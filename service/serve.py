@@ -66,7 +66,7 @@ class Stack:
         log.info("embedded Redis on %s%s", self.redis.url, f" (append-only file in {data_dir})" if data_dir else "")
         return self.redis.url
 
-    def start_workers(self, redis_url: str, device: str, metrics_port: int) -> None:
+    def start_workers(self, redis_url: str, device: str, metrics_port: int, threads: int | None = None) -> None:
         s = self.settings
         argv = [sys.executable, "-m", "service.cli", "worker", "--devices", device, "--redis-url", redis_url,
                 "--checkpoint", s.checkpoint, "--prefix", s.key_prefix, "--metrics-port", str(metrics_port),
@@ -75,6 +75,8 @@ class Stack:
             argv += ["--vae", s.vae]
         if s.model_name:
             argv += ["--model-name", s.model_name]
+        if threads:
+            argv += ["--threads", str(threads)]
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         # Own session: terminal signals reach only `eqm serve`, which stops the workers after the API.
@@ -103,7 +105,7 @@ def _interrupt(signum, frame):
 
 
 def serve(settings: Settings, *, device: str | None = None, metrics_port: int | None = None,
-          redis_dir: str | None = None, log_level: str = "info") -> int:
+          redis_dir: str | None = None, threads: int | None = None, log_level: str = "info") -> int:
     """Run Redis (if needed), the workers and the API until a signal; returns the exit status."""
     import uvicorn
 
@@ -121,7 +123,7 @@ def serve(settings: Settings, *, device: str | None = None, metrics_port: int | 
     try:
         redis_url = stack.start_redis(redis_dir)
         settings = replace(settings, redis_url=redis_url)
-        stack.start_workers(redis_url, device, metrics_port)
+        stack.start_workers(redis_url, device, metrics_port, threads)
         config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
                                 timeout_graceful_shutdown=API_SHUTDOWN_S)
         server = uvicorn.Server(config)

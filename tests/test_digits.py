@@ -41,9 +41,12 @@ def test_bundled_weights_load_with_their_metadata(digits):
     assert digits.model.config == digits_config()
     assert digits.spec.codec == "identity" and digits.spec.guided_channels == 1
     assert digits.spec.class_names == CLASS_NAMES
+    # `eqm sample` and the service read the recommended sampler from the file: it must match the code's.
+    assert digits.spec.sampler_defaults == DIGITS_DEFAULTS.for_checkpoint()
     record = json.loads(WEIGHTS.with_suffix(".json").read_text())
     assert record["model_config"] == digits_config().to_dict()
     assert record["loss_log"] and record["command"].startswith("eqm train-digits")
+    assert record["sampler_defaults"] == DIGITS_DEFAULTS.to_dict()
 
 
 def test_bundled_model_samples_images_of_the_right_shape(digits):
@@ -128,3 +131,21 @@ def test_cli_train_digits_rejects_bad_arguments(tmp_path, capsys):
     assert main(["train-digits", "--out", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert "--steps must be >= 1" in err and "must end in .safetensors" in err
+
+
+def test_eval_digits_quick_reports_without_touching_the_measured_results(capsys):
+    """The CI smoke run of the quality report: every stage runs, the measured section and grid stay as they are."""
+    from service.cli_digits import ROOT
+    results, grid = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "digits_samples.png"
+
+    def measured():
+        # Only this report's section: other benchmarks may rewrite theirs while the test runs.
+        text = results.read_text(encoding="utf-8") if results.exists() else ""
+        section = text.partition("## Digits model quality")[2].partition("\n## ")[0]
+        return section, grid.read_bytes() if grid.exists() else None
+
+    before = measured()
+    assert main(["eval-digits", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Digits model quality") and "OOD AUROC" in out and "Composition" in out
+    assert measured() == before

@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from hypothesis import HealthCheck, settings
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -35,7 +34,7 @@ from service.jobs import JobStore
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2e-secret"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-CHECKPOINT = os.environ.get("EQM_E2E_CHECKPOINT", "digits")  # DEV-ONLY override, remove
+CHECKPOINT = "digits"
 START_TIMEOUT_S = 120
 
 pytestmark = pytest.mark.skipif(not resolve_checkpoint(CHECKPOINT).is_file(),
@@ -100,7 +99,7 @@ def _pid_alive(pid: int) -> bool:
 def test_serve_embedded_starts_and_stops_cleanly(tmp_path):
     port, metrics_port = free_port(), free_port()
     log = tmp_path / "serve.log"
-    proc = _start(["serve", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu"],
+    proc = _start(["serve", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", "--threads", "1"],
                   _env(EQM_CHECKPOINT=CHECKPOINT, EQM_HEARTBEAT_S="0.5"), log)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -156,7 +155,7 @@ def stack(redis_server, tmp_path_factory):
                EQM_MAX_IMAGES_PER_JOB="8", EQM_MAX_QUEUE="10", EQM_CAPACITY="16", EQM_HEARTBEAT_S="0.5",
                EQM_WAIT_TIMEOUT_S="60")
     proc = _start(["serve", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu",
-                   "--log-level", "warning"], env, log)
+                   "--threads", "1", "--log-level", "warning"], env, log)
     base = f"http://127.0.0.1:{port}"
     r = redis.Redis.from_url(redis_server.url)
     client = httpx.Client(base_url=base, headers=AUTH, timeout=90)
@@ -191,7 +190,8 @@ def _check_done(stack: Stack, job: dict, count: int, max_steps: int, content_typ
         assert img["ready"] and 1 <= img["steps"] <= max_steps
         assert img["grad_norm"] is not None and math.isfinite(img["grad_norm"])
         image = _image(stack, img["url"], content_type)
-        assert image.size == (8, 8) and image.mode == "L"
+        assert image.size == (8, 8)
+        assert image.mode == ("RGB" if content_type == "image/webp" else "L")     # WebP has no grey mode
 
 
 def test_generations(stack):
@@ -248,7 +248,8 @@ def _events(stack: Stack, url: str, timeout_s: float = 60) -> list[tuple[str, di
 
 
 def test_events_show_progress(stack):
-    resp = stack.client.post("/v1/generations", json={"labels": [2], "n": 2, "max_steps": 300,
+    # threshold 0: every image runs its 1000 updates, long enough for progress events (every 0.3 s)
+    resp = stack.client.post("/v1/generations", json={"labels": [2], "n": 2, "max_steps": 1000,
                                                       "grad_norm_threshold": 0})
     assert resp.status_code == 202, resp.text
     events = _events(stack, resp.json()["links"]["events"])
@@ -258,10 +259,10 @@ def test_events_show_progress(stack):
     progress = [data["images"] for name, data in events if name == "progress"]
     assert progress, names
     steps = [max(i["steps"] for i in images) for images in progress]
-    assert steps == sorted(steps) and 0 < steps[-1] <= 300
+    assert steps == sorted(steps) and 0 < steps[-1] <= 1000
     assert all(i["grad_norm"] is None or i["grad_norm"] >= 0 for images in progress for i in images)
     finals = [data for name, data in events if name == "image"]
-    assert all(d["steps"] == 300 and not d["stopped_early"] for d in finals)      # threshold 0: the cap
+    assert all(d["steps"] == 1000 and not d["stopped_early"] for d in finals)
 
 
 def test_cancel_running_job(stack):
@@ -356,34 +357,43 @@ def test_bad_inputs_get_their_status(stack):
 
 
 def test_openapi_schema_validates(stack):
-    from openapi_spec_validator import validate
-    validate(httpx.get(f"{stack.base_url}/openapi.json").json())
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(httpx.get(f"{stack.base_url}/openapi.json").json())
 
 
 # -- fuzzing: schemathesis over every operation (last: it leaves jobs behind) ---------------------
 
-schemathesis = pytest.importorskip("schemathesis")
-FUZZ_EXAMPLES = 25          # per operation and phase
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+except ImportError:                              # the fuzz needs `pip install schemathesis`
+    schemathesis = None
+
+FUZZ_EXAMPLES = 40          # per operation
 
 
-@pytest.fixture
-def fuzz_schema(stack):
-    """The live schema, minus ``?wait`` (a long poll, exercised above): keeps the run bounded in time."""
-    raw = httpx.get(f"{stack.base_url}/openapi.json").json()
-    for path in raw["paths"].values():
-        for operation in path.values():
-            operation["parameters"] = [p for p in operation.get("parameters", []) if p["name"] != "wait"]
-    return schemathesis.openapi.from_dict(raw)
+if schemathesis is not None:
+    @pytest.fixture
+    def fuzz_schema(stack):
+        """The live schema, minus ``?wait`` (a long poll, exercised above): keeps the run bounded in time."""
+        raw = httpx.get(f"{stack.base_url}/openapi.json").json()
+        for path in raw["paths"].values():
+            for operation in path.values():
+                operation["parameters"] = [p for p in operation.get("parameters", []) if p["name"] != "wait"]
+        return schemathesis.openapi.from_dict(raw)
 
+    fuzz = schemathesis.pytest.from_fixture("fuzz_schema")
 
-fuzz = schemathesis.pytest.from_fixture("fuzz_schema")
-
-
-@fuzz.parametrize()
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-def test_fuzz_no_server_errors(case, stack):
-    from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                     response_schema_conformance, status_code_conformance)
-    case.call_and_validate(base_url=stack.base_url, headers=AUTH,
-                           checks=[not_a_server_error, status_code_conformance, content_type_conformance,
-                                   response_schema_conformance, negative_data_rejection], timeout=30)
+    @fuzz.parametrize()
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_fuzz_no_server_errors(case, stack):
+        """Valid and invalid requests to every operation: no 5xx, and every answer matches the schema
+        (documented status code, content type and body); schema-violating requests are refused."""
+        from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                         response_schema_conformance, status_code_conformance)
+        case.call_and_validate(base_url=stack.base_url, headers=AUTH, timeout=30,
+                               checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                       response_schema_conformance, negative_data_rejection])
+else:
+    def test_fuzz_no_server_errors():
+        pytest.skip("schemathesis is not installed (pip install schemathesis)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 
 import redis
 from fastapi import FastAPI, Request
@@ -60,12 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.close()
 
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        api_version = version("eqm-serve")
-    except PackageNotFoundError:
-        api_version = "0.0.0"
-    app = FastAPI(title="EqM inference service", version=api_version, description=DESCRIPTION,
+    app = FastAPI(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
                   openapi_tags=TAGS, lifespan=lifespan)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -78,6 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return RedirectResponse("/docs")
 
     return app
+
+
+def _package_version() -> str:
+    try:
+        return version("eqm-serve")
+    except PackageNotFoundError:          # running from a source tree that was never installed
+        return "0.0.0"
 
 
 def app_from_env() -> FastAPI:

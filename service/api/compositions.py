@@ -19,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, de
 @router.post("/compositions", status_code=202, response_model=JobCreated,
              summary="Compose classes: descend the weighted sum of their gradient fields",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
-                        **error_responses(401, 413, 422, 429, 503)})
+                        **error_responses(400, 401, 413, 422, 429, 503)})
 async def create_composition(body: CompositionRequest, request: Request,
                              wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state)):
     """Each of the ``n`` images follows ``g = u + s * sum_k w_k (c_k - u)``: ``c_k`` the field of label k,

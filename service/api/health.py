@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 import redis
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import ApiState, get_state
 from service.api.schemas import Health, Readiness, error_responses
@@ -41,13 +42,13 @@ def readyz(state: ApiState = Depends(get_state)):
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API process",
-            responses={200: {"content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}},
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 def metrics(state: ApiState = Depends(get_state)) -> Response:
     """Requests, submissions and the queue depth (refreshed from Redis at each scrape). Each worker
     serves the engine's metrics on its own port: see ``/sd/workers``."""
     body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s)
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/sd/workers", summary="Prometheus HTTP service discovery of the workers' metrics endpoints",

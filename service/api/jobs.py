@@ -9,7 +9,6 @@ from typing import AsyncIterator
 
 import redis
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import ApiState, get_state, require_api_key
@@ -47,9 +46,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
     results = {r["index"]: r for r in rec["images"]}
     progress = rec["progress"]
     content_type = IMAGE_FORMATS.get(spec.get("format", "png"), "image/png")
-    links = JobLinks(self=request.url_for("get_job", job_id=job_id).path,
-                     events=request.url_for("job_events", job_id=job_id).path,
-                     images=[request.url_for("get_image", job_id=job_id, index=k).path for k in range(n)])
+    links = job_links(request, job_id, n)
     images = []
     for k, image in enumerate(spec["images"]):
         result = results.get(k)
@@ -72,12 +69,15 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
                      images=images, links=links)
 
 
+def job_links(request: Request, job_id: str, num_images: int) -> JobLinks:
+    """Paths (with the app's root path) of a job's status, events and images."""
+    return JobLinks(self=request.url_for("get_job", job_id=job_id).path,
+                    events=request.url_for("job_events", job_id=job_id).path,
+                    images=[request.url_for("get_image", job_id=job_id, index=k).path for k in range(num_images)])
+
+
 def _span(start: float | None, end: float | None) -> float | None:
     return round(max(0.0, end - start), 4) if start is not None and end is not None else None
-
-
-async def job_status_response(request: Request, state: ApiState, job_id: str) -> JobStatus:
-    return await run_in_threadpool(read_job_status, request, state, job_id)
 
 
 @router.get("/{job_id}", response_model=JobStatus, summary="Job status, per-image steps and gradient norms",

@@ -8,7 +8,7 @@ config from the tensor shapes (convert it to safetensors to make API start-up in
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from models import resolve_checkpoint
@@ -87,7 +87,8 @@ def load_model_info(settings: Settings) -> ModelInfo:
     return ModelInfo(
         name=model_name(settings), source=str(path), config=config, codec=codec,
         guidance_mode=meta.get("guidance_mode", "official"), image_size=image_size, channels=channels,
-        classes=ClassIndex.for_model(config.num_classes, names), defaults=_defaults_for(config))
+        classes=ClassIndex.for_model(config.num_classes, names),
+        defaults=_defaults_for(config, json.loads(meta.get("sampler_defaults", "{}"))))
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
@@ -99,13 +100,19 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
 
 
-def _defaults_for(config: EqMConfig) -> SamplingDefaults:
+def _defaults_for(config: EqMConfig, recorded: dict) -> SamplingDefaults:
+    """The checkpoint's recorded settings (``eqm sample`` uses the same) > the digits model's > the paper's."""
     from models.digits import DIGITS_DEFAULTS, digits_config
+    p = SamplerParams()      # the paper's EqM-XL/2 setting: NAG-GD, eta 0.0017, mu 0.3, 249 updates
+    base = dict(sampler=p.sampler, step_size=p.step_size, mu=p.mu, max_steps=p.max_steps,
+                grad_norm_threshold=p.grad_norm_threshold, cfg_scale=PAPER_GUIDANCE_SCALE)
+    composition_scale, denoise_steps = PAPER_GUIDANCE_SCALE, None
     if config.arch == digits_config().arch:
         d = DIGITS_DEFAULTS
-        p = d.adaptive()
-        return SamplingDefaults(p.sampler, p.step_size, p.mu, p.max_steps, p.grad_norm_threshold,
-                                d.cfg_scale, d.composition_cfg_scale, d.denoise_steps)
-    p = SamplerParams()      # the paper's EqM-XL/2 setting: NAG-GD, eta 0.0017, mu 0.3, 249 updates
-    return SamplingDefaults(p.sampler, p.step_size, p.mu, p.max_steps, p.grad_norm_threshold,
-                            PAPER_GUIDANCE_SCALE, PAPER_GUIDANCE_SCALE, p.max_steps)
+        base.update(asdict(d.adaptive()), cfg_scale=d.cfg_scale)
+        composition_scale, denoise_steps = d.composition_cfg_scale, d.denoise_steps
+    base.update({k: v for k, v in recorded.items() if k in base})
+    return SamplingDefaults(sampler=base["sampler"], step_size=float(base["step_size"]), mu=float(base["mu"]),
+                            max_steps=int(base["max_steps"]), grad_norm_threshold=float(base["grad_norm_threshold"]),
+                            guidance_scale=float(base["cfg_scale"]), composition_guidance_scale=composition_scale,
+                            denoise_max_steps=denoise_steps or int(base["max_steps"]))

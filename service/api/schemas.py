@@ -28,7 +28,8 @@ SEED_MAX = 2**32 - 1
 class SamplingOptions(BaseModel):
     """Options shared by every kind of job."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: JSON ``true`` is not the integer 1, nor ``"3"`` the number 3 (forms, all text, relax this).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: str | None = Field(None, max_length=200, description="model to use; default: the served model",
                               examples=["digits"])
@@ -87,7 +88,7 @@ class DenoiseForm(SamplingOptions):
     """Form fields of ``POST /v1/denoise`` (beside the ``image`` file)."""
 
     # The form also holds the file, so extras cannot be forbidden here; the handler rejects unknown fields.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=False)
 
     label: str | None = Field(None, max_length=200, description="class to denoise towards, " + LABEL_DOC +
                               "; empty = unconditional", examples=["3"])
@@ -237,6 +238,7 @@ class ValidationErrorResponse(BaseModel):
 
 
 _ERROR_TEXT = {
+    400: "the body could not be parsed (not UTF-8 JSON, or a malformed multipart form)",
     401: "API key missing or wrong (only when the server sets EQM_API_KEYS)",
     404: "unknown job or image (or expired after its TTL)",
     409: "the image is not finished yet",

@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.deps import ApiState
+from service.api.jobs import job_links, read_job_status
 from service.api.modelinfo import ModelInfo
-from service.api.schemas import JobCreated, JobLinks, SamplingOptions
+from service.api.schemas import JobCreated, SamplingOptions
 from service.classnames import LabelError
 from service.jobs import FINAL_STATUSES, JobSpec, SamplerSpec
 
@@ -69,12 +70,6 @@ def deadline(opts: SamplingOptions, now: float) -> float | None:
     return None if opts.deadline_s is None else now + opts.deadline_s
 
 
-def links(request: Request, job_id: str, num_images: int) -> JobLinks:
-    job_url = request.url_for("get_job", job_id=job_id).path
-    return JobLinks(self=job_url, events=request.url_for("job_events", job_id=job_id).path,
-                    images=[request.url_for("get_image", job_id=job_id, index=k).path for k in range(num_images)])
-
-
 def _admit(state: ApiState) -> None:
     """Raise 503/429 when the job could not run soon; runs in the thread pool (blocking Redis calls)."""
     workers = state.store.live_workers(state.settings.heartbeat_s)
@@ -98,15 +93,14 @@ async def submit(request: Request, state: ApiState, spec: JobSpec, input_png: by
     await run_in_threadpool(state.store.submit, spec, input_png)
     state.metrics.jobs_submitted_total.labels(spec.kind).inc()
     state.metrics.images_requested_total.labels(spec.kind).inc(len(spec.images))
-    job_links = links(request, spec.id, len(spec.images))
-    headers = {"Location": job_links.self}
+    links = job_links(request, spec.id, len(spec.images))
+    headers = {"Location": links.self}
     if wait:
-        from service.api.jobs import job_status_response
         final = await wait_until_final(state, spec.id, state.settings.wait_timeout_s)
-        status = await job_status_response(request, state, spec.id)
+        status = await run_in_threadpool(read_job_status, request, state, spec.id)
         return JSONResponse(status.model_dump(mode="json"), status_code=200 if final else 202, headers=headers)
     body = JobCreated(id=spec.id, status="queued", kind=spec.kind, model=spec.model, num_images=len(spec.images),
-                      links=job_links)
+                      links=links)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
 
 

@@ -24,6 +24,8 @@ from fastapi.routing import APIRoute
 from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.types import Message, Receive
 
+from service.api.deps import check_api_key
+
 JSON_BODY_LIMIT = 64 * 1024           # generation / composition requests are a few hundred bytes
 FORM_OVERHEAD = 64 * 1024             # multipart boundaries, part headers and the other form fields
 PREPROCESSING = ("center-crop to a square (the shorter side), resize with a Lanczos filter to the model's size, "
@@ -134,7 +136,6 @@ class LimitedBodyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def limited(request: Request) -> Response:
-            from service.api.deps import check_api_key
             check_api_key(request)                 # before any of the body is read
             if request.method in ("POST", "PUT", "PATCH"):
                 limit = body_limit(request)
