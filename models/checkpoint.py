@@ -241,6 +241,7 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)     # a weights file is data to share, whatever the writer's umask-less temp mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
