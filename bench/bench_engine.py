@@ -23,7 +23,6 @@ import datetime
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from service.jobs import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
 from service.metrics import Metrics                                 # noqa: E402
 from service.runner import ModelRunner                              # noqa: E402
 from service.scheduler import Scheduler                             # noqa: E402
+from bench import results                                          # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION_TITLE = "## Engine: continuous vs static batching"
@@ -168,16 +168,8 @@ def section(cfg: dict, cont: dict, stat: dict, max_diff: float) -> str:
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace this benchmark's section of RESULTS.md (or append it); other sections stay as they are."""
-    current = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(current):
-        current = pattern.sub(lambda _: text, current, count=1)
-    else:
-        current = current.rstrip("\n") + "\n\n" + text
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(current)
-    os.replace(tmp, path)
+    """Replace this report's section of RESULTS.md (or append it), leaving every other section as it is."""
+    results.write_section(SECTION_TITLE, text, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from models.checkpoint import LoadedModel, load_model  # noqa: E402
 from models.codecs import IdentityCodec  # noqa: E402
 from models.digits import DIGITS_DEFAULTS, DigitsSamplerDefaults, DigitsSplit, load_digits_split  # noqa: E402
 from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample  # noqa: E402
+from bench import results  # noqa: E402
 
 RESULTS_PATH = ROOT / "bench" / "RESULTS.md"
 GRID_PATH = ROOT / "bench" / "digits_samples.png"
@@ -289,15 +289,7 @@ def format_report(report: Report, cfg: EvalConfig, quick: bool) -> str:
 
 def write_section(section: str, path: Path = RESULTS_PATH) -> None:
     """Replace this report's section of RESULTS.md (or append it), leaving every other section as it is."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    results.write_section(SECTION_TITLE, section, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

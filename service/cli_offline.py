@@ -90,7 +90,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from models import resolve_checkpoint
     from models.checkpoint import load_model
     from models.codecs import make_codec
-    from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample
+    from models.sampler import Condition, noise_for_seed, partially_noised, sample
     from service.cli import UsageError
 
     dtype = DTYPES[args.dtype]
