@@ -8,7 +8,7 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
 - ``P:job:<id>``             hash, the job record: ``spec`` (JSON of ``JobSpec``), ``status``
                              (queued|running|done|failed|cancelled), ``created``/``started``/``finished``
                              (unix seconds), ``worker``, ``attempts``, ``error``, ``progress`` (JSON list, one
-                             ``{"steps", "grad_norm"}`` per image), ``images`` (JSON list of ``ImageResult``
+                             ``{"index", "steps", "grad_norm"}`` per image), ``images`` (JSON list of ``ImageResult``
                              dicts once done), ``cancel`` ("1" once a cancel was asked). TTL: result_ttl_s.
 - ``P:job:<id>:input``       bytes of the uploaded image for denoising (already cropped to the model's size, PNG).
 - ``P:job:<id>:image:<k>``   encoded bytes of image k (PNG/JPEG/WebP). TTL: result_ttl_s.

@@ -44,6 +44,7 @@ from models.codecs import CodecError
 from service.engine import Engine, JobError, StepOutput
 from service.jobs import FINAL_STATUSES, JobSpec, JobStore
 from service.metrics import Metrics, serve_metrics
+from service.progress import JobProgress
 from service.settings import Settings
 
 log = logging.getLogger("eqm.worker")
@@ -132,7 +133,7 @@ class Worker:
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._inflight: dict[str, str] = {}            # job id -> stream entry id
         self._lock = threading.Lock()                  # guards _inflight against the heartbeat thread
-        self._progress: dict[str, list[dict]] = {}
+        self._progress: dict[str, JobProgress] = {}
         self._last_progress: dict[str, float] = {}
         self._unwritten: list[StepOutput] = []         # results whose Redis writes failed, retried
         self._stop = threading.Event()                 # a stop was asked (signal or parent gone)
@@ -288,7 +289,7 @@ class Worker:
             return
         with self._lock:
             self._inflight[job_id] = entry_id
-        self._progress[job_id] = [{"steps": 0, "grad_norm": None} for _ in spec.images]
+        self._progress[job_id] = JobProgress(len(spec.images))
         self._last_progress[job_id] = time.monotonic()
         self.store.publish(job_id, "started", {"id": job_id, "worker": self.name, "time": now,
                                                "reclaimed": reclaimed})
@@ -386,24 +387,22 @@ class Worker:
         for img in out.images:
             idx = img.result.index
             pipe.set(k.image(img.job_id, idx), img.data, ex=ttl)
-            self._progress.setdefault(img.job_id, [])
-            if idx < len(self._progress[img.job_id]):
-                self._progress[img.job_id][idx] = {"steps": img.result.steps, "grad_norm": img.result.grad_norm}
-            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result)})
+            prog = self._progress.get(img.job_id)
+            norms = prog.finish(idx, img.result.steps, img.result.grad_norm, img.result.stopped_early) if prog else []
+            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result), "norms": norms})
         for p in out.progress:
             prog = self._progress.get(p.job_id)
-            if prog is not None and p.index < len(prog):
-                prog[p.index] = {"steps": p.steps, "grad_norm": p.grad_norm}
+            if prog is not None and prog.update(p.index, p.steps, p.grad_norm):
                 touched.add(p.job_id)
         for job_id in touched:
             if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
                 self._last_progress[job_id] = now_m
-                data = json.dumps(self._progress[job_id])
-                pipe.hset(k.job(job_id), "progress", data)
-                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": self._progress[job_id]})
+                prog = self._progress[job_id]
+                pipe.hset(k.job(job_id), "progress", json.dumps(prog.summary()))
+                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": prog.event_images()})
         for job in out.jobs:
             if job.job_id in self._progress:
-                pipe.hset(k.job(job.job_id), "progress", json.dumps(self._progress[job.job_id]))
+                pipe.hset(k.job(job.job_id), "progress", json.dumps(self._progress[job.job_id].summary()))
         pipe.execute()
         # Images are stored before the final status, so "done" always means the images are there.
         for job in out.jobs:

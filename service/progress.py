@@ -1,0 +1,61 @@
+"""Per-image progress of one running job, as the worker publishes it in ``progress`` and ``image`` events.
+
+The engine reports every running sample's steps and gradient norm after each step, but a job's
+``progress`` event goes out at most every ``progress_interval_s``. So that a client can still plot
+each image's whole descent, every entry carries ``norms``: the gradient norms of the evaluations
+made since the previous event, oldest first; the ``image`` event of a finished image carries the
+rest, ending with its final norm. Concatenating an image's ``norms`` over its events, in order,
+gives its gradient norm at every evaluation (the last one is below the threshold when it stopped
+early). Entries also name their ``index`` (their position in ``images`` is the same).
+
+Only what was not yet published is held here, so a worker's memory does not grow with the steps.
+"""
+from __future__ import annotations
+
+NORM_DIGITS = 5          # significant digits of the norms in events (plots need no more)
+
+
+def _rounded(value: float) -> float:
+    return float(f"{value:.{NORM_DIGITS}g}")
+
+
+class JobProgress:
+    """Steps, last norm and unpublished norms of each image of one job."""
+
+    def __init__(self, num_images: int):
+        self.images = [{"index": k, "steps": 0, "grad_norm": None} for k in range(num_images)]
+        self._unsent: list[list[float]] = [[] for _ in range(num_images)]
+
+    def update(self, index: int, steps: int, grad_norm: float | None) -> bool:
+        """A running image's state after a step; False for an index this job does not have."""
+        if not 0 <= index < len(self.images):
+            return False
+        entry = self.images[index]
+        if grad_norm is not None and steps > entry["steps"]:      # a new evaluation (a lagged read-back repeats one)
+            self._unsent[index].append(_rounded(grad_norm))
+        entry["steps"], entry["grad_norm"] = steps, grad_norm
+        return True
+
+    def finish(self, index: int, steps: int, grad_norm: float | None, stopped_early: bool) -> list[float]:
+        """A finished image's final state; returns its norms not yet published, ending with the final one.
+
+        A sample that stops below its threshold made one more evaluation without an update, so its
+        steps stay the same while its norm is new."""
+        if not 0 <= index < len(self.images):
+            return []
+        entry = self.images[index]
+        if grad_norm is not None and (steps > entry["steps"] or stopped_early):
+            self._unsent[index].append(_rounded(grad_norm))
+        entry["steps"], entry["grad_norm"] = steps, grad_norm
+        tail, self._unsent[index] = self._unsent[index], []
+        return tail
+
+    def event_images(self) -> list[dict]:
+        """The ``images`` of a ``progress`` event: each entry with the norms since the previous event."""
+        out = [{**entry, "norms": unsent} for entry, unsent in zip(self.images, self._unsent)]
+        self._unsent = [[] for _ in self.images]
+        return out
+
+    def summary(self) -> list[dict]:
+        """The job record's ``progress`` field: ``{"index", "steps", "grad_norm"}`` per image."""
+        return [dict(entry) for entry in self.images]
