@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from service.api import catalog, compositions, denoise, generations, health, jobs
 from service.api.deps import ApiState
@@ -21,6 +23,8 @@ from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.settings import Settings
 
 log = logging.getLogger("eqm.api")
+
+PLAYGROUND_DIR = Path(__file__).resolve().parent.parent / "static" / "playground"
 
 DESCRIPTION = """\
 Equilibrium Matching (EqM) image generation as a service. EqM learns one time-invariant gradient field;
@@ -69,9 +73,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generations, compositions, denoise, jobs, catalog, health):
         app.include_router(module.router)
 
+    # The playground: static files of this package, nothing fetched from elsewhere.
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
+
     @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    def root() -> FileResponse:
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     return app
 
