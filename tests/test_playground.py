@@ -1,0 +1,306 @@
+"""The playground page at ``/`` in a real headless Chromium against a real ``eqm serve`` (API key on).
+
+Each test opens a fresh page (fresh session storage, so it enters the key), drives it like a person
+would and checks what the page shows against what the API says. Every request the page makes to
+anything but loopback is refused and recorded; the tests assert there were none.
+
+``PLAYGROUND_SCREENSHOTS=docs/playground python -m pytest tests/test_playground.py`` also saves the
+screenshots the README shows.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+
+from browser import chromium_page
+from models import resolve_checkpoint
+from service.embedded_redis import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "playground-secret"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+START_TIMEOUT_S = 120
+JOB_TIMEOUT_MS = 60_000
+SHOTS = os.environ.get("PLAYGROUND_SCREENSHOTS")
+
+pytestmark = pytest.mark.skipif(not resolve_checkpoint("digits").is_file(),
+                                reason="the bundled digits model (models/weights/digits.safetensors) is missing")
+
+
+class Server:
+    def __init__(self, base: str, redis_url: str):
+        self.base, self.redis_url = base, redis_url
+
+    def job(self, job_id: str) -> dict:
+        return httpx.get(f"{self.base}/v1/jobs/{job_id}", headers=AUTH, timeout=10).json()
+
+    def events(self, job_id: str) -> list[tuple[str, dict]]:
+        text = httpx.get(f"{self.base}/v1/jobs/{job_id}/events", headers=AUTH, timeout=30).text
+        out = []
+        for block in text.strip().split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+            out.append((fields["event"], json.loads(fields["data"])))
+        return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("playground") / "serve.log"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EQM_")}
+    env.update(PYTHONPATH=str(ROOT), EQM_CHECKPOINT="digits", EQM_API_KEYS=API_KEY, EQM_HEARTBEAT_S="0.5")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "cpu",
+                                 "--threads", "1"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"eqm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                pytest.fail(f"eqm serve not ready in {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        redis_url = re.search(r"embedded Redis on (redis://\S+)", log.read_text()).group(1)
+        yield Server(base, redis_url)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def open_playground(b, server: Server) -> None:
+    """Load the page and give it the key it asks for."""
+    page = b.page
+    page.goto(server.base + "/")
+    page.get_by_role("textbox", name="API key").fill(API_KEY)
+    page.get_by_role("button", name="Use this key").click()
+    page.wait_for_selector("#app:not([hidden])")
+
+
+def shot(b, name: str, full_page: bool = False) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        b.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=full_page)
+
+
+def finished_job_id(page) -> str:
+    """The id of the page's job, once an image of it can be downloaded from the page."""
+    href = page.get_attribute(".card .download:not([hidden])", "href", timeout=JOB_TIMEOUT_MS)
+    assert href.startswith("blob:")
+    return page.evaluate("state.job.id")
+
+
+def curl_json(page) -> dict:
+    """The JSON body of the page's "copy as curl" command, as a shell would pass it."""
+    text = page.input_value("#curl-text")
+    body = re.search(r"-d '(.*)'$", text, re.S).group(1).replace("'\\''", "'")
+    return json.loads(body)
+
+
+# Chromium logs every 4xx answer; the page asks without a key first (401) and shows refusals (422).
+EXPECTED_REFUSAL = re.compile(r"^Failed to load resource: the server responded with a status of (401|422) ")
+
+
+def clean(b) -> None:
+    assert b.blocked == [], f"the page reached outside the server: {b.blocked}"
+    errors = [e for e in b.console_errors if not EXPECTED_REFUSAL.match(e)]
+    assert b.page_errors == [] and errors == [], (b.page_errors, errors)
+
+
+def test_asks_for_the_key_once_and_loads_nothing_from_outside(server):
+    with chromium_page() as b:
+        page = b.page
+        page.goto(server.base + "/")
+        page.wait_for_selector("#key-panel:not([hidden])")
+        page.get_by_role("textbox", name="API key").fill("wrong-key")
+        page.get_by_role("button", name="Use this key").click()
+        page.wait_for_selector("#key-error:has-text('refused')")
+        page.get_by_role("textbox", name="API key").fill(API_KEY)
+        page.get_by_role("button", name="Use this key").click()
+        page.wait_for_selector("#app:not([hidden])")
+        assert "digits" in page.inner_text("#model-info") and "8×8" in page.inner_text("#model-info")
+        assert page.evaluate("sessionStorage.getItem('eqm-api-key')") == API_KEY
+        page.reload()                                    # same tab: the key is remembered
+        page.wait_for_selector("#app:not([hidden])")
+        assert page.is_hidden("#key-panel")
+        assert page.locator("#class-list option").count() == 10
+        # Every control has a name a screen reader can say.
+        unnamed = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button')]
+            .filter(el => !el.closest('template') && !(el.labels && el.labels.length) &&
+                    !el.getAttribute('aria-label') && !(el.textContent || '').trim())
+            .map(el => el.outerHTML)""")
+        assert unnamed == []
+        clean(b)
+
+
+def test_generate_four_digits_with_their_descent(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-label", "4")
+        page.fill("#generate-n", "4")
+        page.fill("#generate-seed", "10")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img').length === 4", timeout=JOB_TIMEOUT_MS)
+        job = server.job(finished_job_id(page))
+        assert job["status"] == "done" and [i["seed"] for i in job["images"]] == [10, 11, 12, 13]
+        assert curl_json(page) == {"labels": [4], "n": 4, "seed": 10, "format": "png"}
+        cards = page.locator(".card")
+        assert cards.count() == 4
+        evaluations = {k: sum(len(d["norms"]) for name, d in server.events(job["id"])
+                              if name in ("progress", "image") for d in ([d] if name == "image" else d["images"])
+                              if d["index"] == k) for k in range(4)}
+        for k, image in enumerate(job["images"]):
+            card = cards.nth(k)
+            assert card.locator(".steps").inner_text() == f"{image['steps']} steps"
+            assert card.get_attribute("data-state") == ("converged" if image["stopped_early"] else "step_cap")
+            assert f"seed {image['seed']}" in card.inner_text()
+            # The events hold one norm per evaluation (an early stop evaluates once more without an update)
+            # and the page plots every one of them.
+            assert evaluations[k] == image["steps"] + int(image["stopped_early"])
+            assert f"over {evaluations[k]} evaluations" in card.locator("canvas.plot").get_attribute("aria-label")
+            size = card.locator("img").evaluate("img => [img.naturalWidth, img.clientWidth]")
+            assert size[0] == 8 and size[1] >= 128             # shown large, from the 8x8 original
+        shot(b, "generate")
+        clean(b)
+
+
+def test_compose_one_and_seven(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.focus("#tab-generate")
+        page.keyboard.press("ArrowRight")                # tabs work from the keyboard
+        assert page.evaluate("document.activeElement.id") == "tab-compose" and page.is_visible("#panel-compose")
+        assert page.input_value("#compose-rows li:nth-child(1) input[name=labels]") == "1"
+        assert page.input_value("#compose-rows li:nth-child(2) input[name=labels]") == "7"
+        page.fill("#compose-seed", "3")
+        page.click("#panel-compose button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img').length === 2", timeout=JOB_TIMEOUT_MS)
+        job = server.job(finished_job_id(page))
+        assert job["kind"] == "compose"
+        assert [(i["labels"], i["weights"]) for i in job["images"]] == [([1, 7], [0.5, 0.5])] * 2
+        assert page.locator(".card .title").all_inner_texts() == ["class 1 + class 7"] * 2
+        assert curl_json(page)["labels"] == [1, 7]
+        shot(b, "compose")
+        clean(b)
+
+
+def test_draw_a_stroke_and_denoise_it(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.click("#tab-denoise")
+        box = page.locator("#draw-canvas").bounding_box()
+        x, top, bottom = box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.15, box["y"] + box["height"] * 0.85
+        page.mouse.move(x, top)
+        page.mouse.down()
+        for t in range(1, 11):                           # a vertical stroke: a "1"
+            page.mouse.move(x, top + (bottom - top) * t / 10)
+        page.mouse.up()
+        drawn = page.evaluate("""() => { const d = document.getElementById('preview-input').getContext('2d')
+            .getImageData(0, 0, 8, 8).data; let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }""")
+        assert drawn > 0, "the stroke did not reach the 8x8 model input"
+        page.fill("#denoise-label", "1")
+        page.fill("#denoise-seed", "5")
+        page.click("#panel-denoise button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_selector(".card .frame img", timeout=JOB_TIMEOUT_MS)
+        job = server.job(finished_job_id(page))
+        assert job["kind"] == "denoise" and job["noise_level"] == 0.6 and job["images"][0]["labels"] == [1]
+        # What the server stored as the start: the drawing at the model's size, a bright vertical stroke.
+        stored = redis.Redis.from_url(server.redis_url).get(f"eqm:job:{job['id']}:input")
+        pixels = Image.open(io.BytesIO(stored)).convert("L")
+        assert pixels.size == (8, 8)
+        columns = [sum(pixels.getpixel((cx, cy)) for cy in range(8)) for cx in range(8)]
+        assert max(columns[3:5]) > 4 * max(columns[0], columns[7], 1)
+        text = page.input_value("#curl-text")
+        assert "-F 'image=@drawing.png'" in text and "-F 'noise_level=0.6'" in text and "-F 'label=1'" in text
+        assert page.get_attribute("#curl-upload", "download") == "drawing.png"
+        page.click("#curl-box summary")
+        shot(b, "denoise")
+        clean(b)
+
+
+def test_cancel_a_long_job(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-n", "8")
+        page.fill("#generate-max_steps", "1000")
+        page.fill("#generate-grad_norm_threshold", "0")
+        page.click("#panel-generate button[type=submit]")
+        # Live step counts, "k / 1000 steps", before anything is finished.
+        page.wait_for_function("[...document.querySelectorAll('.card .steps')].some(e => /^[1-9]\\d* \\/ 1000 steps$/"
+                               ".test(e.textContent))", timeout=JOB_TIMEOUT_MS)
+        shot(b, "running")
+        page.click("#cancel")
+        page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
+        job = server.job(page.evaluate("state.job.id"))
+        assert job["status"] == "cancelled" and job["cancel_requested"]
+        unfinished = [i["index"] for i in job["images"] if not i["ready"]]
+        assert unfinished
+        for k in unfinished:
+            card = page.locator(f".card[data-index='{k}']")
+            assert card.get_attribute("data-state") == "cancelled" and "cancelled" in card.inner_text()
+        clean(b)
+
+
+def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-label", "12")
+        page.fill("#generate-max_steps", "5000")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#generate-max_steps-error:not(:empty)")
+        assert page.inner_text("#generate-max_steps-error") == "Input should be less than or equal to 1000"
+        assert page.get_attribute("#generate-max_steps", "aria-invalid") == "true"
+        page.fill("#generate-max_steps", "")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#generate-labels-error:not(:empty)")
+        # the server's one line, word for word, beside the class field; no job was made
+        resp = httpx.post(f"{server.base}/v1/generations", headers=AUTH, json={"labels": [12]})
+        assert page.inner_text("#generate-labels-error") == resp.json()["detail"][0]["msg"]
+        assert page.is_hidden("#job-bar")
+        clean(b)
+
+
+@pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)])
+def test_readable_at_desktop_and_phone_widths(server, width, height):
+    with chromium_page(viewport=(width, height)) as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-n", "6")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img').length === 6", timeout=JOB_TIMEOUT_MS)
+        # Nothing is wider than the screen: no sideways scrolling.
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        if width < 500:
+            page.locator("#images").scroll_into_view_if_needed()
+            shot(b, "phone")
+        clean(b)
