@@ -119,7 +119,7 @@ def curl_json(page) -> dict:
 
 
 # Chromium logs every 4xx answer; the page asks without a key first (401) and shows refusals (422).
-EXPECTED_REFUSAL = re.compile(r"^Failed to load resource: the server responded with a status of (401|422) ")
+EXPECTED_REFUSAL = re.compile(r"^Failed to load resource: the server responded with a status of (401|415|422) ")
 
 
 def clean(b) -> None:
@@ -205,6 +205,7 @@ def test_compose_one_and_seven(server):
         assert [(i["labels"], i["weights"]) for i in job["images"]] == [([1, 7], [0.5, 0.5])] * 2
         assert page.locator(".card .title").all_inner_texts() == ["class 1 + class 7"] * 2
         assert curl_json(page)["labels"] == [1, 7]
+        page.evaluate("window.scrollTo(0, 0)")
         shot(b, "compose")
         clean(b)
 
@@ -256,7 +257,10 @@ def test_cancel_a_long_job(server):
         # Live step counts, "k / 1000 steps", before anything is finished.
         page.wait_for_function("[...document.querySelectorAll('.card .steps')].some(e => /^[1-9]\\d* \\/ 1000 steps$/"
                                ".test(e.textContent))", timeout=JOB_TIMEOUT_MS)
-        shot(b, "running")
+        if SHOTS:                                        # a descent well under way
+            page.wait_for_function("[...document.querySelectorAll('.card .steps')].some(e => parseInt(e.textContent) >= 60)",
+                                   timeout=JOB_TIMEOUT_MS)
+            shot(b, "running")
         page.click("#cancel")
         page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
         job = server.job(page.evaluate("state.job.id"))
@@ -286,6 +290,14 @@ def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
         resp = httpx.post(f"{server.base}/v1/generations", headers=AUTH, json={"labels": [12]})
         assert page.inner_text("#generate-labels-error") == resp.json()["detail"][0]["msg"]
         assert page.is_hidden("#job-bar")
+        # A picked file goes to the server as it is; the server's verdict shows beside the image.
+        page.click("#tab-denoise")
+        page.set_input_files("#denoise-file", files=[{"name": "notes.txt", "mimeType": "text/plain",
+                                                      "buffer": b"not an image"}])
+        page.click("#panel-denoise button[type=submit]")
+        page.wait_for_selector("#denoise-image-error:has-text('PNG')")
+        assert "-F 'image=@notes.txt'" in page.input_value("#curl-text")
+        assert page.is_hidden("#job-bar")
         clean(b)
 
 
@@ -301,6 +313,8 @@ def test_readable_at_desktop_and_phone_widths(server, width, height):
         # Nothing is wider than the screen: no sideways scrolling.
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         if width < 500:
-            page.locator("#images").scroll_into_view_if_needed()
+            page.evaluate("window.scrollTo(0, 0)")
             shot(b, "phone")
+            page.locator("#job-bar").scroll_into_view_if_needed()
+            shot(b, "phone-results")
         clean(b)

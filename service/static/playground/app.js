@@ -548,6 +548,8 @@ function startJob(created, req) {
   }
   loadStatus(job);
   followEvents(job);
+  // One column (phones): the results are below the form, bring them into view.
+  if (window.matchMedia("(max-width: 820px)").matches) $("#job-bar").scrollIntoView({ block: "start" });
 }
 
 function makeCard(job, k) {
@@ -674,10 +676,10 @@ async function finishCard(job, data) {
   card.norm = data.grad_norm;
   const outcome = data.stopped_early ? "converged" : data.deadline_exceeded ? "deadline" : "step_cap";
   card.el.dataset.state = outcome;
-  const below = job.threshold > 0 ? ` (‖g‖ < ${job.threshold})` : "";
-  const badge = { converged: ["converged", "stopped early" + below],
-                  deadline: ["deadline", "deadline reached"], step_cap: ["cap", "ran all its steps"] }[outcome];
-  $(".badges", card.el).innerHTML = `<span class="badge ${badge[0]}">${badge[1]}</span>`;
+  const badge = { converged: ["converged", "stopped early", `its gradient norm fell below ${job.threshold}`],
+                  deadline: ["deadline", "deadline reached", "returned as it was at the job's deadline"],
+                  step_cap: ["cap", "ran all its steps", "reached the step cap before the threshold"] }[outcome];
+  $(".badges", card.el).innerHTML = `<span class="badge ${badge[0]}" title="${badge[2]}">${badge[1]}</span>`;
   updateCard(job, card);
   const resp = await api(job.links.images[data.index]).catch(() => null);
   if (!resp || !resp.ok) return;
@@ -739,7 +741,9 @@ function drawPlot(job, card) {
   let lo = Math.log(Math.min(...values)), hi = Math.log(Math.max(...values));
   if (hi - lo < 1e-6) { lo -= 0.5; hi += 0.5; }
   const pad = 4 * dpr;
-  const xs = Math.max(job.maxSteps || 0, norms.length, 2) - 1;
+  // A finished image spans the plot; a running one gets room to go on (up to its step cap).
+  const span = card.final ? norms.length : Math.min(job.maxSteps || Infinity, Math.max(20, Math.ceil(norms.length * 1.3)));
+  const xs = Math.max(span, norms.length, 2) - 1;
   const px = (i) => pad + (w - 2 * pad) * i / xs;
   const py = (v) => h - pad - (h - 2 * pad) * (Math.log(v) - lo) / (hi - lo);
   if (threshold) {
