@@ -1,5 +1,6 @@
 // EqM playground: builds requests from the forms, follows the job's events, draws each image's descent.
-// Plain JavaScript, no dependencies; everything it loads comes from this server.
+// Plain JavaScript, no dependencies; everything it loads comes from this server, by paths relative to the
+// page, so it works under a path prefix too.
 "use strict";
 
 const KEY_STORAGE = "eqm-api-key";
@@ -30,7 +31,7 @@ async function readError(resp) {
 async function start() {
   let resp;
   try {
-    resp = await api("/v1/models");
+    resp = await api("v1/models");
   } catch (err) {
     $("#model-info").textContent = "The server does not answer: " + err.message;
     return;
@@ -394,7 +395,7 @@ async function buildRequest(form) {
   if (task === "generate") {
     const text = $("#generate-label").value;
     const body = Object.assign({ labels: text.trim() ? [parseLabel(text)] : [] }, options);
-    return { task, path: "/v1/generations", json: body, problems };
+    return { task, path: "v1/generations", json: body, problems };
   }
   if (task === "compose") {
     const rows = $$("#compose-rows li");
@@ -402,7 +403,7 @@ async function buildRequest(form) {
       labels: rows.map((li) => parseLabel($("input[name=labels]", li).value)),
       weights: rows.map((li) => Number($("input[name=weights]", li).value)),
     }, options);
-    return { task, path: "/v1/compositions", json: body, problems };
+    return { task, path: "v1/compositions", json: body, problems };
   }
   const fields = [];
   const label = $("#denoise-label").value;
@@ -411,13 +412,13 @@ async function buildRequest(form) {
   for (const [name, value] of Object.entries(options)) fields.push([name, String(value)]);
   let upload = state.upload;
   if (!upload) upload = { blob: await drawingBlob(), name: "drawing.png", fromFile: false };
-  return { task, path: "/v1/denoise", form: fields, upload, problems };
+  return { task, path: "v1/denoise", form: fields, upload, problems };
 }
 
 function shellQuote(text) { return "'" + String(text).replace(/'/g, "'\\''") + "'"; }
 
 function curlFor(req) {
-  const parts = [`curl -s -X POST ${shellQuote(location.origin + req.path)}`];
+  const parts = [`curl -s -X POST ${shellQuote(new URL(req.path, document.baseURI).href)}`];
   if (apiKey()) parts.push(`-H "Authorization: Bearer $EQM_API_KEY"`);
   if (req.json) {
     parts.push("-H 'Content-Type: application/json'", "-d " + shellQuote(JSON.stringify(req.json)));
