@@ -128,6 +128,19 @@ def clean(b) -> None:
     assert b.page_errors == [] and errors == [], (b.page_errors, errors)
 
 
+def test_page_and_assets_are_served_without_a_key_and_name_no_other_host(server):
+    page = httpx.get(server.base + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assets = re.findall(r'(?:href|src)="(playground/[^"]+)"', page.text)
+    assert sorted(assets) == ["playground/app.js", "playground/style.css"]
+    for path in assets:
+        resp = httpx.get(f"{server.base}/{path}", timeout=10)      # no key needed: the page asks for it
+        assert resp.status_code == 200, path
+        assert not re.search(r"(?:https?:)?//[a-z0-9.-]+\.[a-z]{2,}", resp.text), f"{path} names another host"
+    assert httpx.get(server.base + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(server.base + "/playground/missing.js", timeout=10).status_code == 404
+
+
 def test_asks_for_the_key_once_and_loads_nothing_from_outside(server):
     with chromium_page() as b:
         page = b.page
