@@ -131,8 +131,9 @@ def get_image(job_id: str = JobId, index: int = Path(..., ge=0, le=100_000, desc
 async def job_events(job_id: str = JobId, last_event_id: str | None = Header(None, description="resume after this "
                      "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
     """Replays the job's events from the start (or after ``Last-Event-ID``), then follows them live.
-    ``progress`` carries ``images: [{steps, grad_norm}]``; ``image`` carries one image's final steps
-    and norm. The stream ends after the final event; comments keep idle connections open."""
+    ``progress`` carries ``images: [{index, steps, grad_norm, norms}]`` (``norms``: the gradient norms
+    of the evaluations since the previous progress event); ``image`` carries one image's final steps
+    and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open."""
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
     start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"

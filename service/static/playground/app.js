@@ -497,6 +497,7 @@ async function submit(form) {
 function showCurl(req) {
   $("#curl-box").hidden = false;
   $("#curl-text").value = curlFor(req);
+  $("#curl-text").rows = Math.min(14, $("#curl-text").value.split("\n").length);
   $("#curl-copied").textContent = "";
   let link = $("#curl-upload");
   if (req.upload && !req.upload.fromFile) {
@@ -769,7 +770,8 @@ function drawPlot(job, card) {
   g.fill();
   g.fillStyle = "#5b6470";
   g.font = `${10 * dpr}px system-ui, sans-serif`;
-  g.fillText(`‖g‖ ${formatNorm(Math.exp(hi))}`, pad + 2, pad + 10 * dpr);
+  g.textAlign = "right";                                 // the descent starts top left: label the other corner
+  g.fillText(`max ‖g‖ ${formatNorm(Math.exp(hi))}`, w - pad, pad + 10 * dpr);
   c.setAttribute("aria-label", `gradient norm over ${norms.length} evaluations, from ${formatNorm(norms[0])} to ` +
     `${formatNorm(last)}${threshold ? `; threshold ${threshold}` : ""}`);
 }
