@@ -26,6 +26,8 @@ from PIL import Image
 
 from browser import chromium_page
 from models import resolve_checkpoint
+from models.checkpoint import ModelSpec, save_safetensors
+from models.eqm import EqM, EqMConfig
 from service.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,10 +59,24 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("playground") / "serve.log"
+    yield from serve(tmp_path_factory.mktemp("playground"), EQM_CHECKPOINT="digits")
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_server(tmp_path_factory):
+    """A 1000-class RGB model (tiny, untrained: only its shape matters here) behind a real ``eqm serve``."""
+    folder = tmp_path_factory.mktemp("imagenet-like")
+    config = EqMConfig(arch="custom", input_size=16, patch_size=2, in_channels=3, hidden_size=32, depth=1,
+                       num_heads=2, num_classes=1000)
+    save_safetensors(EqM(config), ModelSpec(config, "all", "identity"), folder / "tiny-1000.safetensors")
+    yield from serve(folder, EQM_CHECKPOINT=str(folder / "tiny-1000.safetensors"), EQM_CAPACITY="8")
+
+
+def serve(folder: Path, **settings: str):
+    log = folder / "serve.log"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EQM_")}
-    env.update(PYTHONPATH=str(ROOT), EQM_CHECKPOINT="digits", EQM_API_KEYS=API_KEY, EQM_HEARTBEAT_S="0.5")
+    env.update(PYTHONPATH=str(ROOT), EQM_API_KEYS=API_KEY, EQM_HEARTBEAT_S="0.5", **settings)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--device", "cpu",
                                  "--threads", "1"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -311,6 +327,29 @@ def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
         page.wait_for_selector("#denoise-image-error:has-text('PNG')")
         assert "-F 'image=@notes.txt'" in page.input_value("#curl-text")
         assert page.is_hidden("#job-bar")
+        clean(b)
+
+
+def test_the_page_follows_the_served_model(imagenet_like_server):
+    server = imagenet_like_server
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        assert "16×16 RGB" in page.inner_text("#model-info") and "1000 classes" in page.inner_text("#model-info")
+        assert page.locator("#class-list option").count() == 1000
+        assert page.locator("#class-list option[value='207: golden retriever']").count() == 1
+        page.fill("#generate-label", "golden retriever")          # a name: the server resolves it
+        page.fill("#generate-n", "2")
+        page.fill("#generate-max_steps", "3")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img').length === 2", timeout=JOB_TIMEOUT_MS)
+        job = server.job(finished_job_id(page))
+        assert [i["labels"] for i in job["images"]] == [[207], [207]]
+        assert page.locator(".card .title").all_inner_texts() == ["golden retriever"] * 2
+        assert page.locator(".card img").first.evaluate("img => img.naturalWidth") == 16
+        page.click("#tab-denoise")
+        assert page.get_attribute("#preview-input", "width") == "16" and "16×16" in page.inner_text("#panel-denoise")
         clean(b)
 
 

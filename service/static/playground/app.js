@@ -100,7 +100,7 @@ function setupModel(m) {
     `${m.num_classes} classes · default sampler ${m.defaults.sampler}, η ${m.defaults.step_size}, ` +
     `up to ${m.defaults.max_steps} steps`;
   const list = $("#class-list");
-  list.replaceChildren(...Array.from({ length: m.num_classes }, (_, i) => new Option(classOption(i))));
+  list.replaceChildren(...Array.from({ length: m.num_classes }, (_, i) => new Option(classOption(i), classOption(i))));
   const forms = { generate: $("#panel-generate"), compose: $("#panel-compose"), denoise: $("#panel-denoise") };
   const d = m.defaults;
   for (const [task, form] of Object.entries(forms)) {
