@@ -8,7 +8,9 @@ rest, ending with its final norm. Concatenating an image's ``norms`` over its ev
 gives its gradient norm at every evaluation (the last one is below the threshold when it stopped
 early). Entries also name their ``index`` (their position in ``images`` is the same).
 
-Only what was not yet published is held here, so a worker's memory does not grow with the steps.
+Norms stay here until the worker says they were written (``sent``), so a Redis write that fails and
+is retried with the same step output publishes them again, not never. Only what was not yet
+published is held, so a worker's memory does not grow with the steps.
 """
 from __future__ import annotations
 
@@ -25,36 +27,43 @@ class JobProgress:
     def __init__(self, num_images: int):
         self.images = [{"index": k, "steps": 0, "grad_norm": None} for k in range(num_images)]
         self._unsent: list[list[float]] = [[] for _ in range(num_images)]
+        self._finished: set[int] = set()
 
     def update(self, index: int, steps: int, grad_norm: float | None) -> bool:
-        """A running image's state after a step; False for an index this job does not have."""
-        if not 0 <= index < len(self.images):
+        """A running image's state after a step; False for an index this job does not have (or finished)."""
+        if not 0 <= index < len(self.images) or index in self._finished:
             return False
         entry = self.images[index]
-        if grad_norm is not None and steps > entry["steps"]:      # a new evaluation (a lagged read-back repeats one)
+        if grad_norm is not None and steps > entry["steps"]:      # a new evaluation (a repeated report is not)
             self._unsent[index].append(_rounded(grad_norm))
         entry["steps"], entry["grad_norm"] = steps, grad_norm
         return True
 
     def finish(self, index: int, steps: int, grad_norm: float | None, stopped_early: bool) -> list[float]:
-        """A finished image's final state; returns its norms not yet published, ending with the final one.
+        """A finished image's final state; returns the norms of its ``image`` event, ending with the final one.
 
         A sample that stops below its threshold made one more evaluation without an update, so its
-        steps stay the same while its norm is new."""
+        steps stay the same while its norm is new. Repeating the call returns the same norms."""
         if not 0 <= index < len(self.images):
             return []
         entry = self.images[index]
-        if grad_norm is not None and (steps > entry["steps"] or stopped_early):
-            self._unsent[index].append(_rounded(grad_norm))
-        entry["steps"], entry["grad_norm"] = steps, grad_norm
-        tail, self._unsent[index] = self._unsent[index], []
-        return tail
+        if index not in self._finished:
+            self._finished.add(index)
+            if grad_norm is not None and (steps > entry["steps"] or stopped_early):
+                self._unsent[index].append(_rounded(grad_norm))
+            entry["steps"], entry["grad_norm"] = steps, grad_norm
+        return list(self._unsent[index])
 
     def event_images(self) -> list[dict]:
-        """The ``images`` of a ``progress`` event: each entry with the norms since the previous event."""
-        out = [{**entry, "norms": unsent} for entry, unsent in zip(self.images, self._unsent)]
-        self._unsent = [[] for _ in self.images]
-        return out
+        """The ``images`` of a ``progress`` event: each entry with its norms not yet published (a
+        finished image's go in its ``image`` event only)."""
+        return [{**entry, "norms": [] if k in self._finished else list(unsent)}
+                for k, (entry, unsent) in enumerate(zip(self.images, self._unsent))]
+
+    def sent(self, index: int | None = None) -> None:
+        """The norms of image ``index`` (None: of every image, a progress event) are written."""
+        for k in range(len(self.images)) if index is None else (index,):
+            self._unsent[k] = []
 
     def summary(self) -> list[dict]:
         """The job record's ``progress`` field: ``{"index", "steps", "grad_norm"}`` per image."""

@@ -384,11 +384,13 @@ class Worker:
         now_m, now = time.monotonic(), time.time()
         pipe = self.r.pipeline(transaction=False)
         touched: set[str] = set()
+        published: list[tuple[JobProgress, int | None]] = []      # norms to forget once written
         for img in out.images:
             idx = img.result.index
             pipe.set(k.image(img.job_id, idx), img.data, ex=ttl)
             prog = self._progress.get(img.job_id)
             norms = prog.finish(idx, img.result.steps, img.result.grad_norm, img.result.stopped_early) if prog else []
+            published += [(prog, idx)] if prog else []
             self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result), "norms": norms})
         for p in out.progress:
             prog = self._progress.get(p.job_id)
@@ -400,10 +402,13 @@ class Worker:
                 prog = self._progress[job_id]
                 pipe.hset(k.job(job_id), "progress", json.dumps(prog.summary()))
                 self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": prog.event_images()})
+                published.append((prog, None))
         for job in out.jobs:
             if job.job_id in self._progress:
                 pipe.hset(k.job(job.job_id), "progress", json.dumps(self._progress[job.job_id].summary()))
         pipe.execute()
+        for prog, index in published:
+            prog.sent(index)
         # Images are stored before the final status, so "done" always means the images are there.
         for job in out.jobs:
             self.store.finish(job.job_id, job.status, images=job.images)
