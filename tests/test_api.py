@@ -105,8 +105,8 @@ def test_generation_writes_jobspec(client, store, redis_client, worker):
     assert resp.status_code == 202, resp.text
     out = resp.json()
     assert out["status"] == "queued" and out["kind"] == "generate" and out["num_images"] == 4
-    assert resp.headers["location"] == out["links"]["self"] == f"/v1/jobs/{out['id']}"
-    assert out["links"]["images"][3] == f"/v1/jobs/{out['id']}/images/3"
+    assert resp.headers["location"] == out["links"]["self"] == f"http://testserver/v1/jobs/{out['id']}"
+    assert out["links"]["images"][3] == f"http://testserver/v1/jobs/{out['id']}/images/3"
 
     rec = store.get(out["id"])
     spec = JobSpec.from_json(json.dumps(rec["spec"]))

@@ -13,12 +13,14 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from service.api import catalog, compositions, denoise, generations, health, jobs
+from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.settings import Settings
+from service.webhooks import WebhookDispatcher
 
 log = logging.getLogger("eqm.api")
 
@@ -38,6 +40,8 @@ When the server sets `EQM_API_KEYS`, every `/v1` request needs `Authorization: B
 TAGS = [
     {"name": "jobs", "description": "create jobs, follow them, download their images, cancel them"},
     {"name": "models", "description": "the served model's classes and defaults"},
+    {"name": "openai", "description": "OpenAI-compatible images API (synchronous; errors in OpenAI's shape)"},
+    {"name": "scores", "description": "energy score: how far an image is from the data (out-of-distribution)"},
     {"name": "operations", "description": "health, readiness and Prometheus metrics (no API key)"},
 ]
 
@@ -54,11 +58,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         app.state.api = state
+        hooks = start_webhooks(state)
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
                  state.model.image_size, state.model.image_size, state.model.num_classes)
         try:
             yield
         finally:
+            if hooks is not None:
+                await run_in_threadpool(hooks.stop)
             await state.close()
 
     app = FastAPI(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
@@ -66,14 +73,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
-    for module in (generations, compositions, denoise, jobs, catalog, health):
+    for module in (generations, compositions, denoise, listing, jobs, scores, openai_images, catalog, health):
         app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Location", "Retry-After", "Preference-Applied",
+                                                                "Idempotent-Replayed", "X-EqM-Job-Id"])
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/docs")
 
     return app
+
+
+def start_webhooks(state: ApiState) -> WebhookDispatcher | None:
+    """The webhook dispatcher of this process, when the server signs webhooks (``service.webhooks``)."""
+    if not state.settings.webhook_secret:
+        return None
+    return WebhookDispatcher(state.redis, state.settings).start()
 
 
 def _package_version() -> str:
