@@ -140,6 +140,7 @@ def _throughput(state: ApiState) -> float | None:
     if spans:
         wall = max(f for _, f in spans) - min(s for s, _ in spans)
         rate = images / wall if wall > 0 else None
-    state._throughput_cache = (now, rate)
+    if rate is not None:           # no history yet: look again next time
+        state._throughput_cache = (now, rate)
     return rate
 
