@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.modelinfo import ModelInfo
@@ -80,11 +81,13 @@ class OpenAIRoute(LimitedBodyRoute):
             except RequestValidationError as exc:
                 errors = list(exc.errors())
                 first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+                if first.get("type") == "json_invalid":
+                    return _error(400, "the body is not valid JSON", None, "invalid_json")
                 loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "header", "query")]
                 msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
                 param = ".".join(loc) or None
                 return _error(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
-            except HTTPException as exc:
+            except StarletteHTTPException as exc:        # FastAPI's HTTPException and Starlette's own (body errors)
                 return _error(exc.status_code, str(exc.detail), headers=exc.headers)
         return openai_shaped
 
