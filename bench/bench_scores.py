@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,7 +93,8 @@ def run(write: bool) -> str:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EQM_")}
     env.update(PYTHONPATH=str(ROOT), EQM_MAX_IMAGES_PER_JOB=str(BATCH), EQM_MAX_QUEUE="1000")
-    log = open(ROOT / "bench" / ".bench_scores.log", "wb")
+    log_path = Path(tempfile.gettempdir()) / "eqm_bench_scores.log"
+    log = open(log_path, "wb")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--threads", "1",
                              "--log-level", "warning"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -105,7 +107,7 @@ def run(write: bool) -> str:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > end or proc.poll() is not None:
-                raise SystemExit("eqm serve did not become ready; see bench/.bench_scores.log")
+                raise SystemExit(f"eqm serve did not become ready; see {log_path}")
             time.sleep(0.3)
         times: list[float] = []
         with httpx.Client(base_url=base, timeout=120) as client:
