@@ -221,3 +221,15 @@ def test_cors(queued_api, redis_url):
         pre = off.options("/v1/generations", headers={"Origin": "https://app.example",
                                                       "Access-Control-Request-Method": "POST"})
         assert pre.status_code == 405 and "access-control-allow-origin" not in pre.headers
+
+
+def test_openai_route_still_running_is_202_not_5xx(redis_url):
+    with TestClient(create_app(Settings(redis_url=redis_url, wait_timeout_s=0.3))) as c:
+        c.app.state.api.redis.hset("eqm:workers", "w1", json.dumps({"model": "digits", "seen": time.time() + 3600}))
+        resp = c.post("/v1/images/generations", json={"prompt": "4", "n": 2}, headers={"Idempotency-Key": "k1"})
+        assert resp.status_code == 202, resp.text
+        body = resp.json()
+        assert body["data"] == [] and body["status"] == "queued" and resp.headers["location"] == body["url"]
+        assert c.get(body["url"]).json()["status"] == "queued"
+        again = c.post("/v1/images/generations", json={"prompt": "4", "n": 2}, headers={"Idempotency-Key": "k1"})
+        assert again.json()["id"] == body["id"]                    # a retry does not queue the images twice

@@ -13,8 +13,9 @@ What OpenAI's clients send maps onto EqM jobs:
 - ``edits`` takes the multipart ``image`` (or ``image[]``, one image) and denoises it towards the prompt's
   class, exactly ``POST /v1/denoise``; a ``mask`` is refused (EqM descends the whole image).
 
-Both answer synchronously, like OpenAI's, waiting at most ``EQM_WAIT_TIMEOUT_S``; a job not finished
-by then is a 504 whose message names the job, so it can still be fetched from ``/v1/jobs/{id}``.
+Both answer synchronously, like OpenAI's, waiting at most ``EQM_WAIT_TIMEOUT_S``; a job not finished by
+then answers 202 with no images and the job's ``id`` and ``url`` (not a 5xx, which OpenAI's clients would
+retry, queuing the same images again). Native options such as ``webhook`` work here too.
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and its status codes (a
 bad field is a 400). ``Idempotency-Key`` works here too: a repeated request returns the original images.
 """
@@ -43,7 +44,9 @@ from service.jobs import ImageSpec, JobSpec
 
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error",
-               429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
+               429: "rate_limit_error", 503: "server_error"}
+PENDING_DOC = ("not finished within EQM_WAIT_TIMEOUT_S: no images yet (data is empty); the job's id and url (also "
+               "in Location) to fetch them later")
 
 
 class OpenAIErrorBody(BaseModel):
@@ -129,6 +132,10 @@ class ImagesResponse(BaseModel):
     data: list[OpenAIImage]
     output_format: str | None = None
     size: str | None = None
+    id: str | None = Field(None, description="202 only: the job, still running after EQM_WAIT_TIMEOUT_S")
+    status: str | None = Field(None, description="202 only: the job's status")
+    url: str | None = Field(None, description="202 only: the job's status URL (also in Location); its images "
+                            "are downloadable from there once done")
 
 
 def _split_prompt(prompt: str) -> list[str]:
@@ -173,12 +180,17 @@ def _build_spec(body: SamplingOptions, prompt: str, model: ModelInfo, state: Api
 
 
 async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: bytes | None, labels: list[int],
-               response_format: str) -> JSONResponse:
+               response_format: str, options: SamplingOptions) -> JSONResponse:
     """Queue the job, wait for it, answer in OpenAI's shape."""
-    job_id, _ = await enqueue(request, state, spec, input_png)      # Idempotency-Key: the original job
+    job_id, _ = await enqueue(request, state, spec, input_png, options=options)   # Idempotency-Key: the original job
     if not await wait_until_final(state, job_id, state.settings.wait_timeout_s):
-        return _error(504, f"the job {job_id} did not finish within {state.settings.wait_timeout_s:g}s; "
-                           f"fetch it later from /v1/jobs/{job_id}", code="timeout")
+        # Not a 5xx: OpenAI's clients retry those, which would queue the same images again.
+        url = absolute(request, state.settings, request.url_for("get_job", job_id=job_id).path)
+        status = await state.aredis.hget(state.store.keys.job(job_id), "status")
+        pending = ImagesResponse(created=int(spec.submitted), data=[], id=job_id,
+                                 status=status.decode() if status else "expired", url=url)
+        return JSONResponse(pending.model_dump(mode="json", exclude_none=True), status_code=202,
+                            headers={"Location": url, "Retry-After": "5", "X-EqM-Job-Id": job_id})
     rec = await run_in_threadpool(state.store.get, job_id)
     if rec is None or rec["status"] != "done":
         status = rec["status"] if rec else "expired"
@@ -200,7 +212,8 @@ async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: byte
 
 
 @router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
-             responses=openai_errors(400, 401, 413, 429, 503, 504))
+             responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
+                        **openai_errors(400, 401, 413, 429, 503)})
 async def images_generations(body: ImageGenerationRequest, request: Request, state: ApiState = Depends(get_state)):
     """``prompt`` names a class ("3", "golden retriever", "n02099601") or composes classes ("3 + 8").
     Waits for the images (at most EQM_WAIT_TIMEOUT_S) and returns them as base64 or URLs."""
@@ -209,7 +222,7 @@ async def images_generations(body: ImageGenerationRequest, request: Request, sta
     if body.output_format is not None:
         body = body.model_copy(update={"format": body.output_format})
     spec, labels = _build_spec(body, body.prompt, model, state, "generate", body.weights)
-    return await _run(request, state, spec, None, labels, body.response_format or "b64_json")
+    return await _run(request, state, spec, None, labels, body.response_format or "b64_json", body)
 
 
 class ImageEditForm(SamplingOptions):
@@ -231,7 +244,8 @@ _EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]"}
 
 
 @router.post("/edits", response_model=ImagesResponse, summary="Edit (denoise) an image (OpenAI-compatible)",
-             responses=openai_errors(400, 401, 413, 415, 429, 503, 504),
+             responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
+                        **openai_errors(400, 401, 413, 415, 429, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["image", "prompt"],
                  "properties": {"image": {"type": "string", "format": "binary"},
@@ -278,4 +292,4 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         raise HTTPException(exc.status_code, exc.detail) from None
     spec, labels = _build_spec(opts, opts.prompt, model, state, "denoise")
     spec.noise_level = opts.noise_level
-    return await _run(request, state, spec, png, labels, opts.response_format or "b64_json")
+    return await _run(request, state, spec, png, labels, opts.response_format or "b64_json", opts)
