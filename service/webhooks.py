@@ -28,7 +28,8 @@ before every attempt.
 
 Body: ``{"type": "job.<event>", "timestamp": "<ISO 8601>", "data": {"id", "event", ...}}`` where
 ``event`` is ``started``, ``progress``, ``image``, ``done``, ``failed`` or ``cancelled`` and ``data``
-carries the event's fields (``completed`` adds the job's ``status``, ``url`` and image ``urls``).
+carries the event's fields (``image`` adds the image's ``url``; ``completed`` the job's ``status``, ``url``
+and image ``urls``).
 """
 from __future__ import annotations
 
@@ -204,22 +205,33 @@ class WebhookDispatcher:
 
     # -- collect --------------------------------------------------------------------------------
     def collect(self) -> bool:
-        """Turn new events of followed jobs into due deliveries; True when any event was read."""
+        """Turn new events of followed jobs into due deliveries; True when any event was read.
+        Two pipelined round trips for all followed jobs (hooks, then their new events), then one MULTI per
+        job with news."""
+        job_ids = [j.decode() for j in self.r.smembers(self.k.follow)]
+        if not job_ids:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.k.hook(job_id))
+        hooks = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+        live = [(j, h) for j, h in zip(job_ids, hooks) if h]
+        gone = [j for j, h in zip(job_ids, hooks) if not h]          # expired with their jobs
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, hook in live:
+            start = f"({hook['cursor']}" if hook["cursor"] != "0" else "-"
+            pipe.xrange(self.k.events(job_id), start, "+", count=BATCH)
+            pipe.exists(self.k.job(job_id))
+        replies = pipe.execute()
         read_any = False
-        for raw_id in self.r.smembers(self.k.follow):
-            job_id = raw_id.decode()
-            hook = {k.decode(): v.decode() for k, v in self.r.hgetall(self.k.hook(job_id)).items()}
-            if not hook:                          # expired with its job
-                self.r.srem(self.k.follow, job_id)
-                continue
-            entries = self.r.xrange(self.k.events(job_id), f"({hook['cursor']}" if hook["cursor"] != "0" else "-",
-                                    "+", count=BATCH)
-            if not entries:
-                if not self.r.exists(self.k.job(job_id)):
-                    self.r.srem(self.k.follow, job_id)
-                continue
-            read_any = True
-            self._collect_entries(job_id, hook, entries)
+        for (job_id, hook), entries, exists in zip(live, replies[0::2], replies[1::2]):
+            if entries:
+                read_any = True
+                self._collect_entries(job_id, hook, entries)
+            elif not exists:
+                gone.append(job_id)
+        if gone:
+            self.r.srem(self.k.follow, *gone)
         return read_any
 
     def _collect_entries(self, job_id: str, hook: dict[str, str], entries: list) -> None:
@@ -243,6 +255,8 @@ class WebhookDispatcher:
                 last_progress = at
             if kind == "completed":
                 data = {**data, **self._completion(job_id, hook["base"])}
+            elif kind == "image" and "index" in data:
+                data = {**data, "url": f"{hook['base']}/v1/jobs/{job_id}/images/{data['index']}"}
             body = json.dumps({"type": f"job.{kind}",
                                "timestamp": datetime.fromtimestamp(now, timezone.utc).isoformat(),
                                "data": {**data, "id": job_id, "event": event}}, separators=(",", ":"))

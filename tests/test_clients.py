@@ -76,6 +76,15 @@ def test_idempotency_key(alice, bob):
     assert bobs.status_code == 202 and bobs.json()["id"] != first.json()["id"]
     listed = [j["id"] for j in alice.get("/v1/jobs", params={"limit": 100}).json()["jobs"]]
     assert listed.count(first.json()["id"]) == 1
+    # multipart: the same upload under another boundary is the same request
+    upload = io.BytesIO()
+    Image.new("L", (8, 8), 40).save(upload, "PNG")
+    form = dict(data={"label": "3", "max_steps": "5"}, files={"image": ("a.png", upload.getvalue(), "image/png")})
+    key = {"Idempotency-Key": f"denoise-{uuid.uuid4()}"}
+    one, two = (alice.post("/v1/denoise", headers=key, **form) for _ in range(2))
+    assert (one.status_code, two.status_code) == (202, 200) and one.json()["id"] == two.json()["id"]
+    form["data"]["max_steps"] = "6"
+    assert alice.post("/v1/denoise", headers=key, **form).status_code == 422
 
 
 def test_prefer_wait_inline_and_absolute_links(alice, server):

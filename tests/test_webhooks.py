@@ -160,7 +160,9 @@ def test_receiver_down_and_api_restart_lose_nothing(redis_server, tmp_path):
                         "every event after the receiver came back")
         types = sorted(p["type"] for p in got.values())
         assert types == ["job.completed", "job.image", "job.image", "job.image", "job.start"]
-        assert sorted(p["data"]["index"] for p in got.values() if p["type"] == "job.image") == [0, 1, 2]
+        images = [p["data"] for p in got.values() if p["type"] == "job.image"]
+        assert sorted(d["index"] for d in images) == [0, 1, 2]
+        assert {d["url"] for d in images} == {f"{api}/v1/jobs/{job['id']}/images/{k}" for k in range(3)}
     finally:
         receiver.down()
         stop(proc)
