@@ -189,7 +189,7 @@ def run_from_png(args: argparse.Namespace) -> int:
                        device=args.device)
     pixels = codec.decode(result.latents)[0]
     job = JobSpec(kind=rec["kind"], model=rec["model"], images=[ImageSpec(int(rec["seed"]), list(labels),
-                  list(weights) if weights else None)], cfg_scale=rec["guidance_scale"], sampler=sampler, id=rec["job"])
+                  list(weights) if weights else None)], cfg_scale=rec["guidance_scale"], sampler=sampler)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = out / Path(args.from_png).name

@@ -75,12 +75,13 @@ def provenance_record(spec, index: int, steps: int, grad_norm: float | None) -> 
     """What a PNG records about image ``index`` of a job (``spec``: a ``service.jobs.JobSpec``)."""
     image = spec.images[index]
     sampler = spec.sampler
-    return {"version": PROVENANCE_VERSION, "model": spec.model, "kind": spec.kind, "job": spec.id, "index": index,
+    # No job id and a rounded norm: the same request and seed still give byte-identical PNGs.
+    return {"version": PROVENANCE_VERSION, "model": spec.model, "kind": spec.kind, "index": index,
             "labels": list(image.labels), "weights": list(image.weights) if image.weights is not None else None,
             "seed": image.seed, "guidance_scale": spec.cfg_scale, "noise_level": spec.noise_level,
             "sampler": sampler.sampler, "step_size": sampler.step_size, "mu": sampler.mu,
             "max_steps": sampler.max_steps, "grad_norm_threshold": sampler.grad_norm_threshold,
-            "steps": steps, "grad_norm": grad_norm}
+            "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}")}
 
 
 def provenance_line(p: dict) -> str:

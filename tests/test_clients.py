@@ -135,7 +135,7 @@ def test_png_provenance_reproduces_with_eqm_sample(alice, tmp_path):
     png = alice.get(job["images"][0]["url"]).content
     rec = read_provenance(png)
     assert rec["labels"] == [3, 8] and rec["weights"] == [0.6, 0.4] and rec["seed"] == 11
-    assert rec["steps"] == job["images"][0]["steps"] and rec["grad_norm"] == pytest.approx(job["images"][0]["grad_norm"])
+    assert rec["steps"] == job["images"][0]["steps"] and rec["grad_norm"] == pytest.approx(job["images"][0]["grad_norm"], rel=1e-3)
     assert Image.open(io.BytesIO(png)).text["parameters"].startswith("EqM compose of 3+8")
     src = tmp_path / "mix.png"
     src.write_bytes(png)
