@@ -242,3 +242,30 @@ def test_openai_route_still_running_is_202_not_5xx(redis_url):
         assert c.get(body["url"]).json()["status"] == "queued"
         again = c.post("/v1/images/generations", json={"prompt": "4", "n": 2}, headers={"Idempotency-Key": "k1"})
         assert again.json()["id"] == body["id"]                    # a retry does not queue the images twice
+
+
+def test_prefer_and_forwarded_headers_are_parsed_strictly(queued_api):
+    from starlette.requests import Request
+
+    from service.api.conventions import prefer_wait, public_base
+
+    def request(*headers: tuple[str, str]) -> Request:
+        return Request({"type": "http", "method": "GET", "path": "/", "scheme": "http", "server": ("api", 8000),
+                        "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "query_string": b""})
+
+    assert prefer_wait(request(("Prefer", "respond-async, wait=12"))) == 12
+    assert prefer_wait(request(("Prefer", "handling=lenient"))) is None
+    assert prefer_wait(request(("Prefer", "wait=abc"))) is None
+    settings = Settings()
+    assert public_base(request(), settings) == "http://api:8000"
+    assert public_base(request(("X-Forwarded-Proto", "gopher"), ("X-Forwarded-Host", "a b/c"),
+                               ("X-Forwarded-Prefix", "/x?y")), settings) == "http://api:8000"
+    assert public_base(request(("X-Forwarded-Proto", "https, http"), ("X-Forwarded-Host", "img.example:8443")),
+                       settings) == "https://img.example:8443"
+    assert public_base(request(("X-Forwarded-Host", "evil.example")),
+                       Settings(public_url="https://eqm.example/api/")) == "https://eqm.example/api"
+    # keys off: every job is the anonymous caller's, listed newest first
+    ids = [queued_api.post("/v1/generations", json={"labels": [k]}).json()["id"] for k in (1, 2)]
+    assert [j["id"] for j in queued_api.get("/v1/jobs").json()["jobs"]][:2] == ids[::-1]
+    bad_key = queued_api.post("/v1/generations", json={"labels": [1]}, headers={"Idempotency-Key": "x" * 300})
+    assert bad_key.status_code == 422
