@@ -33,6 +33,12 @@ can be composed by adding their fields.
 Jobs are asynchronous: a POST answers `202` with the job's links; follow `links.events` (server-sent
 events) or poll `links.self`, then download `links.images`. `?wait=true` answers when the job is done.
 
+Client conventions: `Prefer: wait=N` (RFC 7240) waits like `?wait=true`; `?inline=true` puts finished images
+in the JSON (base64); `Idempotency-Key` on a POST returns the original job for a repeated request; links are
+absolute; `GET /v1/jobs` lists your jobs; `webhook` sends a job's events as signed POSTs (Standard Webhooks).
+OpenAI-compatible `/v1/images/generations` and `/v1/images/edits` answer synchronously in OpenAI's shape;
+`/v1/scores` gives the energy score (gradient norm) of uploaded images.
+
 Errors: `{"detail": "one line"}`; validation errors (`422`) list each field's location and reason.
 When the server sets `EQM_API_KEYS`, every `/v1` request needs `Authorization: Bearer <key>`.
 """
