@@ -43,8 +43,8 @@ from models.checkpoint import CheckpointError
 from models.codecs import CodecError
 from service.engine import Engine, JobError, StepOutput
 from service.jobs import FINAL_STATUSES, ImageResult, JobSpec, JobStore
-from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
 from service.metrics import Metrics, serve_metrics
+from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
 from service.settings import Settings
 
 log = logging.getLogger("eqm.worker")
