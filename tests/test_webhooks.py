@@ -174,3 +174,61 @@ def test_webhooks_off_without_a_secret(redis_url):
         assert resp.status_code == 422 and "EQM_WEBHOOK_SECRET" in resp.json()["message"]
         resp = client.post("/v1/generations", json={"labels": [1], "webhook_events_filter": ["start"]})
         assert resp.status_code == 422 and "needs a webhook" in resp.json()["message"]
+
+
+class Failing(Receiver):
+    """A receiver that answers 500 to every delivery."""
+
+    def up(self) -> "Failing":
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                headers["arrived"] = time.monotonic()
+                received.append((headers, self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(500)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+
+def test_retries_back_off_then_give_up(redis_client):
+    """The dispatcher driven by hand: a 5xx is retried after a growing pause, and dropped after the window."""
+    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.webhooks import HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
+
+    receiver = Failing(free_port()).up()
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",), webhook_retry_window_s=2.0,
+                        webhook_max_backoff_s=0.6)
+    store, keys = JobStore(redis_client), HookKeys("eqm")
+    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
+    register_webhook(redis_client, "eqm", spec.id, WebhookTarget(receiver.url, ("completed",)), "http://api", 60)
+    store.submit(spec)
+    store.cancel(spec.id)                                  # queued -> cancelled: the final event
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        assert dispatcher.collect()
+        assert not redis_client.sismember(keys.follow, spec.id)        # final: no longer followed
+        (mid,) = [m.decode() for m in redis_client.zrange(keys.due, 0, -1)]
+        end = time.monotonic() + 10
+        while redis_client.exists(keys.msg(mid)) and time.monotonic() < end:
+            dispatcher.deliver_due()
+            time.sleep(0.02)
+        assert not redis_client.exists(keys.msg(mid)) and not redis_client.zscore(keys.due, mid)   # given up
+        attempts = [json.loads(body)["data"]["status"] for _, body in receiver.received]
+        assert attempts[0] == "cancelled" and 4 <= len(attempts) <= 8                 # 0.5 s, 0.6 s, 0.6 s ... for 2 s
+        ids = {h["webhook-id"] for h, _ in receiver.received}
+        assert ids == {mid}                                                            # one message, retried
+        arrived = [h["arrived"] for h, _ in receiver.received]
+        gaps = [b - a for a, b in zip(arrived, arrived[1:])]
+        assert gaps[0] >= 0.45 and all(g >= 0.55 for g in gaps[1:])                  # 0.5 s, then the 0.6 s cap
+    finally:
+        receiver.down()
+        dispatcher._http.close()
+
