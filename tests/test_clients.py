@@ -126,6 +126,11 @@ def test_listing_is_per_key_newest_first(alice, bob):
     bob_done = bob.get("/v1/jobs", params={"status": "done"}).json()["jobs"]
     assert bob_done and all(j["status"] == "done" for j in bob_done)
     assert alice.get("/v1/jobs", params={"status": "nonsense"}).status_code == 422
+    # another key's job is unknown to this one, on every job route
+    for method, path in (("GET", f"/v1/jobs/{theirs}"), ("GET", f"/v1/jobs/{theirs}/images/0"),
+                         ("GET", f"/v1/jobs/{theirs}/events"), ("DELETE", f"/v1/jobs/{theirs}")):
+        assert alice.request(method, path).status_code == 404, path
+    assert bob.get(f"/v1/jobs/{theirs}").json()["status"] == "done"
 
 
 def test_png_provenance_reproduces_with_eqm_sample(alice, tmp_path):

@@ -13,14 +13,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base
 from service.api.deps import ApiState, get_state, require_api_key
-from service.api.listing import queue_estimate
+from service.api.listing import queue_estimate, require_owner
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
 from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
-                   dependencies=[Depends(require_api_key)])
+                   dependencies=[Depends(require_api_key), Depends(require_owner)])
 
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])

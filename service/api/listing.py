@@ -1,6 +1,7 @@
 """``GET /v1/jobs``: the caller's jobs, newest first; and the queue position / ETA of a queued job.
 
-Listing: with API keys on, a caller sees only the jobs made with its key; with keys off, every job.
+Listing: with API keys on, a caller sees only the jobs made with its key (and ``require_owner`` makes
+another key's job a 404 on every ``/v1/jobs/{id}`` route); with keys off, every job.
 Pages are ``limit`` jobs long; ``next`` carries the cursor (the creation time of the last job shown)
 for the following page, so pages stay stable while new jobs arrive. Expired jobs drop out.
 
@@ -14,7 +15,7 @@ import json
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.conventions import absolute, caller
@@ -87,6 +88,19 @@ def list_jobs(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE, descri
         query = f"limit={limit}&before={cursor!r}" + (f"&status={status}" if status else "")
         next_url = absolute(request, state.settings, request.url.path) + "?" + query
     return JobPage(jobs=out, next=next_url)
+
+
+# -- ownership ------------------------------------------------------------------------------------
+
+def require_owner(request: Request, job_id: str) -> None:
+    """With API keys on, another key's job is a 404 (as if unknown: ids are not confirmed to others).
+    Jobs recorded without an owner (made before owners were kept) stay visible to every key."""
+    state: ApiState = request.app.state.api
+    if not state.settings.api_keys:
+        return
+    owner = state.redis.hget(state.store.keys.job(job_id), "owner")
+    if owner is not None and owner.decode() != caller(request, state.settings):
+        raise HTTPException(404, f"job {job_id} not found (unknown, or expired after its TTL)")
 
 
 # -- queue position and ETA ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from starlette.datastructures import UploadFile
 from service.api.conventions import absolute
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.jobs import JobId, not_found
+from service.api.listing import require_owner
 from service.api.schemas import error_responses
 from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
 from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, prepare_image
@@ -115,7 +116,7 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
 
 
 @router.get("/scores/{job_id}", response_model=ScoreResult, summary="A score job's result",
-            responses=error_responses(401, 404, 422))
+            responses=error_responses(401, 404, 422), dependencies=[Depends(require_owner)])
 def get_scores(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state)) -> ScoreResult:
     return _result(request, state, job_id)[0]
 
