@@ -274,3 +274,6 @@ def test_prefer_and_forwarded_headers_are_parsed_strictly(queued_api):
     assert [j["id"] for j in queued_api.get("/v1/jobs").json()["jobs"]][:2] == ids[::-1]
     bad_key = queued_api.post("/v1/generations", json={"labels": [1]}, headers={"Idempotency-Key": "x" * 300})
     assert bad_key.status_code == 422
+    assert queued_api.post("/v1/generations?inlne=true", json={"labels": [1]}).status_code == 422
+    assert queued_api.get("/v1/jobs?limt=3").json()["message"].startswith("query.limt: unknown query parameter")
+    assert queued_api.get(f"/v1/jobs/{ids[0]}?inline=true").status_code == 200

@@ -111,11 +111,35 @@ async def request_fingerprint(request: Request) -> str:
 INLINE_DOC = "with a finished job (waiting, or a replayed Idempotency-Key): each ready image's bytes as base64 in b64_json"
 
 
-def client_options(inline: bool = Query(False, description=INLINE_DOC),
+def client_options(request: Request, inline: bool = Query(False, description=INLINE_DOC),
                    prefer: str | None = Header(None, max_length=200, description="RFC 7240: 'wait=N' waits up to N "
                                                "seconds (at most EQM_WAIT_TIMEOUT_S) for the job to finish"),
                    idempotency_key: str | None = Header(None, min_length=1, max_length=IDEMPOTENCY_KEY_MAX,
                                                         description="the same key and request within the result TTL "
                                                         "return the original job (200) instead of a new one")) -> bool:
-    """Route dependency declaring the conventions' query and headers in the schema; returns ``inline``."""
+    """Route dependency declaring the conventions' query and headers in the schema; returns ``inline``.
+    Unknown query parameters are refused (``reject_unknown_query``)."""
+    reject_unknown_query(request)
     return inline
+
+
+def _query_names(dependant) -> set[str]:
+    names = {p.alias for p in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """Route dependency: a query parameter the route does not declare is a 422 (a typo such as ``?inlne``
+    is reported, not ignored, as unknown body fields are)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    allowed = _query_names(dependant)
+    for name in request.query_params.keys():
+        if name not in allowed:
+            from service.api.submit import field_error
+            known = ", ".join(sorted(allowed)) or "none"
+            raise field_error(("query", name), f"unknown query parameter {name!r}; this route takes: {known}")

@@ -11,7 +11,7 @@ import redis
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from service.api.conventions import public_base
+from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.listing import queue_estimate, require_owner
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
@@ -20,7 +20,7 @@ from service.api.uploads import LimitedBodyRoute
 from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
-                   dependencies=[Depends(require_api_key), Depends(require_owner)])
+                   dependencies=[Depends(require_api_key), Depends(require_owner), Depends(reject_unknown_query)])
 
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])

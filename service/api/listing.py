@@ -18,11 +18,11 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from service.api.conventions import absolute, caller
+from service.api.conventions import absolute, caller, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.schemas import error_responses
 
-router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
 
 MAX_PAGE = 100
 QUEUE_SCAN = 5000              # stream entries looked at for a queue position

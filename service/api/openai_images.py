@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
-from service.api.conventions import absolute
+from service.api.conventions import absolute, reject_unknown_query
 from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
 from service.api.uploads import LimitedBodyRoute, UploadError, prepare_image
@@ -96,7 +96,7 @@ class OpenAIRoute(LimitedBodyRoute):
 
 
 router = APIRouter(prefix="/v1/images", tags=["openai"], route_class=OpenAIRoute,
-                   dependencies=[Depends(require_api_key)])
+                   dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
 
 
 class ImageGenerationRequest(SamplingOptions):

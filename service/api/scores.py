@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from service.api.conventions import absolute
+from service.api.conventions import absolute, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.jobs import JobId, not_found
 from service.api.listing import require_owner
@@ -27,7 +27,8 @@ from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, pr
 from service.jobs import ImageSpec, JobSpec
 from service.scoring import SCORE_KIND, score_input_key
 
-router = APIRouter(prefix="/v1", tags=["scores"], route_class=LimitedBodyRoute, dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1", tags=["scores"], route_class=LimitedBodyRoute,
+                   dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
 
 CALIBRATION_DOC = ("fraction of the model's held-out data (digits: the 20% test split) whose gradient norm is at "
                    "least this image's: ~1 typical of the data, ~0 farther from it than all of it; null when the "
