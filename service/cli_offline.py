@@ -20,8 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "take the checkpoint's recommended settings if it records any (the bundled digits "
                                    "model does), else the paper's EqM-XL/2 setting: NAG-GD, step size 0.0017, mu 0.3, "
                                    "249 updates, CFG 1.5, no early stop.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (.pt official, bare state dict, "
-                   ".safetensors) or a bundled model name ('digits')")
+    p.add_argument("--checkpoint", help="checkpoint file (.pt official, bare state dict, "
+                   ".safetensors) or a bundled model name ('digits'); with --from-png: default the PNG's model")
+    p.add_argument("--from-png", help="rerun the generation recorded in a PNG made by the service (its "
+                   "eqm-parameters text chunk: labels, seed, sampler settings); writes the image to --out")
     p.add_argument("--arch", help="architecture, e.g. EqM-XL/2 (checked against the file; needed by none)")
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
     p.add_argument("--labels", help="comma-separated class labels, one image each (e.g. 1,207,999); "
@@ -87,6 +89,11 @@ def _load_npy(path: str, what: str) -> np.ndarray:
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from service.cli import UsageError
+    if args.from_png:
+        return run_from_png(args)
+    if not args.checkpoint:
+        raise UsageError("--checkpoint is required (or --from-png FILE)")
     from models import resolve_checkpoint
     from models.checkpoint import load_model
     from models.codecs import make_codec
@@ -144,6 +151,56 @@ def run_sample(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             for i, img in enumerate(images):
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+    return 0
+
+
+def run_from_png(args: argparse.Namespace) -> int:
+    """``--from-png FILE``: sample again with the seed, labels and settings the PNG records; compare."""
+    from models import resolve_checkpoint
+    from models.checkpoint import load_model
+    from models.codecs import make_codec
+    from models.sampler import Condition, SamplerParams, noise_for_seed, sample
+    from service.cli import UsageError
+    from service.images import ImageError, encode_image, provenance_record, read_provenance
+    from service.jobs import ImageSpec, JobSpec, SamplerSpec
+    try:
+        data = Path(args.from_png).read_bytes()
+        rec = read_provenance(data)
+    except (OSError, ImageError) as exc:
+        raise UsageError(f"--from-png {args.from_png}: {exc}") from None
+    if rec is None:
+        raise UsageError(f"--from-png {args.from_png}: the PNG records no generation parameters (eqm-parameters)")
+    if rec["kind"] == "denoise":
+        raise UsageError(f"--from-png {args.from_png}: a denoised image depends on its input image, which the PNG "
+                         "does not hold; rerun it with --start and --noise-level")
+    if not args.out:
+        raise UsageError("--from-png needs --out DIR for the reproduced image")
+    loaded = load_model(resolve_checkpoint(args.checkpoint or rec["model"]), device=args.device, dtype=DTYPES[args.dtype])
+    cfg, spec = loaded.model.config, loaded.spec
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    labels = tuple(int(y) for y in rec["labels"])
+    weights = tuple(rec["weights"]) if rec.get("weights") else None
+    sampler = SamplerSpec(rec["sampler"], rec["step_size"], rec["mu"], rec["max_steps"], rec["grad_norm_threshold"])
+    params = SamplerParams(sampler.sampler, sampler.step_size, sampler.mu, sampler.max_steps, sampler.grad_norm_threshold)
+    condition = Condition(labels, weights, rec["guidance_scale"] if labels else 1.0)
+    result = sample(loaded.model, noise_for_seed(int(rec["seed"]), shape)[None], [condition], params,
+                    null_label=cfg.null_label, guided_channels=spec.guided_channels)
+    codec = make_codec(spec.codec, channels=cfg.in_channels, latent_size=cfg.input_size, vae_dir=args.vae,
+                       device=args.device)
+    pixels = codec.decode(result.latents)[0]
+    job = JobSpec(kind=rec["kind"], model=rec["model"], images=[ImageSpec(int(rec["seed"]), list(labels),
+                  list(weights) if weights else None)], cfg_scale=rec["guidance_scale"], sampler=sampler)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / Path(args.from_png).name
+    target.write_bytes(encode_image(pixels, "png", provenance=provenance_record(job, 0, result.steps[0],
+                                                                                 result.grad_norms[0])))
+    from PIL import Image
+    import io
+    original = np.array(Image.open(io.BytesIO(data)).convert("L" if pixels.shape[-1] == 1 else "RGB"), dtype=np.int16)
+    diff = int(np.abs(original.reshape(pixels.shape) - pixels.astype(np.int16)).max())
+    print(f"wrote {target}: {result.steps[0]} steps (recorded {rec['steps']}), final grad norm "
+          f"{result.grad_norms[0]:.4g} (recorded {rec['grad_norm']}), largest pixel difference {diff}")
     return 0
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from models.sampler import Condition, SamplerParams, condition_rows
-from service.images import ImageError, content_type, decode_image, encode_image
+from service.images import ImageError, content_type, decode_image, encode_image, provenance_record
 from service.jobs import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner, SampleInput
@@ -222,7 +222,9 @@ class Engine:
             res = ImageResult(index=d.key.index, steps=d.steps, grad_norm=_finite(d.grad_norm),
                               stopped_early=d.reason == "converged", deadline_exceeded=d.reason == "deadline",
                               content_type=content_type(job.spec.format))
-            data = encode_image(pixels[i], job.spec.format) if pixels is not None else None
+            data = (encode_image(pixels[i], job.spec.format,
+                                 provenance=provenance_record(job.spec, d.key.index, res.steps, res.grad_norm))
+                    if pixels is not None else None)
             job.results[d.key.index] = res
             result.images.append(ImageOutput(d.key.job_id, res, data, d.latent))
         for d in leaving:

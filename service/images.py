@@ -2,17 +2,25 @@
 
 Pixel arrays are ``(H, W, C)`` uint8 with ``C`` = 1 (grey) or 3 (RGB), the layout codecs produce.
 PNG output is lossless and deterministic, so the same pixels always give the same bytes.
+
+Provenance: every PNG the service makes carries how it was made in two ``tEXt`` chunks:
+``eqm-parameters`` (JSON: model, kind, labels, weights, seed, guidance scale, sampler settings, steps
+taken, final gradient norm, ...; ``read_provenance`` returns it, ``eqm sample --from-png`` reruns it)
+and ``parameters``, the same in one line of text, where image tools (A1111 style) show it.
 """
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.jobs import IMAGE_FORMATS
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+PROVENANCE_KEY = "eqm-parameters"
+PROVENANCE_VERSION = 1
 
 
 class ImageError(ValueError):
@@ -25,15 +33,21 @@ def content_type(fmt: str) -> str:
     return IMAGE_FORMATS[fmt]
 
 
-def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """One ``(H, W, C)`` uint8 array -> encoded bytes; 1 channel -> a grey image."""
+def encode_image(pixels: np.ndarray, fmt: str = "png", quality: int = 95, provenance: dict | None = None) -> bytes:
+    """One ``(H, W, C)`` uint8 array -> encoded bytes; 1 channel -> a grey image. ``provenance`` goes into
+    PNG text chunks (other formats are written without it)."""
     content_type(fmt)
     if pixels.ndim != 3 or pixels.dtype != np.uint8 or pixels.shape[-1] not in (1, 3):
         raise ImageError(f"expected uint8 pixels of shape (H, W, 1|3), got {pixels.dtype} {pixels.shape}")
     image = Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
     buf = io.BytesIO()
     if fmt == "png":
-        image.save(buf, format="PNG", optimize=False)
+        info = None
+        if provenance is not None:
+            info = PngImagePlugin.PngInfo()
+            info.add_text(PROVENANCE_KEY, json.dumps(provenance, sort_keys=True, separators=(",", ":")))
+            info.add_text("parameters", provenance_line(provenance))
+        image.save(buf, format="PNG", optimize=False, pnginfo=info)
     else:
         image.save(buf, format=_PIL_FORMATS[fmt], quality=quality)
     return buf.getvalue()
@@ -55,3 +69,42 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = 16_000
     except Exception as exc:   # Pillow raises many types on bad bytes; each becomes one line
         raise ImageError(f"input is not a readable image ({type(exc).__name__}: {str(exc)[:120]})") from None
     return pixels[..., None] if channels == 1 else pixels
+
+
+def provenance_record(spec, index: int, steps: int, grad_norm: float | None) -> dict:
+    """What a PNG records about image ``index`` of a job (``spec``: a ``service.jobs.JobSpec``)."""
+    image = spec.images[index]
+    sampler = spec.sampler
+    # No job id and a rounded norm: the same request and seed still give byte-identical PNGs.
+    return {"version": PROVENANCE_VERSION, "model": spec.model, "kind": spec.kind, "index": index,
+            "labels": list(image.labels), "weights": list(image.weights) if image.weights is not None else None,
+            "seed": image.seed, "guidance_scale": spec.cfg_scale, "noise_level": spec.noise_level,
+            "sampler": sampler.sampler, "step_size": sampler.step_size, "mu": sampler.mu,
+            "max_steps": sampler.max_steps, "grad_norm_threshold": sampler.grad_norm_threshold,
+            "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}")}
+
+
+def provenance_line(p: dict) -> str:
+    labels = "+".join(str(y) for y in p["labels"]) or "unconditional"
+    weights = f", weights: {p['weights']}" if p.get("weights") else ""
+    norm = "n/a" if p.get("grad_norm") is None else f"{p['grad_norm']:.4g}"
+    return (f"EqM {p['kind']} of {labels}{weights}; model: {p['model']}, seed: {p['seed']}, "
+            f"guidance: {p['guidance_scale']:g}, sampler: {p['sampler']}, step size: {p['step_size']:g}, "
+            f"mu: {p['mu']:g}, max steps: {p['max_steps']}, threshold: {p['grad_norm_threshold']:g}, "
+            f"steps: {p['steps']}, final grad norm: {norm}")
+
+
+def read_provenance(data: bytes) -> dict | None:
+    """The ``eqm-parameters`` record of a PNG, or None when it has none; ``ImageError`` if unreadable."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        text = getattr(image, "text", {}) or {}
+    except Exception as exc:
+        raise ImageError(f"not a readable image ({type(exc).__name__})") from None
+    raw = text.get(PROVENANCE_KEY)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ImageError(f"the {PROVENANCE_KEY} text of the PNG is not JSON") from None

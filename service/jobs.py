@@ -22,9 +22,23 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
                              live. A worker stopped gracefully hands unfinished jobs back: status ``queued``
                              again, id back in ``P:queued`` and a new stream entry (event ``queued``).
 - ``P:deadletter``           stream of ``{"id", "reason"}`` for jobs delivered too many times.
+- ``P:idem:<caller>:<h>``    string, JSON ``{"job", "fingerprint"}``: the job an ``Idempotency-Key`` (SHA-256
+                             ``h``) of that caller created. SET NX, TTL: result_ttl_s.
+- ``P:owned:<caller>``       sorted set job id -> created (unix seconds): the caller's jobs, newest last;
+                             entries older than result_ttl_s are trimmed at each submission. The record
+                             holds the same caller in its ``owner`` field.
+- ``P:recent``               sorted set job id -> created of the last 200 submitted jobs of every caller
+                             (throughput for queue ETAs).
+- ``P:score:<id>:input:<k>`` bytes of image k of a score job (PNG, model-sized); ``scores`` in the record is
+                             the JSON list of per-image results once done. TTL: result_ttl_s.
+- ``P:hooks:*``              webhook deliveries (``service.webhooks``): ``P:hooks:follow`` (set of followed
+                             job ids), ``P:hook:<id>`` (hash: url, events, cursor, base), ``P:hooks:due``
+                             (sorted set delivery id -> due time), ``P:hooks:msg:<mid>`` (hash: url, body,
+                             first attempt, attempts), ``P:hooks:lease`` (the delivering process).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -36,6 +50,7 @@ import redis
 JOB_KINDS = ("generate", "denoise", "compose")
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
+RECENT_JOBS = 200
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -218,6 +233,54 @@ class JobStore:
             for entry_id, fields_ in entries:
                 out.append((entry_id.decode(), fields_[b"event"].decode(), json.loads(fields_[b"data"])))
         return out
+
+    # -- callers: idempotency keys and job listings ----------------------------------------------
+    def idempotency_key(self, caller: str, key: str) -> str:
+        return f"{self.keys.prefix}:idem:{caller}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    def idempotent_job(self, caller: str, key: str) -> dict | None:
+        """``{"job", "fingerprint"}`` recorded for this caller's key, or None."""
+        raw = self.r.get(self.idempotency_key(caller, key))
+        return json.loads(raw) if raw else None
+
+    def claim_idempotency(self, caller: str, key: str, fingerprint: str, job_id: str) -> dict | None:
+        """Record key -> job unless the key is taken; returns the existing record when it was."""
+        name = self.idempotency_key(caller, key)
+        if self.r.set(name, json.dumps({"job": job_id, "fingerprint": fingerprint}), nx=True, ex=self.ttl_s):
+            return None
+        return self.idempotent_job(caller, key)
+
+    def release_idempotency(self, caller: str, key: str) -> None:
+        self.r.delete(self.idempotency_key(caller, key))
+
+    @property
+    def recent_key(self) -> str:
+        return f"{self.keys.prefix}:recent"
+
+    def owned_key(self, caller: str) -> str:
+        return f"{self.keys.prefix}:owned:{caller}"
+
+    def record_owner(self, caller: str, job_id: str, created: float) -> None:
+        """Index a submitted job under its caller (listings) and note the caller in the record."""
+        index = self.owned_key(caller)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job_id), "owner", caller)
+        pipe.zadd(index, {job_id: created})
+        pipe.zremrangebyscore(index, "-inf", f"({created - self.ttl_s}")
+        pipe.expire(index, self.ttl_s)
+        pipe.zadd(self.recent_key, {job_id: created})
+        pipe.zremrangebyrank(self.recent_key, 0, -RECENT_JOBS - 1)
+        pipe.execute()
+
+    def owned_jobs(self, caller: str, before: float | None, limit: int) -> list[tuple[str, float]]:
+        """Up to ``limit`` of the caller's job ids created strictly before ``before``, newest first."""
+        top = f"({before}" if before is not None else "+inf"
+        rows = self.r.zrevrangebyscore(self.owned_key(caller), top, "-inf", start=0, num=limit, withscores=True)
+        return [(job_id.decode(), float(score)) for job_id, score in rows]
+
+    def forget_owned(self, caller: str, job_ids: list[str]) -> None:
+        if job_ids:
+            self.r.zrem(self.owned_key(caller), *job_ids)
 
     def live_workers(self, heartbeat_s: float = 2.0) -> dict[str, dict]:
         now = time.time()

@@ -57,6 +57,12 @@ class Settings:
     metrics_port: int = 0                    # worker Prometheus endpoint (0 = none)
     host: str = "127.0.0.1"
     port: int = 8000
+    public_url: str = ""                     # base of absolute links (default: the request's, X-Forwarded-* honoured)
+    cors_origins: tuple[str, ...] = ()       # browser origins allowed by CORS (empty: CORS off; "*" = any)
+    webhook_secret: str = ""                 # Standard Webhooks signing key "whsec_<base64>" (empty: webhooks off)
+    webhook_allowed_hosts: tuple[str, ...] = ()  # hosts ("host" or "host:port") webhooks may go to (empty: none)
+    webhook_retry_window_s: float = 3600.0   # a delivery is retried with back-off for this long after its event
+    webhook_max_backoff_s: float = 60.0      # longest wait between two attempts of one delivery
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -42,9 +42,10 @@ import redis
 from models.checkpoint import CheckpointError
 from models.codecs import CodecError
 from service.engine import Engine, JobError, StepOutput
-from service.jobs import FINAL_STATUSES, JobSpec, JobStore
+from service.jobs import FINAL_STATUSES, ImageResult, JobSpec, JobStore
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
+from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
 from service.settings import Settings
 
 log = logging.getLogger("eqm.worker")
@@ -141,6 +142,7 @@ class Worker:
         self._closed = threading.Event()               # threads end
         self._next_autoclaim = 0.0
         self._metrics_url = ""
+        self._calibration: tuple | None = None         # (Calibration | None,) once loaded, for score jobs
 
     # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self, hurry: bool = False) -> None:
@@ -282,6 +284,9 @@ class Worker:
             return
         try:
             spec = JobSpec.from_json(spec_json)
+            if spec.kind == SCORE_KIND:            # one batched forward, no sampling: done right here
+                self._score(job_id, entry_id, spec)
+                return
             upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
             self.engine.add_job(spec, upload)
         except (JobError, ValueError, TypeError, KeyError) as exc:
@@ -294,6 +299,19 @@ class Worker:
         self.store.publish(job_id, "started", {"id": job_id, "worker": self.name, "time": now,
                                                "reclaimed": reclaimed})
         log.info("job %s: %s, %d images%s", job_id, spec.kind, len(spec.images), " (reclaimed)" if reclaimed else "")
+
+    def _score(self, job_id: str, entry_id: str, spec: JobSpec) -> None:
+        if self._calibration is None:
+            from models import resolve_checkpoint
+            self._calibration = (Calibration.load(calibration_path(resolve_checkpoint(self.cfg.checkpoint))),)
+        scores = run_score_job(self.r, self.keys.prefix, spec, self.engine.runner, self.engine.null_label,
+                               self._calibration[0])
+        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False)
+                   for s in scores]
+        self.r.hset(self.keys.job(job_id), "scores", json.dumps(scores))
+        self.store.finish(job_id, "done", images=results)
+        self.metrics.jobs_total.labels("done").inc()
+        self._ack(entry_id)
 
     def _deliveries(self, entry_id: str) -> int:
         info = self.r.xpending_range(self.keys.stream, self.keys.group, min=entry_id, max=entry_id, count=1)

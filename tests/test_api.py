@@ -105,8 +105,8 @@ def test_generation_writes_jobspec(client, store, redis_client, worker):
     assert resp.status_code == 202, resp.text
     out = resp.json()
     assert out["status"] == "queued" and out["kind"] == "generate" and out["num_images"] == 4
-    assert resp.headers["location"] == out["links"]["self"] == f"/v1/jobs/{out['id']}"
-    assert out["links"]["images"][3] == f"/v1/jobs/{out['id']}/images/3"
+    assert resp.headers["location"] == out["links"]["self"] == f"http://testserver/v1/jobs/{out['id']}"
+    assert out["links"]["images"][3] == f"http://testserver/v1/jobs/{out['id']}/images/3"
 
     rec = store.get(out["id"])
     spec = JobSpec.from_json(json.dumps(rec["spec"]))
@@ -361,7 +361,8 @@ def test_api_keys(make_client, redis_client, worker):
     assert job_keys(redis_client) == []
     ok = client.post("/v1/generations", json={"labels": [1]}, headers={"Authorization": "Bearer key-two"})
     assert ok.status_code == 202, ok.text
-    assert client.get(ok.json()["links"]["self"], headers={"Authorization": "Bearer key-one"}).status_code == 200
+    assert client.get(ok.json()["links"]["self"], headers={"Authorization": "Bearer key-two"}).status_code == 200
+    assert client.get(ok.json()["links"]["self"], headers={"Authorization": "Bearer key-one"}).status_code == 404
     for path in ("/healthz", "/metrics", "/sd/workers", "/openapi.json"):
         assert client.get(path).status_code == 200, path
     assert client.get("/readyz").status_code == 200

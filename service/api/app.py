@@ -14,13 +14,15 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.api import catalog, compositions, denoise, generations, health, jobs
+from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.settings import Settings
+from service.webhooks import WebhookDispatcher
 
 log = logging.getLogger("eqm.api")
 
@@ -35,6 +37,12 @@ can be composed by adding their fields.
 Jobs are asynchronous: a POST answers `202` with the job's links; follow `links.events` (server-sent
 events) or poll `links.self`, then download `links.images`. `?wait=true` answers when the job is done.
 
+Client conventions: `Prefer: wait=N` (RFC 7240) waits like `?wait=true`; `?inline=true` puts finished images
+in the JSON (base64); `Idempotency-Key` on a POST returns the original job for a repeated request; links are
+absolute; `GET /v1/jobs` lists your jobs; `webhook` sends a job's events as signed POSTs (Standard Webhooks).
+OpenAI-compatible `/v1/images/generations` and `/v1/images/edits` answer synchronously in OpenAI's shape;
+`/v1/scores` gives the energy score (gradient norm) of uploaded images.
+
 Errors: `{"detail": "one line"}`; validation errors (`422`) list each field's location and reason.
 When the server sets `EQM_API_KEYS`, every `/v1` request needs `Authorization: Bearer <key>`.
 """
@@ -42,6 +50,8 @@ When the server sets `EQM_API_KEYS`, every `/v1` request needs `Authorization: B
 TAGS = [
     {"name": "jobs", "description": "create jobs, follow them, download their images, cancel them"},
     {"name": "models", "description": "the served model's classes and defaults"},
+    {"name": "openai", "description": "OpenAI-compatible images API (synchronous; errors in OpenAI's shape)"},
+    {"name": "scores", "description": "energy score: how far an image is from the data (out-of-distribution)"},
     {"name": "operations", "description": "health, readiness and Prometheus metrics (no API key)"},
 ]
 
@@ -58,11 +68,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         app.state.api = state
+        hooks = start_webhooks(state)
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
                  state.model.image_size, state.model.image_size, state.model.num_classes)
         try:
             yield
         finally:
+            if hooks is not None:
+                await run_in_threadpool(hooks.stop)
             await state.close()
 
     app = FastAPI(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
@@ -70,8 +83,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
-    for module in (generations, compositions, denoise, jobs, catalog, health):
+    for module in (generations, compositions, denoise, listing, jobs, scores, openai_images, catalog, health):
         app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Location", "Retry-After", "Preference-Applied",
+                                                                "Idempotent-Replayed", "X-EqM-Job-Id"])
 
     # The playground: static files of this package, nothing fetched from elsewhere.
     app.mount("/playground", StaticFiles(directory=PLAYGROUND_DIR), name="playground")
@@ -81,6 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def start_webhooks(state: ApiState) -> WebhookDispatcher | None:
+    """The webhook dispatcher of this process, when the server signs webhooks (``service.webhooks``)."""
+    if not state.settings.webhook_secret:
+        return None
+    return WebhookDispatcher(state.redis, state.settings).start()
 
 
 def _package_version() -> str:

@@ -5,6 +5,7 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.api.conventions import client_options
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.generations import WAIT_DOC
 from service.api.schemas import CompositionRequest, JobCreated, JobStatus, error_responses
@@ -21,7 +22,8 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, de
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
                         **error_responses(400, 401, 413, 422, 429, 503)})
 async def create_composition(body: CompositionRequest, request: Request,
-                             wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state)):
+                             wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state),
+                             inline: bool = Depends(client_options)):
     """Each of the ``n`` images follows ``g = u + s * sum_k w_k (c_k - u)``: ``c_k`` the field of label k,
     ``u`` the unconditional one, ``s`` the guidance scale, ``w_k`` the weights (default 1/K)."""
     model = state.model
@@ -38,4 +40,4 @@ async def create_composition(body: CompositionRequest, request: Request,
                    images=[ImageSpec(seed=seed + k, labels=list(labels), weights=weights) for k in range(body.n)],
                    cfg_scale=scale, sampler=sampler_spec(body, model), deadline=deadline(body, time.time()),
                    format=body.format, priority=body.priority)
-    return await submit(request, state, spec, None, wait)
+    return await submit(request, state, spec, None, wait, options=body, inline=inline)

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
+from service.api.conventions import client_options
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.generations import WAIT_DOC
 from service.api.schemas import DenoiseForm, JobCreated, JobStatus, error_responses
@@ -27,7 +28,8 @@ IMAGE_DOC = ("PNG, JPEG or WebP (detected from its bytes). At most EQM_MAX_UPLOA
                         **error_responses(400, 401, 413, 415, 422, 429, 503)})
 async def create_denoise(request: Request, form: Annotated[DenoiseForm, Form()],
                          image: UploadFile = File(..., description=IMAGE_DOC),
-                         wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state)):
+                         wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state),
+                         inline: bool = Depends(client_options)):
     """EqM's field is time-invariant, so a partially noised image is a valid starting point: the descent
     runs from it (optionally after mixing in more noise, ``noise_level``). ``n`` > 1 gives variants with
     different noise seeds. The prepared input is stored as PNG beside the job."""
@@ -59,4 +61,4 @@ async def create_denoise(request: Request, form: Annotated[DenoiseForm, Form()],
                    cfg_scale=model.defaults.guidance_scale if form.guidance_scale is None else form.guidance_scale,
                    sampler=sampler_spec(form, model, denoise=True), deadline=deadline(form, time.time()),
                    format=form.format, noise_level=form.noise_level, priority=form.priority)
-    return await submit(request, state, spec, png, wait)
+    return await submit(request, state, spec, png, wait, options=form, inline=inline)

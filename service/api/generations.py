@@ -5,6 +5,7 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.api.conventions import client_options
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.schemas import GenerationRequest, JobCreated, JobStatus, error_responses
 from service.api.submit import (check_image_count, check_model, deadline, first_seed, resolve_labels, sampler_spec,
@@ -23,7 +24,8 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, de
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
                         **error_responses(400, 401, 413, 422, 429, 503)})
 async def create_generation(body: GenerationRequest, request: Request, wait: bool = Query(False, description=WAIT_DOC),
-                            state: ApiState = Depends(get_state)):
+                            state: ApiState = Depends(get_state),
+                            inline: bool = Depends(client_options)):
     """Queue a job of ``n`` images per label (labels ``[3, 7]`` with ``n = 2`` -> images 3, 3, 7, 7, seeds
     ``seed .. seed+3``). Answers 202 with the job's links; follow ``links.events`` for progress."""
     model = state.model
@@ -37,4 +39,4 @@ async def create_generation(body: GenerationRequest, request: Request, wait: boo
                    cfg_scale=model.defaults.guidance_scale if body.guidance_scale is None else body.guidance_scale,
                    sampler=sampler_spec(body, model), deadline=deadline(body, time.time()), format=body.format,
                    priority=body.priority)
-    return await submit(request, state, spec, None, wait)
+    return await submit(request, state, spec, None, wait, options=body, inline=inline)

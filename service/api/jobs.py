@@ -8,17 +8,19 @@ import time
 from typing import AsyncIterator
 
 import redis
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
+from service.api.listing import queue_estimate, require_owner
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
 from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
-                   dependencies=[Depends(require_api_key)])
+                   dependencies=[Depends(require_api_key), Depends(require_owner), Depends(reject_unknown_query)])
 
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
@@ -57,6 +59,9 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
             stopped_early=result.get("stopped_early") if result else None,
             deadline_exceeded=result.get("deadline_exceeded") if result else None,
             content_type=content_type, url=links.images[k]))
+    queue_position = eta_s = None
+    if rec["status"] == "queued":
+        queue_position, eta_s = queue_estimate(state, job_id, n)
     created, started, finished = rec["created"], rec["started"], rec["finished"]
     end = finished or time.time()
     timings = Timings(queued_s=_span(created, started or end),
@@ -66,14 +71,15 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
                      sampler=SamplerSettings(**spec["sampler"]), format=spec["format"],
                      noise_level=spec.get("noise_level"), deadline=spec.get("deadline"), worker=rec["worker"],
                      attempts=rec["attempts"], error=rec["error"], cancel_requested=rec["cancel_requested"],
-                     images=images, links=links)
+                     queue_position=queue_position, eta_s=eta_s, images=images, links=links)
 
 
 def job_links(request: Request, job_id: str, num_images: int) -> JobLinks:
-    """Paths (with the app's root path) of a job's status, events and images."""
-    return JobLinks(self=request.url_for("get_job", job_id=job_id).path,
-                    events=request.url_for("job_events", job_id=job_id).path,
-                    images=[request.url_for("get_image", job_id=job_id, index=k).path for k in range(num_images)])
+    """Absolute URLs of a job's status, events and images (``conventions.public_base``)."""
+    base = public_base(request, request.app.state.api.settings)
+    return JobLinks(self=base + request.url_for("get_job", job_id=job_id).path,
+                    events=base + request.url_for("job_events", job_id=job_id).path,
+                    images=[base + request.url_for("get_image", job_id=job_id, index=k).path for k in range(num_images)])
 
 
 def _span(start: float | None, end: float | None) -> float | None:
@@ -82,9 +88,14 @@ def _span(start: float | None, end: float | None) -> float | None:
 
 @router.get("/{job_id}", response_model=JobStatus, summary="Job status, per-image steps and gradient norms",
             responses=error_responses(401, 404, 422))
-def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state)) -> JobStatus:
+def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state),
+            inline: bool = Query(False, description="each ready image's bytes as base64 in b64_json")):
     """Status (queued, running, done, failed, cancelled), timings, and for every image its seed, the
-    gradient updates taken, the last gradient norm and whether it can be downloaded yet."""
+    gradient updates taken, the last gradient norm and whether it can be downloaded yet. While queued:
+    the jobs ahead of it and an estimate of when it will be done."""
+    if inline:
+        from service.api.submit import job_status_json
+        return JSONResponse(job_status_json(request, state, job_id, inline=True))
     return read_job_status(request, state, job_id)
 
 

@@ -55,6 +55,12 @@ class SamplingOptions(BaseModel):
                                      examples=[30])
     format: Literal["png", "jpeg", "webp"] = Field("png", description="encoding of the output images")
     priority: int = Field(0, ge=0, le=9, description="higher runs first")
+    webhook: str | None = Field(None, max_length=2000, description="URL that receives the job's events as signed "
+                                "POSTs (Standard Webhooks); its host must be in the server's EQM_WEBHOOK_ALLOWED_HOSTS",
+                                examples=["https://example.com/hooks/eqm"])
+    webhook_events_filter: list[Literal["start", "progress", "image", "completed"]] | None = Field(
+        None, max_length=4, description="events to send (default: all): start, progress (at most 2 per second), "
+        "image (each image as it finishes), completed (done, failed or cancelled)", examples=[["completed"]])
 
 
 class GenerationRequest(SamplingOptions):
@@ -126,6 +132,7 @@ class ImageStatus(BaseModel):
     deadline_exceeded: bool | None = None
     content_type: str = Field(examples=["image/png"])
     url: str
+    b64_json: str | None = Field(None, description="with ?inline=true: the image bytes, base64, once ready")
 
 
 class SamplerSettings(BaseModel):
@@ -160,6 +167,9 @@ class JobStatus(BaseModel):
     attempts: int
     error: str | None = None
     cancel_requested: bool
+    queue_position: int | None = Field(None, description="while queued: jobs ahead of this one (0 = next)")
+    eta_s: float | None = Field(None, description="while queued: estimated seconds until it finishes, from the "
+                                "images ahead of it and the recent throughput (null without recent history)")
     images: list[ImageStatus]
     links: JobLinks
 

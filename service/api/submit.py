@@ -8,6 +8,7 @@ write are two round trips). Both carry ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 from typing import Sequence
 
@@ -16,12 +17,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.api.conventions import caller, idempotency_key, public_base, request_fingerprint, wait_seconds
 from service.api.deps import ApiState
 from service.api.jobs import job_links, read_job_status
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
 from service.classnames import LabelError
 from service.jobs import FINAL_STATUSES, JobSpec, SamplerSpec
+from service.webhooks import WebhookTarget, register_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5
 RETRY_NO_WORKER_S = 10
@@ -87,21 +90,119 @@ def _admit(state: ApiState) -> None:
                                  f"retry later", headers={"Retry-After": str(RETRY_QUEUE_FULL_S)})
 
 
-async def submit(request: Request, state: ApiState, spec: JobSpec, input_png: bytes | None, wait: bool):
-    """Queue the job; answer 202 with its links, or with ``wait`` the job once final (200) or as it is then (202)."""
+async def enqueue(request: Request, state: ApiState, spec: JobSpec, input_png: bytes | None, *,
+                  options: SamplingOptions | None = None, inputs: dict[str, bytes] | None = None) -> tuple[str, bool]:
+    """Admit and store the job (its webhook, extra ``inputs`` keys, caller index); returns ``(job id, replayed)``.
+
+    With ``Idempotency-Key`` a repeated request gives back the original job's id (``replayed``); the same
+    key with a different request is a 422 (``service.api.conventions``)."""
+    settings, store = state.settings, state.store
+    who = caller(request, settings)
+    try:
+        idem = idempotency_key(request)
+    except ValueError as exc:
+        raise field_error(("header", "Idempotency-Key"), str(exc)) from None
+    fingerprint = None
+    if idem is not None:
+        fingerprint = await request_fingerprint(request)
+        earlier = await run_in_threadpool(store.idempotent_job, who, idem)
+        replayed = await _replayed(state, who, idem, earlier, fingerprint)
+        if replayed is not None:
+            return replayed, True
+    hook = _webhook(options, settings)
     await run_in_threadpool(_admit, state)
-    await run_in_threadpool(state.store.submit, spec, input_png)
+    if idem is not None:
+        earlier = await run_in_threadpool(store.claim_idempotency, who, idem, fingerprint, spec.id)
+        replayed = await _replayed(state, who, idem, earlier, fingerprint)
+        if replayed is not None:               # a concurrent twin took the key between our look and now
+            return replayed, True
+        if earlier is not None:                # the key's job had expired: take the key now
+            await run_in_threadpool(store.claim_idempotency, who, idem, fingerprint, spec.id)
+    try:
+        await run_in_threadpool(_store_job, state, spec, input_png, inputs, who, hook, public_base(request, settings))
+    except BaseException:
+        if idem is not None:
+            await run_in_threadpool(store.release_idempotency, who, idem)
+        raise
     state.metrics.jobs_submitted_total.labels(spec.kind).inc()
     state.metrics.images_requested_total.labels(spec.kind).inc(len(spec.images))
+    return spec.id, False
+
+
+async def _replayed(state: ApiState, who: str, idem: str, earlier: dict | None, fingerprint: str) -> str | None:
+    """The original job id of a repeated key; 422 when the request differs; None when there is none (any
+    more: a key whose job expired is released)."""
+    if earlier is None:
+        return None
+    if earlier.get("fingerprint") != fingerprint:
+        raise field_error(("header", "Idempotency-Key"), "this Idempotency-Key was already used with a different "
+                                                         "request; send a new key for a new request")
+    if await state.aredis.exists(state.store.keys.job(earlier["job"])):
+        return earlier["job"]
+    await run_in_threadpool(state.store.release_idempotency, who, idem)
+    return None
+
+
+async def submit(request: Request, state: ApiState, spec: JobSpec, input_png: bytes | None, wait: bool, *,
+                 options: SamplingOptions | None = None, inline: bool = False,
+                 inputs: dict[str, bytes] | None = None):
+    """Queue the job; answer 202 with its links, or when waiting (``?wait=true``, ``Prefer: wait=N``) the job
+    once final (200) or as it is then (202). A replayed Idempotency-Key answers 200 with the original job."""
+    wait_s, headers = wait_seconds(request, state.settings, wait)
+    job_id, replayed = await enqueue(request, state, spec, input_png, options=options, inputs=inputs)
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait_s > 0 or replayed:
+        final = await wait_until_final(state, job_id, wait_s) if wait_s > 0 else False
+        body = await run_in_threadpool(job_status_json, request, state, job_id, inline)
+        headers["Location"] = body["links"]["self"]
+        return JSONResponse(body, status_code=200 if final or replayed else 202, headers=headers)
     links = job_links(request, spec.id, len(spec.images))
-    headers = {"Location": links.self}
-    if wait:
-        final = await wait_until_final(state, spec.id, state.settings.wait_timeout_s)
-        status = await run_in_threadpool(read_job_status, request, state, spec.id)
-        return JSONResponse(status.model_dump(mode="json"), status_code=200 if final else 202, headers=headers)
+    headers["Location"] = links.self
     body = JobCreated(id=spec.id, status="queued", kind=spec.kind, model=spec.model, num_images=len(spec.images),
                       links=links)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def job_status_json(request: Request, state: ApiState, job_id: str, inline: bool = False) -> dict:
+    """The job's status as JSON; with ``inline`` every ready image's bytes as base64 (blocking Redis calls)."""
+    status = read_job_status(request, state, job_id)
+    body = status.model_dump(mode="json")
+    if inline:
+        ready = [img for img in body["images"] if img["ready"]]
+        pipe = state.redis.pipeline(transaction=False)
+        for img in ready:
+            pipe.get(state.store.keys.image(job_id, img["index"]))
+        for img, data in zip(ready, pipe.execute()):
+            img["b64_json"] = base64.b64encode(data).decode() if data is not None else None
+    return body
+
+
+def _webhook(options: SamplingOptions | None, settings) -> WebhookTarget | None:
+    if options is None or (options.webhook is None and not options.webhook_events_filter):
+        return None
+    if options.webhook is None:
+        raise field_error(("body", "webhook_events_filter"), "webhook_events_filter needs a webhook URL")
+    try:
+        return webhook_target(options.webhook, options.webhook_events_filter, settings)
+    except ValueError as exc:
+        raise field_error(("body", "webhook"), str(exc)) from None
+
+
+def _store_job(state: ApiState, spec: JobSpec, input_png: bytes | None, inputs: dict[str, bytes] | None, who: str,
+               hook: WebhookTarget | None, base: str) -> None:
+    """Blocking writes of one submission: extra inputs and the webhook first, so a worker never sees a job
+    without them; then the job itself and its caller index."""
+    store = state.store
+    if inputs:
+        pipe = state.redis.pipeline(transaction=True)
+        for key, data in inputs.items():
+            pipe.set(key, data, ex=store.ttl_s)
+        pipe.execute()
+    if hook is not None:
+        register_webhook(state.redis, store.keys.prefix, spec.id, hook, base, store.ttl_s)
+    store.submit(spec, input_png)
+    store.record_owner(who, spec.id, spec.submitted)
 
 
 async def wait_until_final(state: ApiState, job_id: str, timeout_s: float) -> bool:

@@ -1,0 +1,123 @@
+"""``POST /v1/scores``: the energy score of uploaded images (EqM's gradient norm at the input).
+
+The uploads are prepared like denoise inputs (cropped, resized, converted to the model's channels),
+queued as one job of kind ``score`` and run by a worker in one batched forward
+(``service.scoring``). The answer waits for the job (at most EQM_WAIT_TIMEOUT_S; a score job is
+one forward, so it is normally done at once); a job still queued then answers 202 with its link,
+and ``GET /v1/scores/{id}`` gives the result later.
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from service.api.conventions import absolute, reject_unknown_query
+from service.api.deps import ApiState, get_state, require_api_key
+from service.api.jobs import JobId, not_found
+from service.api.listing import require_owner
+from service.api.schemas import error_responses
+from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
+from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, prepare_image
+from service.jobs import ImageSpec, JobSpec
+from service.scoring import SCORE_KIND, score_input_key
+
+router = APIRouter(prefix="/v1", tags=["scores"], route_class=LimitedBodyRoute,
+                   dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
+
+CALIBRATION_DOC = ("fraction of the model's held-out data (digits: the 20% test split) whose gradient norm is at "
+                   "least this image's: ~1 typical of the data, ~0 farther from it than all of it; null when the "
+                   "model has no calibration")
+
+
+class ImageScore(BaseModel):
+    index: int
+    grad_norm: float = Field(description="||f(x, y)||_2 at the input: 0 at equilibrium, larger = farther from the data")
+    in_distribution: float | None = Field(None, ge=0, le=1, description=CALIBRATION_DOC)
+
+
+class ScoreResult(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    model: str
+    label: int | None = Field(None, description="the class the field was conditioned on (null = unconditional)")
+    scores: list[ImageScore] = Field(description="one per uploaded image, in order (empty until done)")
+    error: str | None = None
+    url: str = Field(description="this result, to fetch it again")
+
+
+def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult, bool]:
+    rec = state.store.get(job_id)
+    if rec is None or rec["spec"]["kind"] != SCORE_KIND:
+        raise not_found(job_id)
+    labels = rec["spec"]["images"][0]["labels"] if rec["spec"]["images"] else []
+    raw = state.redis.hget(state.store.keys.job(job_id), "scores")
+    scores = [ImageScore(**s) for s in json.loads(raw)] if raw else []
+    path = request.url_for("get_scores", job_id=job_id).path
+    out = ScoreResult(id=job_id, status=rec["status"], model=rec["spec"]["model"], label=labels[0] if labels else None,
+                      scores=scores, error=rec["error"], url=absolute(request, state.settings, path))
+    return out, rec["status"] in ("done", "failed", "cancelled")
+
+
+@router.post("/scores", response_model=ScoreResult, summary="Energy score of images (out-of-distribution)",
+             responses={202: {"model": ScoreResult, "description": "still queued after the wait limit"},
+                        **error_responses(400, 401, 413, 415, 422, 429, 503)},
+             openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                 "type": "object", "required": ["image"],
+                 "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                          "description": "one or more images (repeat the field); " + PREPROCESSING},
+                                "label": {"type": "string", "maxLength": 200,
+                                          "description": "score under this class's field (default: unconditional)"},
+                                "model": {"type": "string", "maxLength": 200}}}}}}})
+async def create_scores(request: Request, state: ApiState = Depends(get_state)):
+    """Per image: the gradient norm of the model's field at the image (one forward; conditional on
+    ``label`` when given) and ``in_distribution``, that norm calibrated on the model's held-out data.
+    Uniform noise or shuffled pixels score far lower than real digits (AUROC in bench/RESULTS.md)."""
+    model = state.model
+    try:
+        form = await request.form()
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(400, f"the body is not a readable multipart form ({type(exc).__name__})") from None
+    for name in form.keys():
+        if name not in ("image", "label", "model"):
+            raise field_error(("body", name), f"unknown form field {name!r}; the fields are: image, label, model")
+    files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+    if not files:
+        raise field_error(("body", "image"), "send at least one image file in the field 'image'")
+    check_image_count(len(files), state, ("body", "image"), f"{len(files)} uploads")
+    model_name = form.get("model")
+    check_model(model_name if isinstance(model_name, str) else None, model, ("body", "model"))
+    label_text = form.get("label")
+    labels = resolve_labels([label_text], model, ("body", "label")) if isinstance(label_text, str) and label_text else []
+    inputs, keys = [], state.store.keys
+    spec = JobSpec(kind=SCORE_KIND, model=model.name, images=[ImageSpec(seed=0, labels=list(labels)) for _ in files])
+    for k, upload in enumerate(files):
+        data = await upload.read()
+        try:
+            png = await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
+                                          state.settings.max_upload_pixels)
+        except UploadError as exc:
+            if exc.status_code == 422:
+                raise field_error(("body", "image", k), exc.detail) from None
+            raise HTTPException(exc.status_code, f"image {k}: {exc.detail}") from None
+        inputs.append(png)
+    extra = {score_input_key(keys.prefix, spec.id, k): png for k, png in enumerate(inputs)}
+    job_id, _ = await enqueue(request, state, spec, None, inputs=extra)
+    await wait_until_final(state, job_id, state.settings.wait_timeout_s)
+    result, final = await run_in_threadpool(_result, request, state, job_id)
+    return JSONResponse(result.model_dump(mode="json"), status_code=200 if final else 202,
+                        headers={"Location": result.url})
+
+
+@router.get("/scores/{job_id}", response_model=ScoreResult, summary="A score job's result",
+            responses=error_responses(401, 404, 422), dependencies=[Depends(require_owner)])
+def get_scores(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state)) -> ScoreResult:
+    return _result(request, state, job_id)[0]
+

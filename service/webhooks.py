@@ -1,0 +1,349 @@
+"""Webhooks: a job's events POSTed to a URL, signed per the Standard Webhooks spec, delivered at least once.
+
+A job submitted with ``webhook`` (and optionally ``webhook_events_filter``) is *followed*: its record
+``P:hook:<id>`` holds the URL, the events wanted and a cursor into the job's event stream
+(``P:job:<id>:events``, the same stream server-sent events replay). The dispatcher
+
+1. **collects**: for every followed job, reads the events after its cursor, turns each wanted one into
+   a delivery ``P:hooks:msg:<mid>`` due now (``P:hooks:due``), and moves the cursor, in one MULTI.
+   Progress is throttled to one event per 0.5 s of the job's own clock (at most 2 per second).
+   The job is no longer followed after its final event (``completed``);
+2. **delivers** due messages: ``POST url`` with headers ``webhook-id`` (stable across retries, so the
+   receiver can drop duplicates), ``webhook-timestamp`` (unix seconds of this attempt) and
+   ``webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the
+   base64 part of ``EQM_WEBHOOK_SECRET`` (``whsec_<base64>``). A 2xx answer ends the delivery; anything
+   else (refused connection, timeout, non-2xx, redirects are not followed) schedules another attempt
+   after ``min(0.5 s * 2^attempts, EQM_WEBHOOK_MAX_BACKOFF_S)``, until ``EQM_WEBHOOK_RETRY_WINDOW_S``
+   after the first attempt.
+
+All of this state lives in Redis, so an API or worker restart loses nothing: the events are in the
+job's stream, the cursor and the pending deliveries in their keys. The dispatcher runs in every API
+process; a lease (``P:hooks:lease``, renewed every second, 5 s long) lets exactly one of them work at a
+time and hands over when that process stops or dies. Message ids are derived from the event's
+stream id, so a delivery created twice (a crash between the two writes) is the same message.
+
+SSRF: a URL is accepted only if its host (``host`` or ``host:port``) is in
+``EQM_WEBHOOK_ALLOWED_HOSTS``; empty allows nothing. It is checked at submission (422) and again
+before every attempt.
+
+Body: ``{"type": "job.<event>", "timestamp": "<ISO 8601>", "data": {"id", "event", ...}}`` where
+``event`` is ``started``, ``progress``, ``image``, ``done``, ``failed`` or ``cancelled`` and ``data``
+carries the event's fields (``image`` adds the image's ``url``; ``completed`` the job's ``status``, ``url``
+and image ``urls``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import urlsplit
+
+import httpx
+import redis
+
+from service.settings import Settings
+
+log = logging.getLogger("eqm.webhooks")
+
+EVENTS = ("start", "progress", "image", "completed")
+WEBHOOK_EVENT = {"started": "start", "progress": "progress", "image": "image", "done": "completed",
+                 "failed": "completed", "cancelled": "completed"}
+PROGRESS_INTERVAL_S = 0.5          # at most 2 progress deliveries per second per job
+LEASE_MS = 5000
+DELIVERY_TIMEOUT_S = 5.0
+FIRST_BACKOFF_S = 0.5
+BATCH = 50
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    url: str
+    events: tuple[str, ...]
+
+
+class HookKeys:
+    def __init__(self, prefix: str):
+        self.follow = f"{prefix}:hooks:follow"
+        self.due = f"{prefix}:hooks:due"
+        self.lease = f"{prefix}:hooks:lease"
+        self._prefix = prefix
+
+    def hook(self, job_id: str) -> str:
+        return f"{self._prefix}:hook:{job_id}"
+
+    def msg(self, mid: str) -> str:
+        return f"{self._prefix}:hooks:msg:{mid}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self._prefix}:job:{job_id}:events"
+
+
+# -- signing (Standard Webhooks) -----------------------------------------------------------------
+
+def signing_key(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret; ``ValueError`` with a one-line reason if malformed."""
+    raw = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("EQM_WEBHOOK_SECRET must be 'whsec_' followed by base64 (e.g. 24 to 64 random bytes)") from None
+    if len(key) < 16:
+        raise ValueError("EQM_WEBHOOK_SECRET is too short: use at least 16 random bytes, base64-encoded")
+    return key
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+# -- submission side -----------------------------------------------------------------------------
+
+def _host_port(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"webhook must be an http or https URL, not {parts.scheme or 'a relative URL'!r}")
+    if not parts.hostname or parts.username or parts.password:
+        raise ValueError("webhook must be an absolute URL with a host and no user:password part")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ValueError("webhook URL has an invalid port") from None
+    return parts.scheme, parts.hostname.lower(), port
+
+
+def host_allowed(url: str, allowed: tuple[str, ...]) -> bool:
+    _, host, port = _host_port(url)
+    names = {a.strip().lower() for a in allowed}
+    return host in names or f"{host}:{port}" in names or f"[{host}]:{port}" in names
+
+
+def webhook_target(url: str, events: list[str] | None, settings: Settings) -> WebhookTarget:
+    """A checked webhook of a request; ``ValueError`` with a one-line reason when refused."""
+    if not settings.webhook_secret:
+        raise ValueError("webhooks are off on this server (it has no EQM_WEBHOOK_SECRET to sign them with)")
+    _, host, port = _host_port(url)
+    if not host_allowed(url, settings.webhook_allowed_hosts):
+        raise ValueError(f"webhook host {host}:{port} is not allowed: this server sends webhooks only to the "
+                         f"hosts in EQM_WEBHOOK_ALLOWED_HOSTS")
+    wanted = tuple(dict.fromkeys(events)) if events else EVENTS
+    return WebhookTarget(url, wanted)
+
+
+def register_webhook(r: redis.Redis, prefix: str, job_id: str, target: WebhookTarget, base: str, ttl_s: int) -> None:
+    """Follow a job's events for its webhook (call before the job is queued, so no event is missed)."""
+    k = HookKeys(prefix)
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(k.hook(job_id), mapping={"url": target.url, "events": ",".join(target.events), "cursor": "0",
+                                       "base": base, "last_progress": "0"})
+    pipe.expire(k.hook(job_id), ttl_s)
+    pipe.sadd(k.follow, job_id)
+    pipe.execute()
+
+
+# -- the dispatcher ------------------------------------------------------------------------------
+
+class WebhookDispatcher:
+    """Collects followed jobs' events into deliveries and delivers them (see the module docstring)."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, name: str | None = None):
+        self.r = r
+        self.settings = settings
+        self.key = signing_key(settings.webhook_secret)
+        self.k = HookKeys(settings.key_prefix)
+        self.name = name or uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._http = httpx.Client(timeout=DELIVERY_TIMEOUT_S, follow_redirects=False, trust_env=False)
+
+    def start(self) -> "WebhookDispatcher":
+        self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=DELIVERY_TIMEOUT_S + 2)
+        try:
+            self.r.eval(_RELEASE, 1, self.k.lease, self.name)
+        except redis.RedisError:
+            pass
+        self._http.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = False
+            try:
+                if self._hold_lease():
+                    busy = self.collect() | self.deliver_due()
+                else:
+                    self._stop.wait(1.0)
+                    continue
+            except redis.RedisError as exc:
+                log.warning("webhooks: Redis unreachable (%s); retrying", exc)
+                self._stop.wait(1.0)
+            except Exception:          # never let one bad record stop every delivery
+                log.exception("webhooks: unexpected error; continuing")
+                self._stop.wait(1.0)
+            if not busy:
+                self._stop.wait(0.1)
+
+    def _hold_lease(self) -> bool:
+        return bool(self.r.eval(_LEASE, 1, self.k.lease, self.name, LEASE_MS))
+
+    # -- collect --------------------------------------------------------------------------------
+    def collect(self) -> bool:
+        """Turn new events of followed jobs into due deliveries; True when any event was read.
+        Two pipelined round trips for all followed jobs (hooks, then their new events), then one MULTI per
+        job with news."""
+        job_ids = [j.decode() for j in self.r.smembers(self.k.follow)]
+        if not job_ids:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(self.k.hook(job_id))
+        hooks = [{k.decode(): v.decode() for k, v in raw.items()} for raw in pipe.execute()]
+        live = [(j, h) for j, h in zip(job_ids, hooks) if h]
+        gone = [j for j, h in zip(job_ids, hooks) if not h]          # expired with their jobs
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, hook in live:
+            start = f"({hook['cursor']}" if hook["cursor"] != "0" else "-"
+            pipe.xrange(self.k.events(job_id), start, "+", count=BATCH)
+            pipe.exists(self.k.job(job_id))
+        replies = pipe.execute()
+        read_any = False
+        for (job_id, hook), entries, exists in zip(live, replies[0::2], replies[1::2]):
+            if entries:
+                read_any = True
+                self._collect_entries(job_id, hook, entries)
+            elif not exists:
+                gone.append(job_id)
+        if gone:
+            self.r.srem(self.k.follow, *gone)
+        return read_any
+
+    def _collect_entries(self, job_id: str, hook: dict[str, str], entries: list) -> None:
+        wanted = set(hook["events"].split(","))
+        last_progress = float(hook.get("last_progress") or 0)
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        final = False
+        for entry_id, fields in entries:
+            entry = entry_id.decode()
+            event = fields[b"event"].decode()
+            data = json.loads(fields[b"data"])
+            kind = WEBHOOK_EVENT.get(event)
+            final = final or kind == "completed"
+            if kind is None or kind not in wanted:
+                continue
+            if kind == "progress":
+                at = float(data.get("time") or now)
+                if at - last_progress < PROGRESS_INTERVAL_S:
+                    continue
+                last_progress = at
+            if kind == "completed":
+                data = {**data, **self._completion(job_id, hook["base"])}
+            elif kind == "image" and "index" in data:
+                data = {**data, "url": f"{hook['base']}/v1/jobs/{job_id}/images/{data['index']}"}
+            body = json.dumps({"type": f"job.{kind}",
+                               "timestamp": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+                               "data": {**data, "id": job_id, "event": event}}, separators=(",", ":"))
+            mid = f"msg_{job_id}_{entry.replace('-', '_')}"
+            pipe.hset(self.k.msg(mid), mapping={"url": hook["url"], "body": body, "first": now, "attempts": 0})
+            pipe.expire(self.k.msg(mid), int(self.settings.webhook_retry_window_s) + 3600)
+            pipe.zadd(self.k.due, {mid: now}, nx=True)
+        cursor = entries[-1][0].decode()
+        if final:
+            pipe.srem(self.k.follow, job_id)
+            pipe.delete(self.k.hook(job_id))
+        else:
+            pipe.hset(self.k.hook(job_id), mapping={"cursor": cursor, "last_progress": last_progress})
+        pipe.execute()
+
+    def _completion(self, job_id: str, base: str) -> dict:
+        status, spec, images = self.r.hmget(self.k.job(job_id), "status", "spec", "images")
+        n = len(json.loads(spec)["images"]) if spec else 0
+        url = f"{base}/v1/jobs/{job_id}"
+        return {"status": status.decode() if status else None, "url": url,
+                "images": json.loads(images) if images else [],
+                "urls": [f"{url}/images/{k}" for k in range(n)]}
+
+    # -- deliver --------------------------------------------------------------------------------
+    def deliver_due(self) -> bool:
+        """Attempt every due delivery once; True when any was attempted."""
+        now = time.time()
+        due = [m.decode() for m in self.r.zrangebyscore(self.k.due, "-inf", now, start=0, num=BATCH)]
+        for mid in due:
+            if self._stop.is_set():
+                break
+            self._attempt(mid)
+        return bool(due)
+
+    def _attempt(self, mid: str) -> None:
+        raw = self.r.hgetall(self.k.msg(mid))
+        if not raw:
+            self.r.zrem(self.k.due, mid)
+            return
+        msg = {k.decode(): v.decode() for k, v in raw.items()}
+        url, body = msg["url"], msg["body"]
+        attempts, first = int(msg["attempts"]) + 1, float(msg["first"])
+        if not host_allowed(url, self.settings.webhook_allowed_hosts):
+            log.warning("webhook %s to %s dropped: the host is no longer allowed", mid, url)
+            self._done(mid)
+            return
+        timestamp = int(time.time())
+        headers = {"content-type": "application/json", "user-agent": "eqm-webhooks", "webhook-id": mid,
+                   "webhook-timestamp": str(timestamp), "webhook-signature": sign(self.key, mid, timestamp, body)}
+        try:
+            resp = self._http.post(url, content=body.encode(), headers=headers)
+            ok, why = 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"
+        except httpx.HTTPError as exc:
+            ok, why = False, type(exc).__name__
+        if ok:
+            self._done(mid)
+            return
+        now = time.time()
+        if now - first > self.settings.webhook_retry_window_s:
+            log.warning("webhook %s to %s given up after %d attempts (%s)", mid, url, attempts, why)
+            self._done(mid)
+            return
+        delay = min(FIRST_BACKOFF_S * 2 ** (attempts - 1), self.settings.webhook_max_backoff_s)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(self.k.msg(mid), "attempts", attempts)
+        pipe.zadd(self.k.due, {mid: now + delay})
+        pipe.execute()
+        log.info("webhook %s to %s failed (%s); attempt %d in %.1fs", mid, url, why, attempts + 1, delay)
+
+    def _done(self, mid: str) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(self.k.due, mid)
+        pipe.delete(self.k.msg(mid))
+        pipe.execute()
+
+
+# Take or renew the lease when free or ours.
+_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

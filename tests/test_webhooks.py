@@ -1,0 +1,234 @@
+"""Webhooks end to end: a real `eqm serve` POSTs a job's events to a real HTTP receiver on loopback.
+
+Signatures are checked with `standardwebhooks`, the reference implementation of the spec (not ours).
+A receiver that is down for 10 s still gets every event once it is back, across an API restart.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from clientstack import serve, stop
+from models import resolve_checkpoint
+from service.api import create_app
+from service.embedded_redis import free_port
+from service.settings import Settings
+from service.webhooks import host_allowed, sign, signing_key
+
+standardwebhooks = pytest.importorskip("standardwebhooks")
+pytestmark = pytest.mark.skipif(not resolve_checkpoint("digits").is_file(), reason="the bundled digits model is missing")
+SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+class Receiver:
+    """A webhook receiver on a fixed loopback port that can go down and come back."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/hook"
+        self.received: list[tuple[dict, bytes]] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    def up(self) -> "Receiver":
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def events(self, job_id: str) -> dict[str, dict]:
+        """Verified deliveries of one job by webhook-id (duplicates of an id are the same message)."""
+        verifier = standardwebhooks.Webhook(SECRET)
+        out = {}
+        for headers, body in list(self.received):
+            payload = verifier.verify(body, headers)          # raises unless the signature is right
+            if payload["data"]["id"] == job_id:
+                out[headers["webhook-id"]] = payload
+        return out
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _settings(prefix: str) -> dict[str, str]:
+    return dict(EQM_KEY_PREFIX=prefix, EQM_WEBHOOK_SECRET=SECRET, EQM_WEBHOOK_ALLOWED_HOSTS="127.0.0.1",
+                EQM_WEBHOOK_MAX_BACKOFF_S="1", EQM_WAIT_TIMEOUT_S="60")
+
+
+def test_signing_matches_the_reference_implementation():
+    key = signing_key(SECRET)
+    body = json.dumps({"type": "job.completed", "data": {"id": "x"}})
+    now = int(time.time())
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(now), "webhook-signature": sign(key, "msg_1", now, body)}
+    assert standardwebhooks.Webhook(SECRET).verify(body, headers) == json.loads(body)
+    assert standardwebhooks.Webhook(SECRET).sign("msg_1", datetime.fromtimestamp(now, timezone.utc), body) \
+        == headers["webhook-signature"]
+    with pytest.raises(ValueError):
+        signing_key("whsec_not base64!")
+    assert host_allowed("http://127.0.0.1:9/x", ("127.0.0.1",)) and host_allowed("http://a.b:81/", ("a.b:81",))
+    assert not host_allowed("http://a.b:82/", ("a.b:81",)) and not host_allowed("http://10.0.0.1/", ())
+
+
+def test_events_are_signed_and_filtered(redis_server, tmp_path):
+    port = free_port()
+    receiver = Receiver(free_port()).up()
+    proc = serve(redis_server.url, port, tmp_path / "serve.log", **_settings(f"wh{uuid.uuid4().hex[:8]}"))
+    api = f"http://127.0.0.1:{port}"
+    try:
+        # 1000 updates without early stop: long enough for progress events
+        job = httpx.post(f"{api}/v1/generations?wait=true", timeout=90, json={
+            "labels": [3], "n": 2, "max_steps": 1000, "grad_norm_threshold": 0, "webhook": receiver.url}).json()
+        assert job["status"] == "done", job
+        got = _wait_for(lambda: (lambda e: e if any(p["type"] == "job.completed" for p in e.values()) else None)(
+            receiver.events(job["id"])), 30, "the completed event")
+        types = [p["type"] for p in sorted(got.values(), key=lambda p: p["timestamp"])]
+        assert types.count("job.start") == 1 and types.count("job.image") == 2 and types.count("job.completed") == 1
+        progress = sorted(p["data"]["time"] for p in got.values() if p["type"] == "job.progress")
+        assert progress and all(b - a >= 0.5 for a, b in zip(progress, progress[1:]))     # at most 2 per second
+        done = next(p for p in got.values() if p["type"] == "job.completed")["data"]
+        assert done["status"] == "done" and done["urls"][1] == f"{api}/v1/jobs/{job['id']}/images/1"
+        assert httpx.get(done["urls"][0]).status_code == 200
+
+        only_done = httpx.post(f"{api}/v1/generations?wait=true", timeout=90, json={
+            "labels": [1], "max_steps": 10, "webhook": receiver.url, "webhook_events_filter": ["completed"]}).json()
+        got = _wait_for(lambda: receiver.events(only_done["id"]), 30, "the filtered event")
+        time.sleep(1.0)
+        assert [p["type"] for p in receiver.events(only_done["id"]).values()] == ["job.completed"]
+
+        refused = httpx.post(f"{api}/v1/generations", json={"labels": [1], "webhook": "http://169.254.169.254/x"})
+        assert refused.status_code == 422 and "not allowed" in refused.json()["message"]
+        bad = httpx.post(f"{api}/v1/generations", json={"labels": [1], "webhook": "ftp://127.0.0.1/x"})
+        assert bad.status_code == 422
+    finally:
+        receiver.down()
+        assert stop(proc) == 0
+
+
+def test_receiver_down_and_api_restart_lose_nothing(redis_server, tmp_path):
+    port = free_port()
+    receiver = Receiver(free_port())                       # not listening yet
+    settings = _settings(f"wh{uuid.uuid4().hex[:8]}")
+    log = tmp_path / "serve.log"
+    proc = serve(redis_server.url, port, log, **settings)
+    api = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        job = httpx.post(f"{api}/v1/generations?wait=true", timeout=90, json={
+            "labels": [7], "n": 3, "max_steps": 30, "webhook": receiver.url,
+            "webhook_events_filter": ["start", "image", "completed"]}).json()
+        assert job["status"] == "done", job
+        time.sleep(1.5)                                    # a few failed attempts while the receiver is down
+        assert stop(proc) == 0                             # the API (and worker) restart in between
+        proc = serve(redis_server.url, port, log, **settings)
+        time.sleep(max(0.0, 10.0 - (time.monotonic() - t0)))
+        assert not receiver.received
+        receiver.up()
+        got = _wait_for(lambda: (lambda e: e if len(e) >= 5 else None)(receiver.events(job["id"])), 30,
+                        "every event after the receiver came back")
+        types = sorted(p["type"] for p in got.values())
+        assert types == ["job.completed", "job.image", "job.image", "job.image", "job.start"]
+        images = [p["data"] for p in got.values() if p["type"] == "job.image"]
+        assert sorted(d["index"] for d in images) == [0, 1, 2]
+        assert {d["url"] for d in images} == {f"{api}/v1/jobs/{job['id']}/images/{k}" for k in range(3)}
+    finally:
+        receiver.down()
+        stop(proc)
+
+
+def test_webhooks_off_without_a_secret(redis_url):
+    with TestClient(create_app(Settings(redis_url=redis_url, webhook_allowed_hosts=("127.0.0.1",)))) as client:
+        resp = client.post("/v1/generations", json={"labels": [1], "webhook": "http://127.0.0.1:9/hook"})
+        assert resp.status_code == 422 and "EQM_WEBHOOK_SECRET" in resp.json()["message"]
+        resp = client.post("/v1/generations", json={"labels": [1], "webhook_events_filter": ["start"]})
+        assert resp.status_code == 422 and "needs a webhook" in resp.json()["message"]
+
+
+class Failing(Receiver):
+    """A receiver that answers 500 to every delivery."""
+
+    def up(self) -> "Failing":
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                headers["arrived"] = time.monotonic()
+                received.append((headers, self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(500)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+
+def test_retries_back_off_then_give_up(redis_client):
+    """The dispatcher driven by hand: a 5xx is retried after a growing pause, and dropped after the window."""
+    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.webhooks import HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
+
+    receiver = Failing(free_port()).up()
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",), webhook_retry_window_s=2.0,
+                        webhook_max_backoff_s=0.6)
+    store, keys = JobStore(redis_client), HookKeys("eqm")
+    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
+    register_webhook(redis_client, "eqm", spec.id, WebhookTarget(receiver.url, ("completed",)), "http://api", 60)
+    store.submit(spec)
+    store.cancel(spec.id)                                  # queued -> cancelled: the final event
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        assert dispatcher.collect()
+        assert not redis_client.sismember(keys.follow, spec.id)        # final: no longer followed
+        (mid,) = [m.decode() for m in redis_client.zrange(keys.due, 0, -1)]
+        end = time.monotonic() + 10
+        while redis_client.exists(keys.msg(mid)) and time.monotonic() < end:
+            dispatcher.deliver_due()
+            time.sleep(0.02)
+        assert not redis_client.exists(keys.msg(mid)) and not redis_client.zscore(keys.due, mid)   # given up
+        attempts = [json.loads(body)["data"]["status"] for _, body in receiver.received]
+        assert attempts[0] == "cancelled" and 4 <= len(attempts) <= 8                 # 0.5 s, 0.6 s, 0.6 s ... for 2 s
+        ids = {h["webhook-id"] for h, _ in receiver.received}
+        assert ids == {mid}                                                            # one message, retried
+        arrived = [h["arrived"] for h, _ in receiver.received]
+        gaps = [b - a for a, b in zip(arrived, arrived[1:])]
+        assert gaps[0] >= 0.45 and all(g >= 0.55 for g in gaps[1:])                  # 0.5 s, then the 0.6 s cap
+    finally:
+        receiver.down()
+        dispatcher._http.close()
+
