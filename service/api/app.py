@@ -2,6 +2,8 @@
 
 ``create_app(settings)`` builds one app; ``app_from_env()`` is the factory uvicorn imports
 (``eqm api``). Handlers get the shared state through ``deps.get_state``; nothing is global.
+The interactive docs (``/docs``, Swagger UI; ``/redoc``) load their scripts and styles from this
+server (the ``fastapi-offline`` package ships them), so they work with no internet.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from service.api import catalog, compositions, denoise, generations, health, jobs
 from service.api.deps import ApiState
@@ -42,9 +45,12 @@ TAGS = [
 ]
 
 
+DOCS_ASSETS = "/docs-assets"        # Swagger UI and ReDoc scripts, styles and icon, served from the package
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(worker_metrics=settings.metrics_from_workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -61,8 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await state.close()
 
-    app = FastAPI(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
-                  openapi_tags=TAGS, lifespan=lifespan)
+    app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
+                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)

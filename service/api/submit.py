@@ -20,6 +20,7 @@ from service.api.deps import ApiState
 from service.api.jobs import job_links, read_job_status
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
+from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
 from service.jobs import FINAL_STATUSES, JobSpec, SamplerSpec
 
@@ -96,7 +97,9 @@ async def submit(request: Request, state: ApiState, spec: JobSpec, input_png: by
     links = job_links(request, spec.id, len(spec.images))
     headers = {"Location": links.self}
     if wait:
-        final = await wait_until_final(state, spec.id, state.settings.wait_timeout_s)
+        # A server that starts to stop answers at once: 202 with the job's id and status, never a cut connection.
+        final = await unless_stopping(state.stopping, wait_until_final(state, spec.id, state.settings.wait_timeout_s),
+                                      default=False)
         status = await run_in_threadpool(read_job_status, request, state, spec.id)
         return JSONResponse(status.model_dump(mode="json"), status_code=200 if final else 202, headers=headers)
     body = JobCreated(id=spec.id, status="queued", kind=spec.kind, model=spec.model, num_images=len(spec.images),
