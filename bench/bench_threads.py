@@ -8,7 +8,8 @@ admission to its last decoded image. Configurations alternate run by run, so dri
 machine spread over all of them; the figure is the median with its range.
 
 "busy": one extra process spins on a core for the whole run, as other work on a shared machine
-does. The default of ``eqm worker`` / ``eqm serve`` for CPU workers comes from this table.
+does; "no spinner": without it (the machine's other work still runs: its load average is reported).
+The default of ``eqm worker`` / ``eqm serve`` for CPU workers comes from this table.
 
 Usage:
   python bench/bench_threads.py [--repeats 5] [--threads 1,2] [--no-write]
@@ -61,6 +62,7 @@ def measure(threads: int) -> dict:
 
 
 def run_child(threads: int, busy: bool) -> dict:
+    load = os.getloadavg()[0]                      # the shared machine's own load, before this run
     spinner = None
     if busy:
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -69,7 +71,7 @@ def run_child(threads: int, busy: bool) -> dict:
         env.pop("OMP_NUM_THREADS", None)          # the worker's own --threads decides
         out = subprocess.run([sys.executable, __file__, "--child", str(threads)], env=env, check=True,
                              capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": load}
     finally:
         if spinner is not None:
             spinner.kill()
@@ -78,22 +80,26 @@ def run_child(threads: int, busy: bool) -> dict:
 
 def section(table: dict, repeats: int, cpus: int) -> str:
     date = datetime.date.today().isoformat()
+    loads = [r["load"] for runs in table.values() for r in runs]
     lines = [SECTION_TITLE, "",
              f"{date}, {platform.processor() or platform.machine()}, {cpus} CPU cores, torch "
-             f"{_torch_version()}, Python {platform.python_version()}. A shared machine: other work ran beside "
-             "these runs, so the absolute figures move; the configurations alternated run by run.",
+             f"{_torch_version()}, Python {platform.python_version()}. A shared machine: other work (tests and "
+             "builds of other people) ran beside these runs, 1-minute load average "
+             f"{min(loads):.1f}-{max(loads):.1f} on {cpus} cores before them, so the absolute figures move and "
+             "*no spinner* is not an idle machine; the configurations alternated run by run.",
              "",
              f"One {IMAGES}-image job of the bundled digits model through the CPU worker's engine "
              "(`service.worker.build_engine`, recommended sampler: NAG-GD, adaptive stop, at most 60 updates, "
              f"guidance 1.5), from admission to the last decoded image; median of {repeats} fresh processes "
-             "(min-max). *busy*: one more process spinning on a core throughout.",
+             "(min-max). *busy*: the benchmark adds one process spinning on a core throughout; *no spinner*: it "
+             "does not.",
              "",
              "| torch threads | machine | images/s, median (min-max) | seconds per job, median |",
              "|---|---|---|---|"]
     for (threads, busy), runs in table.items():
         ips = [r["images_per_s"] for r in runs]
         secs = [r["seconds"] for r in runs]
-        lines.append(f"| {threads} | {'busy' if busy else 'idle'} | {statistics.median(ips):.1f} "
+        lines.append(f"| {threads} | {'busy' if busy else 'no spinner'} | {statistics.median(ips):.1f} "
                      f"({min(ips):.1f}-{max(ips):.1f}) | {statistics.median(secs):.2f} |")
     best = {}
     for busy in (False, True):
@@ -102,10 +108,10 @@ def section(table: dict, repeats: int, cpus: int) -> str:
             best[busy] = max(rows, key=rows.get)
             ratio = rows.get(1, 0) / rows[max(rows)] if rows.get(max(rows)) else float("nan")
             lines.append("")
-            lines.append(f"{'Busy' if busy else 'Idle'}: 1 thread gives {ratio:.2f}x the images/s of "
+            lines.append(f"{'Busy' if busy else 'No spinner'}: 1 thread gives {ratio:.2f}x the images/s of "
                          f"{max(rows)} threads.")
-    lines += ["", f"Default chosen: `--threads 1` for CPU workers (fastest here: idle {best.get(False)}, busy "
-              f"{best.get(True)} threads). The model is small (8x8 digits, 4 blocks of width 128): a step is "
+    lines += ["", f"Default chosen: `--threads 1` for CPU workers (fastest here: {best.get(False)} thread(s) without the "
+              f"spinner, {best.get(True)} with it). The model is small (8x8 digits, 4 blocks of width 128): a step is "
               "dozens of small matmuls, where a second thread adds synchronisation at every op and, when a core is "
               "taken by another process, waits for it. `--threads 0` gives torch's default (every core).", ""]
     return "\n".join(lines)
@@ -134,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         for config in (configs if rep % 2 == 0 else configs[::-1]):
             result = run_child(*config)
             table[config].append(result)
-            print(f"repeat {rep}: threads {config[0]} {'busy' if config[1] else 'idle'}: "
+            print(f"repeat {rep}: threads {config[0]} {'busy' if config[1] else 'no spinner'}: "
                   f"{result['images_per_s']:.1f} images/s ({result['seconds']:.2f} s)", file=sys.stderr)
     text = section(table, args.repeats, os.cpu_count() or 0)
     print(text)

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import redis
 
-from service.api.modelinfo import load_model_info
 from service.embedded_redis import EmbeddedRedis, free_port
 from service.jobs import JobStore
 from service.lifecycle import die_with_parent
@@ -171,12 +170,25 @@ class _Server:
 def serve(settings: Settings, *, device: str | None = None, metrics_port: int | None = None,
           redis_dir: str | None = None, threads: int | None = None, log_level: str = "info") -> int:
     """Run Redis (if needed), the workers and the API until a signal; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s [serve] %(message)s")
+    metrics_port = metrics_port or settings.metrics_port or free_port()
+    check_port_free(settings.host, metrics_port, "--metrics-port")
+    api_socket = bind_port(settings.host, settings.port, "--port")     # held from now on: nobody else takes it
+    try:
+        return _serve(settings, api_socket, device=device, metrics_port=metrics_port, redis_dir=redis_dir,
+                      threads=threads, log_level=log_level)
+    finally:
+        api_socket.close()
+
+
+def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None, metrics_port: int,
+           redis_dir: str | None, threads: int | None, log_level: str) -> int:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.modelinfo import load_model_info
     from service.cli.worker import check_device
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s [serve] %(message)s")
     model = load_model_info(settings)                  # a bad checkpoint fails here, before anything starts
     if model.codec == "sd-vae" and not settings.vae:
         raise ValueError(f"{model.config.arch} works in SD-VAE latents: set EQM_VAE to the folder of "
@@ -184,9 +196,6 @@ def serve(settings: Settings, *, device: str | None = None, metrics_port: int | 
     if threads is not None and threads < 0:
         raise ValueError(f"--threads must be >= 0, got {threads}")
     device = check_device(device or settings.device or default_device())
-    metrics_port = metrics_port or settings.metrics_port or free_port()
-    check_port_free(settings.host, metrics_port, "--metrics-port")
-    api_socket = bind_port(settings.host, settings.port, "--port")
     stack = Stack(settings)
     previous = signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM stops like Ctrl-C: through `finally`
     server = None
@@ -214,7 +223,7 @@ def serve(settings: Settings, *, device: str | None = None, metrics_port: int | 
     except SystemExit as exc:                           # uvicorn exits this way when it cannot start
         return int(exc.code or 1)
     finally:
-        api_socket.close()
+        api_socket.close()                              # the API is closed before the workers stop
         signal.signal(signal.SIGINT, _interrupt)
         try:
             stack.stop(hurry=server is not None and server.force_exit)     # Ctrl-C twice while the API stopped

@@ -3,7 +3,9 @@
 ``create_app(settings)`` builds one app; ``app_from_env()`` is the factory uvicorn imports
 (``eqm api``). Handlers get the shared state through ``deps.get_state``; nothing is global.
 The interactive docs (``/docs``, Swagger UI; ``/redoc``) load their scripts and styles from this
-server (the ``fastapi-offline`` package ships them), so they work with no internet.
+server (the ``fastapi-offline`` package ships them), so they work with no internet; their pages also
+carry a Content-Security-Policy that keeps the browser on this server (ReDoc would otherwise fetch
+its logo from a CDN, which hangs on an air-gapped machine).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import catalog, compositions, denoise, generations, health, jobs
 from service.api.deps import ApiState
@@ -46,6 +49,29 @@ TAGS = [
 
 
 DOCS_ASSETS = "/docs-assets"        # Swagger UI and ReDoc scripts, styles and icon, served from the package
+DOCS_PAGES = ("/docs", "/redoc")
+# Everything from this server; inline scripts and styles are how both pages start; ReDoc runs a blob: worker.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+class DocsPolicyMiddleware:
+    """Adds ``DOCS_CSP`` to the answers of the docs pages (nothing else is touched)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in DOCS_PAGES:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", DOCS_CSP.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,6 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
                          openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     for module in (generations, compositions, denoise, jobs, catalog, health):
