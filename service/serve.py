@@ -210,7 +210,8 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
         if code is not None:
             log.error("the worker could not start (status %s, its error is above); stopping", code)
             return code
-        app = create_app(settings)
+        app = create_app(settings, no_worker_hint="`eqm serve` restarts its worker when it stops; retry in a few "
+                                                  "seconds (its log says why it stopped)")
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                 timeout_graceful_shutdown=API_SHUTDOWN_S)
         server = _Server.build(config, app)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -281,3 +283,96 @@ def test_every_help_builds_without_importing_torch():
 def test_cpu_thread_default_is_one_where_the_worker_reads_it():
     from service.worker import WorkerConfig
     assert WorkerConfig(redis_url="redis://x").threads == 1
+
+
+# -- README.md: every example runs (or, where it needs the released weights, parses) ---------------------
+
+README = ROOT / "README.md"
+NEEDS_RELEASED_WEIGHTS = ("EqM-XL-2", "0400000.pt", "--noise noise.npy")
+SECTIONS_WITH_EXAMPLES = {"On a fresh machine": ".ci/run", "Using the API": "served", "Tests": ".ci/run",
+                          "Offline sampling: `eqm sample`": "run", "Weights: `eqm convert`": "parsed"}
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """``(section heading, bash block)`` for every fenced bash block, in README order."""
+    out, heading, block = [], "", None
+    for line in README.read_text(encoding="utf-8").splitlines():
+        if block is not None:
+            if line.strip() == "```":
+                out.append((heading, "\n".join(block)))
+                block = None
+            else:
+                block.append(line)
+        elif line.strip() == "```bash":
+            block = []
+        elif line.startswith("## "):
+            heading = line[3:].strip()
+    return out
+
+
+def readme_commands(block: str) -> list[str]:
+    """One string per command: comments dropped, lines ending in ``\\`` or ``|`` joined to the next."""
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        current += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith(("\\", "|")) else line
+        if not line.rstrip().endswith(("\\", "|")):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
+def _bash(script: str, cwd: Path, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    # `eqm` as the installed console script would run it, from this source tree; curl fails on HTTP errors.
+    prelude = (f'set -euo pipefail\neqm() {{ "{sys.executable}" -m service.cli "$@"; }}\n'
+               'curl() { command curl --fail-with-body --max-time 120 "$@"; }\n')
+    return subprocess.run(["bash", "-c", prelude + script], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def test_readme_examples_are_all_covered():
+    blocks = readme_blocks()
+    assert blocks and {heading for heading, _ in blocks} <= set(SECTIONS_WITH_EXAMPLES), \
+        "a README section with examples that no test runs: add it to SECTIONS_WITH_EXAMPLES and run it"
+    fresh = [c for heading, block in blocks if heading == "On a fresh machine" for c in readme_commands(block)]
+    assert fresh == ['pip install "torch==2.13.0" && pip install -e .', "eqm serve",
+                     'pip install -e ".[test]"', "python -m pytest -q"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "On a fresh machine" in ci and "pytest" in ci            # .ci/run takes its install lines from there
+
+
+@needs_digits
+def test_readme_offline_examples_run(tmp_path):
+    from service.cli import build_parser
+    ran = 0
+    for heading, block in readme_blocks():
+        if SECTIONS_WITH_EXAMPLES.get(heading) not in ("run", "parsed"):
+            continue
+        for command in readme_commands(block):
+            assert command.startswith("eqm "), command
+            if SECTIONS_WITH_EXAMPLES[heading] == "parsed" or any(w in command for w in NEEDS_RELEASED_WEIGHTS):
+                build_parser().parse_args(shlex.split(command)[1:])     # the flags exist, at least
+                continue
+            result = _bash(command, tmp_path)
+            assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
+            ran += 1
+    assert ran >= 5
+    assert len(list((tmp_path / "digits_png").glob("*.png"))) == 10
+    assert (tmp_path / "clean.npy").is_file() and (tmp_path / "mix.npy").is_file()
+
+
+@needs_digits
+def test_readme_api_examples_run_against_eqm_serve(served, tmp_path):
+    base, _, _ = served
+    first_sample = next(c for heading, block in readme_blocks() if heading.startswith("Offline sampling")
+                        for c in readme_commands(block) if "--out digits_png/" in c)
+    script = [first_sample]                                  # the denoise example uploads one of its PNGs
+    for heading, block in readme_blocks():
+        if SECTIONS_WITH_EXAMPLES.get(heading) == "served":
+            script.append(re.sub(r"^API=\S+", f"API={base}", block, flags=re.M))
+    assert "API=http://127.0.0.1:8000" not in "\n".join(script[1:])
+    result = _bash("\n".join(script), tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "event: done" in result.stdout and '"status":"done"' in result.stdout
+    assert "eqm_steps_per_sample_count" in result.stdout            # the README's one metrics page

@@ -74,7 +74,8 @@ class DocsPolicyMiddleware:
         await self.app(scope, receive, send_with_policy)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, no_worker_hint: str | None = None) -> FastAPI:
+    """``no_worker_hint``: what a 503 "no live worker" tells the user to do (``eqm serve`` has its own)."""
     settings = settings or Settings.from_env()
     metrics = ApiMetrics(worker_metrics=settings.metrics_from_workers)
 
@@ -85,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(state.store.ensure_group)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
+        if no_worker_hint:
+            state.no_worker_hint = no_worker_hint
         app.state.api = state
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
                  state.model.image_size, state.model.image_size, state.model.num_classes)
@@ -130,8 +133,13 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         detail.append({"loc": loc, "msg": msg, "type": str(err.get("type", "value_error"))})
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
-    return JSONResponse({"detail": detail, "message": f"{where}: {first['msg']}" if where else first["msg"]},
-                        status_code=422)
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    if first.get("type") == "json_invalid":
+        message = "body: not valid JSON (JSON decode error)"
+    elif first.get("type") == "model_attributes_type" and first["loc"] == ["body"] and \
+            "json" not in request.headers.get("content-type", ""):
+        message = "body: expected a JSON object; send it with the header 'Content-Type: application/json'"
+    return JSONResponse({"detail": detail, "message": message}, status_code=422)
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:

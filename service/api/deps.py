@@ -27,6 +27,7 @@ class ApiState:
     store: JobStore
     metrics: ApiMetrics
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # the server stops: waits and streams end now
+    no_worker_hint: str = "start one with `eqm worker` (or use `eqm serve`)"    # what a 503 tells to do
 
     @classmethod
     def open(cls, settings: Settings, metrics: ApiMetrics) -> "ApiState":

@@ -79,8 +79,8 @@ def _admit(state: ApiState) -> None:
         state.metrics.rejected_total.labels("no_worker").inc()
         other = sorted({str(w.get("model")) for w in workers.values()})
         why = f"; live workers serve {', '.join(other)}" if other else ""
-        raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; start one with "
-                                 f"`eqm worker` (or use `eqm serve`)", headers={"Retry-After": str(RETRY_NO_WORKER_S)})
+        raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; {state.no_worker_hint}",
+                            headers={"Retry-After": str(RETRY_NO_WORKER_S)})
     depth = state.store.queue_depth()
     if depth >= state.settings.max_queue:
         state.metrics.rejected_total.labels("queue_full").inc()
