@@ -352,7 +352,7 @@ def test_readme_offline_examples_run(tmp_path):
         for command in readme_commands(block):
             assert command.startswith("eqm "), command
             if SECTIONS_WITH_EXAMPLES[heading] == "parsed" or any(w in command for w in NEEDS_RELEASED_WEIGHTS):
-                build_parser().parse_args(shlex.split(command)[1:])     # the flags exist, at least
+                build_parser().parse_args(shlex.split(command, comments=True)[1:])     # the flags exist, at least
                 continue
             result = _bash(command, tmp_path)
             assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
@@ -376,3 +376,8 @@ def test_readme_api_examples_run_against_eqm_serve(served, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "event: done" in result.stdout and '"status":"done"' in result.stdout
     assert "eqm_steps_per_sample_count" in result.stdout            # the README's one metrics page
+    # What the README says of a JSON body sent without its Content-Type.
+    resp = httpx.post(f"{base}/v1/generations", content=b'{"labels": [3]}', timeout=10)
+    assert resp.status_code == 422
+    assert resp.json()["message"] == "body: expected a JSON object; send it with the header " \
+                                     "'Content-Type: application/json'"
