@@ -149,22 +149,19 @@ def check_port_free(host: str, port: int, flag: str) -> None:
     bind_port(host, port, flag).close()
 
 
-class _Server:
+def stopping_server(config, app):
     """uvicorn's server, made to tell the app when it starts to stop (before it waits for connections),
     so ``?wait=true`` requests and event streams answer at once instead of being cut."""
+    import uvicorn
 
-    @staticmethod
-    def build(config, app):
-        import uvicorn
+    class StoppingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            state = getattr(app.state, "api", None)
+            if state is not None:
+                state.stopping.set()
+            await super().shutdown(sockets=sockets)
 
-        class StoppingServer(uvicorn.Server):
-            async def shutdown(self, sockets=None):
-                state = getattr(app.state, "api", None)
-                if state is not None:
-                    state.stopping.set()
-                await super().shutdown(sockets=sockets)
-
-        return StoppingServer(config)
+    return StoppingServer(config)
 
 
 def serve(settings: Settings, *, device: str | None = None, metrics_port: int | None = None,
@@ -214,7 +211,7 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
                                                   "seconds (its log says why it stopped)")
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                 timeout_graceful_shutdown=API_SHUTDOWN_S)
-        server = _Server.build(config, app)
+        server = stopping_server(config, app)
         threading.Thread(target=_watch, args=(stack, server, store, settings, model.name, device),
                          name="serve-watch", daemon=True).start()
         server.run(sockets=[api_socket])

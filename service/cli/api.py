@@ -35,7 +35,10 @@ def run_api(args: argparse.Namespace) -> int:
     # asked by docker or systemd ends with status 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda *_: None)
     if args.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+        from service.serve import stopping_server
+        app = create_app(settings)
+        stopping_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level),
+                        app).run()
         return 0
     # Several processes: each builds its app from the environment, so the overrides travel there.
     os.environ.update({f"EQM_{k.upper()}": str(getattr(settings, k)) for k in ("redis_url", "checkpoint", "vae")})
