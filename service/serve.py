@@ -81,7 +81,7 @@ class Stack:
         s = self.settings
         argv = [sys.executable, "-m", "service.cli", "worker", "--devices", device, "--redis-url", redis_url,
                 "--checkpoint", s.checkpoint, "--prefix", s.key_prefix, "--metrics-port", str(metrics_port),
-                "--grace-s", str(WORKER_GRACE_S)]
+                "--metrics-host", s.host, "--grace-s", str(WORKER_GRACE_S)]
         if s.vae:
             argv += ["--vae", s.vae]
         if s.model_name:

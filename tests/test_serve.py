@@ -381,3 +381,32 @@ def test_readme_api_examples_run_against_eqm_serve(served, tmp_path):
     assert resp.status_code == 422
     assert resp.json()["message"] == "body: expected a JSON object; send it with the header " \
                                      "'Content-Type: application/json'"
+
+
+@needs_digits
+def test_double_ctrl_c_with_a_running_job_stops_everything_at_once(tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = _serve(["--port", str(port), "--device", "cpu"], log, EQM_HEARTBEAT_S="0.5")
+    try:
+        _wait_port(port, proc, log)
+        stack = _descendants(proc.pid)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/generations",
+                          json={"labels": [1], "n": 8, "max_steps": 1000, "grad_norm_threshold": 0}, timeout=30)
+        job_url = f"http://127.0.0.1:{port}{resp.json()['links']['self']}"
+        end = time.monotonic() + 30
+        while httpx.get(job_url, timeout=10).json()["status"] != "running":
+            assert time.monotonic() < end, "the job never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1.0)                                   # the API has stopped; the worker has 10 s of grace
+        proc.send_signal(signal.SIGINT)                   # ... which a second Ctrl-C cuts short
+        code = proc.wait(timeout=30)
+        assert code == 0, log.read_text()[-3000:]
+        assert not _alive(stack), f"still running after eqm serve exited: {_alive(stack)}"   # nothing prints later
+        text = log.read_text()
+        assert "handed back to the queue" in text and "Traceback" not in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
