@@ -110,7 +110,7 @@ class Supervisor:
 
     def _start(self, child: _Child) -> None:
         # The repository root on the path, so ``-m service.worker`` imports from any working directory.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         child.proc = subprocess.Popen(child.argv, start_new_session=True, env=env,
                                       preexec_fn=die_with_parent(signal.SIGKILL))
