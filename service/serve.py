@@ -58,6 +58,7 @@ class Stack:
         self.settings = settings
         self.redis: EmbeddedRedis | None = None
         self.workers: subprocess.Popen | None = None
+        self._stop_signals = 0               # SIGTERMs sent to the supervisor: the second one means hurry
 
     def start_redis(self, data_dir: str | None) -> str:
         if self.settings.redis_url:
@@ -86,7 +87,7 @@ class Stack:
             argv += ["--vae", s.vae]
         if s.model_name:
             argv += ["--model-name", s.model_name]
-        if threads:
+        if threads is not None:
             argv += ["--threads", str(threads)]
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
@@ -112,7 +113,10 @@ class Stack:
     def stop(self, hurry: bool = False) -> None:
         if self.workers is not None and self.workers.poll() is None:
             log.info("stopping workers (pid %d)%s", self.workers.pid, ": handing jobs back now" if hurry else "")
-            self.workers.send_signal(signal.SIGTERM)        # a second one tells the supervisor to hurry
+            for _ in range(2 - self._stop_signals if hurry else 1):     # a second one tells it to hurry
+                self.workers.send_signal(signal.SIGTERM)
+                self._stop_signals += 1
+                time.sleep(0.1)
             try:
                 self.workers.wait(timeout=HURRIED_STOP_S if hurry else WORKER_GRACE_S + 20)
             except subprocess.TimeoutExpired:
