@@ -153,12 +153,18 @@ def check_port_free(host: str, port: int, flag: str) -> None:
     bind_port(host, port, flag).close()
 
 
-def stopping_server(config, app):
+def stopping_server(config, app, on_started=None):
     """uvicorn's server, made to tell the app when it starts to stop (before it waits for connections),
-    so ``?wait=true`` requests and event streams answer at once instead of being cut."""
+    so ``?wait=true`` requests and event streams answer at once instead of being cut. ``on_started`` is
+    called once it listens, before it handles a request."""
     import uvicorn
 
     class StoppingServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if on_started is not None and not self.should_exit:
+                on_started()
+
         async def shutdown(self, sockets=None):
             state = getattr(app.state, "api", None)
             if state is not None:
@@ -215,9 +221,10 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
                                                   "seconds (its log says why it stopped)")
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                 timeout_graceful_shutdown=API_SHUTDOWN_S)
-        server = stopping_server(config, app)
-        threading.Thread(target=_watch, args=(stack, server, store, settings, model.name, device),
-                         name="serve-watch", daemon=True).start()
+        server = stopping_server(config, app, on_started=lambda: log.info(
+            "ready: API on http://%s:%d (docs at /docs, metrics of the API and the workers at /metrics), model %s "
+            "on %s", settings.host, settings.port, model.name, device))
+        threading.Thread(target=_watch, args=(stack, server), name="serve-watch", daemon=True).start()
         server.run(sockets=[api_socket])
         return 0 if stack.workers is None or stack.workers.poll() is None else 1
     except KeyboardInterrupt:
@@ -237,17 +244,12 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _watch(stack: Stack, server, store: JobStore, settings: Settings, model: str, device: str) -> None:
-    """Say when the API is ready; stop it if the worker supervisor dies."""
-    announced = False
+def _watch(stack: Stack, server) -> None:
+    """Stop the API if the worker supervisor dies."""
     while not server.should_exit:
         workers = stack.workers
         if workers is None or workers.poll() is not None:
             log.error("the worker supervisor exited (status %s); stopping", None if workers is None else workers.poll())
             server.should_exit = True
             return
-        if not announced and server.started:
-            announced = True
-            log.info("ready: API on http://%s:%d (docs at /docs, metrics of the API and the workers at /metrics), "
-                     "model %s on %s", settings.host, settings.port, model, device)
         time.sleep(0.2)
