@@ -113,7 +113,7 @@ def test_serve_embedded_starts_and_stops_cleanly(tmp_path):
         assert _port_open(redis_port) and _pid_alive(worker_pid) and _port_open(metrics_port)
 
         # Ctrl-C while a client waits on a long job (?wait=true) and another follows its events.
-        long_job = {"labels": [2], "n": 8, "max_steps": 1000, "grad_norm_threshold": 0}
+        long_job = {"labels": [2], "n": 32, "max_steps": 1000, "grad_norm_threshold": 0}   # runs for seconds
         answers: dict[str, object] = {}
 
         def wait_for_job():

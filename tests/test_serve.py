@@ -392,7 +392,7 @@ def test_double_ctrl_c_with_a_running_job_stops_everything_at_once(tmp_path):
         _wait_port(port, proc, log)
         stack = _descendants(proc.pid)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/generations",
-                          json={"labels": [1], "n": 8, "max_steps": 1000, "grad_norm_threshold": 0}, timeout=30)
+                          json={"labels": [1], "n": 32, "max_steps": 1000, "grad_norm_threshold": 0}, timeout=30)
         job_url = f"http://127.0.0.1:{port}{resp.json()['links']['self']}"
         end = time.monotonic() + 30
         while httpx.get(job_url, timeout=10).json()["status"] != "running":
