@@ -74,8 +74,8 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"     # where the endpoint binds (default: where the API binds, EQM_HOST)
     grace_s: float = 10.0               # shutdown: how long in-flight samples may still run
     progress_interval_s: float = 0.3    # progress events per job at most this often
-    threads: int = 1                    # torch CPU threads (0 = torch's default: every core); 1 is the fastest
-                                        # for a small model on idle and busy CPUs alike (bench/RESULTS.md)
+    threads: int = 1                    # torch CPU threads (0 = torch's default: every core); 1 gave 7-11x the
+                                        # images/s of 2 for the bundled model on a shared CPU (bench/RESULTS.md)
     name: str = ""                      # consumer name (default host:pid:device)
     parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
     warmup: bool = True

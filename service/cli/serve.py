@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--device", help="worker device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda:0 if present)")
     s.add_argument("--metrics-port", type=int, help="worker Prometheus port (default EQM_METRICS_PORT, else a free "
                    "one); its metrics are also on the API's /metrics")
-    s.add_argument("--threads", type=int, help="torch CPU threads of a CPU worker (default 1: the fastest for a "
-                   "small model, on an idle and on a busy machine; bench/RESULTS.md)")
+    s.add_argument("--threads", type=int, help="torch CPU threads of a CPU worker (default 1: 7-11x the images/s "
+                   "of 2 threads with the bundled model on a shared machine, bench/RESULTS.md; 0 = every core)")
     s.add_argument("--redis-dir", help="keep the embedded Redis' append-only file in this folder (default: none, "
                    "jobs are lost at exit)")
     s.set_defaults(handler=run_serve)

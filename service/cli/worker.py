@@ -58,7 +58,7 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-deliveries", type=int, help="dead-letter a job delivered more often than this")
     p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, let in-flight samples run this long")
     p.add_argument("--threads", type=int, help="torch CPU threads per CPU worker (default 1: "
-                   "the fastest for a small model on an idle and on a busy machine, bench/RESULTS.md; "
+                   "7-11x the images/s of 2 threads with the bundled model on a shared machine, bench/RESULTS.md; "
                    "0 = torch's default, every core)")
     p.add_argument("--metrics-host", help="address the metrics endpoint binds (default EQM_HOST, 127.0.0.1, where "
                    "the API binds; 0.0.0.0 for Prometheus on other machines)")
