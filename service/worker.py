@@ -53,6 +53,10 @@ log = logging.getLogger("eqm.worker")
 EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
 
 
+class SetupError(Exception):
+    """A worker that cannot start as configured (e.g. its metrics port is taken): exit 2, no restart."""
+
+
 @dataclass
 class WorkerConfig:
     redis_url: str
@@ -69,9 +73,11 @@ class WorkerConfig:
     max_deliveries: int = 3
     result_ttl_s: int = 3600
     metrics_port: int = 0               # 0 = no endpoint
+    metrics_host: str = "127.0.0.1"     # where the endpoint binds (default: where the API binds, EQM_HOST)
     grace_s: float = 10.0               # shutdown: how long in-flight samples may still run
     progress_interval_s: float = 0.3    # progress events per job at most this often
-    threads: int = 0                    # torch CPU threads (0 = torch's default)
+    threads: int = 1                    # torch CPU threads (0 = torch's default: every core); 1 gave 7-11x the
+                                        # images/s of 2 for the bundled model on a shared CPU (bench/RESULTS.md)
     name: str = ""                      # consumer name (default host:pid:device)
     parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
     warmup: bool = True
@@ -87,7 +93,8 @@ class WorkerConfig:
                     device=settings.device or _default_device(), capacity=settings.capacity,
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
-                    result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port)
+                    result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
+                    metrics_host=settings.host)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -105,12 +112,11 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     from models.codecs import make_codec
     from models.checkpoint import load_model
     from service.runner import ModelRunner
-    from service.cli_offline import DTYPES
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = resolve_checkpoint(cfg.checkpoint)
-    loaded = load_model(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    loaded = load_model(path, device=cfg.device, dtype=getattr(torch, cfg.dtype))
     mc = loaded.spec.config
     codec = make_codec(loaded.spec.codec, channels=mc.in_channels, latent_size=mc.input_size,
                        vae_dir=cfg.vae or None, device=cfg.device)
@@ -159,10 +165,12 @@ class Worker:
             self.engine = build_engine(self.cfg, self.metrics)
         if self.cfg.metrics_port:
             try:
-                serve_metrics(self.metrics, self.cfg.metrics_port)
-                self._metrics_url = f"http://{socket.gethostname()}:{self.cfg.metrics_port}/metrics"
-            except OSError as exc:     # a busy port must not take the worker down (nor restart-loop it)
-                log.error("metrics endpoint on port %d not started: %s", self.cfg.metrics_port, exc)
+                serve_metrics(self.metrics, self.cfg.metrics_port, self.cfg.metrics_host)
+            except OSError as exc:     # a setup error: exit 2, so the supervisor stops instead of restart-looping
+                raise SetupError(f"metrics port {self.cfg.metrics_port} on {self.cfg.metrics_host}: {exc.strerror or exc}; "
+                                 "pass another --metrics-port") from None
+            host = self.cfg.metrics_host if self.cfg.metrics_host not in ("", "0.0.0.0", "::") else socket.gethostname()
+            self._metrics_url = f"http://{host}:{self.cfg.metrics_port}/metrics"
         self.store.ensure_group()
         threads = [threading.Thread(target=self._listen_cancels, name="cancel-listener", daemon=True),
                    threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
@@ -484,27 +492,10 @@ return 0
 """
 
 
-def add_worker_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``python -m service.worker`` and ``eqm worker`` (defaults: EQM_* settings)."""
-    p.add_argument("--redis-url", help="Redis URL (default EQM_REDIS_URL)")
-    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
-    p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
-    p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (state stays float32)")
-    p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
-    p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
-    p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
-    p.add_argument("--claim-idle-ms", type=int, help="reclaim a dead worker's job after this idle time")
-    p.add_argument("--heartbeat-s", type=float, help="heartbeat period in seconds")
-    p.add_argument("--max-deliveries", type=int, help="dead-letter a job delivered more often than this")
-    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, let in-flight samples run this long")
-    p.add_argument("--threads", type=int, help="torch CPU threads per worker (0 = torch default)")
-
-
 def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
     settings = Settings.from_env()
     names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "capacity", "max_rows", "key_prefix",
-             "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads")
+             "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
     overrides = {n: getattr(args, n, None) for n in names}
     overrides.update(extra)
     cfg = WorkerConfig.from_settings(settings, **overrides)
@@ -514,6 +505,7 @@ def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from service.cli.worker import add_worker_arguments, check_device
     p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
     add_worker_arguments(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")
@@ -526,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, device=args.device, metrics_port=args.metrics_port, name=args.name,
                                parent_pid=args.parent_pid)
+        check_device(cfg.device)
     except ValueError as exc:
         print(f"eqm worker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -533,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.install_signal_handlers()
     try:
         return worker.run()
-    except (CheckpointError, CodecError) as exc:
+    except (CheckpointError, CodecError, SetupError) as exc:
         # A setup error, not a crash: exit code 2 tells the supervisor not to restart.
         print(f"eqm worker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -38,12 +38,8 @@ def dockerfile(name: str) -> list[tuple[str, str]]:
 
 def cli_parser() -> argparse.ArgumentParser:
     """The `eqm` parser with the subcommands compose runs."""
-    from service import cli_service, cli_worker
-    parser = argparse.ArgumentParser(prog="eqm")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cli_service.register(sub)
-    cli_worker.register(sub)
-    return parser
+    from service.cli import build_parser
+    return build_parser()
 
 
 def test_services_present(services):
@@ -80,6 +76,7 @@ def test_worker_service_reserves_gpus(services):
     assert worker["environment"]["EQM_CHECKPOINT"] == services["api"]["environment"]["EQM_CHECKPOINT"]
     args = cli_parser().parse_args(worker["command"][1:])
     assert args.command == "worker" and args.metrics_port == 9400
+    assert args.metrics_host == "0.0.0.0"          # workers bind loopback unless told: Prometheus is elsewhere
     # the worker registers http://<hostname>:<port>/metrics, which Prometheus must be able to resolve
     assert worker["hostname"] == "worker"
 
@@ -140,7 +137,7 @@ def test_dockerfiles():
     assert api[0][0] == "FROM" and "python:3.11" in api[0][1]
     base = next(rest for word, rest in gpu if word == "ARG" and rest.startswith("BASE_IMAGE="))
     assert "cuda" in base and "pytorch" in base
-    for instructions, command in ((api, ["eqm", "api"]), (gpu, ["eqm", "worker", "--metrics-port", "9400"])):
+    for instructions, command in ((api, ["eqm", "api"]), (gpu, ["eqm", "worker", "--metrics-port", "9400", "--metrics-host", "0.0.0.0"])):
         copied = {rest.split()[0] for word, rest in instructions if word == "COPY"}
         assert {"models", "kernels", "service", "pyproject.toml"} <= copied
         assert json.loads(next(rest for word, rest in instructions if word == "CMD")) == command

@@ -135,7 +135,7 @@ def test_cli_train_digits_rejects_bad_arguments(tmp_path, capsys):
 
 def test_eval_digits_quick_reports_without_touching_the_measured_results(capsys):
     """The CI smoke run of the quality report: every stage runs, the measured section and grid stay as they are."""
-    from service.cli_digits import ROOT
+    from service.cli.eval_digits import ROOT
     results, grid = ROOT / "bench" / "RESULTS.md", ROOT / "bench" / "digits_samples.png"
 
     def measured():

@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zlib
@@ -101,6 +102,7 @@ def test_serve_embedded_starts_and_stops_cleanly(tmp_path):
     log = tmp_path / "serve.log"
     proc = _start(["serve", "--port", str(port), "--metrics-port", str(metrics_port), "--device", "cpu", "--threads", "1"],
                   _env(EQM_CHECKPOINT=CHECKPOINT, EQM_HEARTBEAT_S="0.5"), log)
+    waiter = follower = None
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_for(f"{base}/readyz", proc, log)
@@ -109,9 +111,51 @@ def test_serve_embedded_starts_and_stops_cleanly(tmp_path):
         resp = httpx.post(f"{base}/v1/generations?wait=true", json={"labels": [4], "max_steps": 10}, timeout=60)
         assert resp.status_code == 200 and resp.json()["status"] == "done", resp.text
         assert _port_open(redis_port) and _pid_alive(worker_pid) and _port_open(metrics_port)
+
+        # Ctrl-C while a client waits on a long job (?wait=true) and another follows its events.
+        long_job = {"labels": [2], "n": 32, "max_steps": 1000, "grad_norm_threshold": 0}   # runs for seconds
+        answers: dict[str, object] = {}
+
+        def wait_for_job():
+            answers["wait"] = httpx.post(f"{base}/v1/generations?wait=true", json=long_job, timeout=60)
+
+        waiter = threading.Thread(target=wait_for_job)
+        waiter.start()
+        job_id = None
+        end = time.monotonic() + 30
+        while job_id is None and time.monotonic() < end:     # the waiting request's job, once it runs
+            time.sleep(0.1)
+            r = redis.Redis(port=redis_port)
+            running = [k.decode().split(":")[-1] for k in r.scan_iter("eqm:job:*")
+                       if k.count(b":") == 2 and r.hget(k, "status") == b"running"]
+            r.close()
+            job_id = running[0] if running else None
+        assert job_id, "the long job never started"
+
+        following = threading.Event()
+
+        def follow():
+            names = []
+            with httpx.stream("GET", f"{base}/v1/jobs/{job_id}/events", timeout=60) as stream:
+                for line in stream.iter_lines():
+                    if line.startswith("event: "):
+                        names.append(line[7:])
+                        following.set()
+            answers["events"] = names
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        assert following.wait(30), "the event stream never started"
     finally:
         code = _stop(proc, signal.SIGINT)                  # what Ctrl-C sends
+    for thread in (waiter, follower):
+        if thread is not None:
+            thread.join(timeout=30)
     assert code == 0, log.read_text()[-3000:]
+    wait = answers["wait"]
+    assert wait.status_code == 202 and wait.headers["content-type"] == "application/json", wait.text
+    assert wait.json()["id"] == job_id and wait.json()["status"] in ("queued", "running"), wait.text
+    assert answers["events"][0] == "queued" and answers["events"][-1] == "stopping", answers["events"]
     assert not _port_open(port) and not _port_open(redis_port) and not _port_open(metrics_port)
     assert not _pid_alive(worker_pid)
     assert "Traceback" not in log.read_text()
@@ -362,41 +406,39 @@ def test_openapi_schema_validates(stack):
 
 
 # -- fuzzing: schemathesis over every operation (last: it leaves jobs behind) ---------------------
+# Schemathesis' Python API with Hypothesis' ``given``, not its pytest plugin: the plugin reaches into
+# pytest's private node attributes, which change between pytest releases.
 
-try:
-    import schemathesis
-    from hypothesis import HealthCheck, settings
-except ImportError:                              # the fuzz needs `pip install schemathesis`
-    schemathesis = None
-
-FUZZ_EXAMPLES = 40          # per operation
+FUZZ_EXAMPLES = 40          # per operation and generation mode
 
 
-if schemathesis is not None:
-    @pytest.fixture
-    def fuzz_schema(stack, request):
-        """The live schema, minus ``?wait`` (a long poll, exercised above): keeps the run bounded in time."""
-        # schemathesis' pytest plugin reads Node._nodeid, which pytest 9 no longer sets
-        if not hasattr(request.node, "_nodeid"):
-            request.node._nodeid = request.node.nodeid
-        raw = httpx.get(f"{stack.base_url}/openapi.json").json()
-        for path in raw["paths"].values():
-            for operation in path.values():
-                operation["parameters"] = [p for p in operation.get("parameters", []) if p["name"] != "wait"]
-        return schemathesis.openapi.from_dict(raw)
+def test_fuzz_no_server_errors(stack):
+    """Valid and invalid requests to every operation: no 5xx, and every answer matches the schema
+    (documented status code, content type and body); schema-violating requests are refused."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                     response_schema_conformance, status_code_conformance)
 
-    fuzz = schemathesis.pytest.from_fixture("fuzz_schema")
+    # The live schema, minus ``?wait`` (a long poll, exercised above): keeps the run bounded in time.
+    raw = httpx.get(f"{stack.base_url}/openapi.json").json()
+    for path in raw["paths"].values():
+        for operation in path.values():
+            operation["parameters"] = [p for p in operation.get("parameters", []) if p["name"] != "wait"]
+    schema = schemathesis.openapi.from_dict(raw)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              negative_data_rejection]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+    for operation in operations:
+        cases = st.one_of(operation.as_strategy(schemathesis.GenerationMode.POSITIVE),
+                          operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))
 
-    @fuzz.parametrize()
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-    def test_fuzz_no_server_errors(case, stack):
-        """Valid and invalid requests to every operation: no 5xx, and every answer matches the schema
-        (documented status code, content type and body); schema-violating requests are refused."""
-        from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
-                                         response_schema_conformance, status_code_conformance)
-        case.call_and_validate(base_url=stack.base_url, headers=AUTH, timeout=30,
-                               checks=[not_a_server_error, status_code_conformance, content_type_conformance,
-                                       response_schema_conformance, negative_data_rejection])
-else:
-    def test_fuzz_no_server_errors():
-        pytest.skip("schemathesis is not installed (pip install schemathesis)")
+        @given(case=cases)
+        @settings(max_examples=2 * FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)
+        def fuzz(case):
+            case.call_and_validate(base_url=stack.base_url, headers=AUTH, timeout=30, checks=checks)
+
+        fuzz()

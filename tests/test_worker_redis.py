@@ -164,8 +164,21 @@ def long_job(steps: int = 1_000_000, **kw) -> JobSpec:
     return JobSpec(kind="generate", model="tiny", cfg_scale=1.5, sampler=SamplerSpec(step_size=0.01, max_steps=steps), **kw)
 
 
+def _two_free_ports() -> int:
+    """A port P with P + 1 free too (worker i serves metrics on P + i; a taken port stops a worker)."""
+    import socket
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def test_two_workers_share_the_stream(store, procs, redis_client):
-    port = free_port()
+    port = _two_free_ports()
     sup = procs.supervisor("cpu,cpu", "--metrics-port", str(port))
     workers = live_workers(store, 2, procs)
     assert {w["device"] for w in workers.values()} == {"cpu"}

@@ -2,6 +2,10 @@
 
 ``create_app(settings)`` builds one app; ``app_from_env()`` is the factory uvicorn imports
 (``eqm api``). Handlers get the shared state through ``deps.get_state``; nothing is global.
+The interactive docs (``/docs``, Swagger UI; ``/redoc``) load their scripts and styles from this
+server (the ``fastapi-offline`` package ships them), so they work with no internet; their pages also
+carry a Content-Security-Policy that keeps the browser on this server (ReDoc would otherwise fetch
+its logo from a CDN, which hangs on an air-gapped machine).
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
 from service.api.deps import ApiState
@@ -56,9 +62,36 @@ TAGS = [
 ]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+DOCS_ASSETS = "/docs-assets"        # Swagger UI and ReDoc scripts, styles and icon, served from the package
+DOCS_PAGES = ("/docs", "/redoc")
+# Everything from this server; inline scripts and styles are how both pages start; ReDoc runs a blob: worker.
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+class DocsPolicyMiddleware:
+    """Adds ``DOCS_CSP`` to the answers of the docs pages (nothing else is touched)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in DOCS_PAGES:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"content-security-policy", DOCS_CSP.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
+
+
+def create_app(settings: Settings | None = None, *, no_worker_hint: str | None = None) -> FastAPI:
+    """``no_worker_hint``: what a 503 "no live worker" tells the user to do (``eqm serve`` has its own)."""
     settings = settings or Settings.from_env()
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(worker_metrics=settings.metrics_from_workers)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -67,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(state.store.ensure_group)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
+        if no_worker_hint:
+            state.no_worker_hint = no_worker_hint
         app.state.api = state
         hooks = start_webhooks(state)
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
@@ -78,9 +113,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await run_in_threadpool(hooks.stop)
             await state.close()
 
-    app = FastAPI(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
-                  openapi_tags=TAGS, lifespan=lifespan)
+    app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
+                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     for module in (generations, compositions, denoise, listing, jobs, scores, openai_images, catalog, health):
@@ -128,8 +164,13 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         detail.append({"loc": loc, "msg": msg, "type": str(err.get("type", "value_error"))})
     first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(p) for p in first["loc"])
-    return JSONResponse({"detail": detail, "message": f"{where}: {first['msg']}" if where else first["msg"]},
-                        status_code=422)
+    message = f"{where}: {first['msg']}" if where else first["msg"]
+    if first.get("type") == "json_invalid":
+        message = "body: not valid JSON (JSON decode error)"
+    elif first.get("type") == "model_attributes_type" and first["loc"] == ["body"] and \
+            "json" not in request.headers.get("content-type", ""):
+        message = "body: expected a JSON object; send it with the header 'Content-Type: application/json'"
+    return JSONResponse({"detail": detail, "message": message}, status_code=422)
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:

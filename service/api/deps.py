@@ -1,8 +1,9 @@
 """What handlers receive through dependencies: the app state opened in the lifespan, and the API-key check."""
 from __future__ import annotations
 
+import asyncio
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aredis
@@ -25,6 +26,8 @@ class ApiState:
     aredis: aredis.Redis            # event streams: long XREAD BLOCKs must not hold a thread each
     store: JobStore
     metrics: ApiMetrics
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)   # the server stops: waits and streams end now
+    no_worker_hint: str = "start one with `eqm worker` (or use `eqm serve`)"    # what a 503 tells to do
 
     @classmethod
     def open(cls, settings: Settings, metrics: ApiMetrics) -> "ApiState":

@@ -41,12 +41,13 @@ def readyz(state: ApiState = Depends(get_state)):
                      detail=f"{serving} worker(s) serve {state.model.name!r}")
 
 
-@router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API process",
+@router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API and its live workers",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
 def metrics(state: ApiState = Depends(get_state)) -> Response:
-    """Requests, submissions and the queue depth (refreshed from Redis at each scrape). Each worker
-    serves the engine's metrics on its own port: see ``/sd/workers``."""
+    """Requests, submissions and the queue depth (refreshed from Redis at each scrape), and the live
+    workers' engine metrics (label ``worker``) unless the server sets ``EQM_METRICS_FROM_WORKERS=false``;
+    each worker also serves them on its own port: see ``/sd/workers``."""
     body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

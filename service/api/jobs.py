@@ -137,7 +137,8 @@ def get_image(job_id: str = JobId, index: int = Path(..., ge=0, le=100_000, desc
 @router.get("/{job_id}/events", response_class=StreamingResponse, summary="Server-sent events of a job",
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": "events queued, started, progress, image, then done | failed | "
-                                            "cancelled, after which the stream ends"},
+                                            "cancelled (or stopping, when the server stops), after which the "
+                                            "stream ends"},
                        **error_responses(401, 404, 422)})
 async def job_events(job_id: str = JobId, last_event_id: str | None = Header(None, description="resume after this "
                      "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
@@ -162,6 +163,10 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
     quiet_since = loop.time()
     try:
         while True:
+            if state.stopping.is_set():         # the server stops: a last event, so clients know to come back
+                yield _sse("stopping", json.dumps({"id": job_id, "detail": "the server is stopping; reconnect "
+                                                   "later with Last-Event-ID to follow the job on"}))
+                return
             reply = await state.aredis.xread({keys.events(job_id): last}, block=1000, count=100)
             for _, entries in reply or []:
                 for entry_id, fields in entries:

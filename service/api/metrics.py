@@ -1,25 +1,65 @@
 """Prometheus metrics of the API process: requests, submissions, and the queue as the API sees it.
 
-The engine's metrics (steps per sample, gradient norms, batch occupancy, job latency) live in each
-worker's own registry and endpoint (``service.metrics``); Prometheus scrapes both. The queue depth
-is the same series name as the workers' ``eqm_queue_depth`` (``job`` labels tell them apart); the
-API refreshes it from Redis at every scrape, so it is current even when no worker runs.
+One page for a user: the engine's metrics (steps per sample, gradient norms, batch occupancy, step
+time, job latency) live in each worker's own registry and endpoint (``service.metrics``), and the
+API's ``/metrics`` includes them too: at each scrape it reads every live worker's endpoint (from the
+worker registry in Redis, 1 s timeout each) and adds its ``eqm_*`` series with a ``worker`` label,
+plus ``eqm_worker_metrics_up{worker}`` (0 when an endpoint did not answer). Series the API has itself
+(``eqm_queue_depth``, process metrics) are not repeated. ``EQM_METRICS_FROM_WORKERS=0`` turns this
+off, for a Prometheus that scrapes the workers directly (the compose setup, through ``/sd/workers``),
+so no series is counted twice. The queue depth is refreshed from Redis at every scrape, so it is
+current even when no worker runs.
 """
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+WORKER_SCRAPE_TIMEOUT_S = 1.0
+
+
+class WorkerMetrics:
+    """A collector of the live workers' ``eqm_*`` series; ``targets`` ({worker: url}) is set before each scrape."""
+
+    def __init__(self, skip: set[str]):
+        self.skip = skip                      # families the API exports itself
+        self.targets: dict[str, str] = {}
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        up = GaugeMetricFamily("eqm_worker_metrics_up", "1 when the worker's metrics endpoint answered this scrape.",
+                               labels=["worker"])
+        for worker, url in sorted(self.targets.items()):
+            try:
+                with urllib.request.urlopen(url, timeout=WORKER_SCRAPE_TIMEOUT_S) as resp:
+                    text = resp.read().decode("utf-8")
+            except (OSError, ValueError):
+                up.add_metric([worker], 0)
+                continue
+            up.add_metric([worker], 1)
+            for family in text_string_to_metric_families(text):
+                if not family.name.startswith("eqm_") or family.name in self.skip:
+                    continue
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    merged.samples.append(sample._replace(labels={**sample.labels, "worker": worker}))
+        yield from families.values()
+        if self.targets:
+            yield up
 
 
 class ApiMetrics:
     """The API's metrics in their own registry (one per app, so test apps never clash)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, worker_metrics: bool = False):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -42,6 +82,10 @@ class ApiMetrics:
             "eqm_live_workers", "Workers whose heartbeat is recent, by model.", ["model"], registry=r)
         self.redis_up = Gauge(
             "eqm_api_redis_up", "1 when the API reached Redis at the last scrape.", registry=r)
+        self.workers: WorkerMetrics | None = None
+        if worker_metrics:
+            self.workers = WorkerMetrics(skip={family.name for family in r.collect()})
+            r.register(self.workers)
 
     def render(self, store, model: str, heartbeat_s: float) -> bytes:
         """Refresh the Redis-backed gauges, then the exposition text."""
@@ -52,6 +96,9 @@ class ApiMetrics:
             self.redis_up.set(1)
         except redis.RedisError:
             self.redis_up.set(0)
+            workers = {}
+        if self.workers is not None:
+            self.workers.targets = {name: w["metrics_url"] for name, w in workers.items() if w.get("metrics_url")}
         return generate_latest(self.registry)
 
 
@@ -67,6 +114,7 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        root_path = scope.get("root_path", "")
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -77,7 +125,18 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = _route_template(dict(scope, root_path=root_path))
             self.metrics.requests_total.labels(scope["method"], template, str(status)).inc()
             self.metrics.request_seconds.labels(scope["method"], template).observe(time.perf_counter() - start)
+
+
+def _route_template(scope: Scope) -> str:
+    """The template of the route that answered: FastAPI's own routes (``/openapi.json``) and mounts
+    (``/docs-assets``) leave no ``route`` in the scope, so they are matched here; else "unmatched"."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if candidate.matches(scope)[0] is Match.FULL:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"

@@ -71,8 +71,8 @@ class GenerationRequest(SamplingOptions):
 
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"labels": [3, "7"], "n": 2, "seed": 0, "guidance_scale": 1.5},
-        {"labels": ["golden retriever"], "n": 4, "sampler": "nag", "step_size": 0.0017, "mu": 0.3,
-         "max_steps": 249, "grad_norm_threshold": 0, "format": "webp"},
+        {"labels": [5], "n": 4, "sampler": "nag", "step_size": 0.03, "mu": 0.3, "max_steps": 60,
+         "grad_norm_threshold": 0.3, "format": "webp"},
     ]})
 
 
@@ -173,6 +173,20 @@ class JobStatus(BaseModel):
     images: list[ImageStatus]
     links: JobLinks
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": "4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20", "status": "done", "kind": "generate", "model": "digits",
+        "created": 1795385593.088, "started": 1795385593.095, "finished": 1795385593.446,
+        "timings": {"queued_s": 0.0066, "running_s": 0.3515, "total_s": 0.3581}, "guidance_scale": 1.5,
+        "sampler": {"sampler": "nag", "step_size": 0.05, "mu": 0.3, "max_steps": 60, "grad_norm_threshold": 1.0},
+        "format": "png", "noise_level": None, "deadline": None, "worker": "gpu-host:4121:cuda:0", "attempts": 1,
+        "error": None, "cancel_requested": False,
+        "images": [{"index": 0, "labels": [3], "seed": 0, "ready": True, "steps": 27, "grad_norm": 0.93,
+                    "stopped_early": True, "deadline_exceeded": False, "content_type": "image/png",
+                    "url": "/v1/jobs/4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20/images/0"}],
+        "links": {"self": "/v1/jobs/4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20",
+                  "events": "/v1/jobs/4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20/events",
+                  "images": ["/v1/jobs/4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20/images/0"]}}]})
+
 
 class CancelResult(BaseModel):
     id: str
@@ -257,6 +271,17 @@ _ERROR_TEXT = {
     429: "the queue is full; retry after Retry-After seconds",
     503: "Redis unreachable or no live worker; retry after Retry-After seconds",
 }
+# What the body of each error says (the Swagger UI shows these as the examples).
+_ERROR_EXAMPLE = {
+    400: "Invalid multipart data.",
+    401: "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+    404: "job 4f0c1e... not found (unknown, or expired after its TTL)",
+    409: "image 0 of job 4f0c1e... is not finished yet (job running); follow the job's events or retry",
+    413: "request body is over the limit of 10485760 bytes; send a smaller image (EQM_MAX_UPLOAD_BYTES on the server)",
+    415: "the upload is not a PNG, JPEG or WebP image",
+    429: "the queue is full (1000 jobs waiting, limit 1000); retry later",
+    503: "no live worker serves model 'digits'; start one with `eqm worker` (or use `eqm serve`)",
+}
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
@@ -267,7 +292,8 @@ def error_responses(*codes: int) -> dict:
         if code == 422:
             out[422] = {"model": ValidationErrorResponse, "description": "a field is missing, malformed or out of range"}
             continue
-        out[code] = {"model": ErrorResponse, "description": _ERROR_TEXT[code]}
+        out[code] = {"model": ErrorResponse, "description": _ERROR_TEXT[code],
+                     "content": {"application/json": {"example": {"detail": _ERROR_EXAMPLE[code]}}}}
         if code in (429, 503):
             out[code]["headers"] = _RETRY_AFTER
     return out

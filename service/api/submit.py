@@ -22,6 +22,7 @@ from service.api.deps import ApiState
 from service.api.jobs import job_links, read_job_status
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
+from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
 from service.jobs import FINAL_STATUSES, JobSpec, SamplerSpec
 from service.webhooks import WebhookTarget, register_webhook, webhook_target
@@ -81,8 +82,8 @@ def _admit(state: ApiState) -> None:
         state.metrics.rejected_total.labels("no_worker").inc()
         other = sorted({str(w.get("model")) for w in workers.values()})
         why = f"; live workers serve {', '.join(other)}" if other else ""
-        raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; start one with "
-                                 f"`eqm worker` (or use `eqm serve`)", headers={"Retry-After": str(RETRY_NO_WORKER_S)})
+        raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; {state.no_worker_hint}",
+                            headers={"Retry-After": str(RETRY_NO_WORKER_S)})
     depth = state.store.queue_depth()
     if depth >= state.settings.max_queue:
         state.metrics.rejected_total.labels("queue_full").inc()
@@ -206,7 +207,14 @@ def _store_job(state: ApiState, spec: JobSpec, input_png: bytes | None, inputs: 
 
 
 async def wait_until_final(state: ApiState, job_id: str, timeout_s: float) -> bool:
-    """Follow the job's event stream until a final event (True) or the timeout (False)."""
+    """Follow the job's event stream until a final event (True), the timeout or the server's stop (False).
+
+    A server that starts to stop answers its waiting requests at once (202 with the job's id and
+    status) rather than cutting their connections."""
+    return await unless_stopping(state.stopping, _follow_until_final(state, job_id, timeout_s), default=False)
+
+
+async def _follow_until_final(state: ApiState, job_id: str, timeout_s: float) -> bool:
     keys = state.store.keys
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s

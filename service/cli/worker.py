@@ -3,6 +3,9 @@
 ``eqm worker --devices cuda:0,cuda:1`` (default: every GPU, else ``cpu``) starts
 ``python -m service.worker --device D`` for each device in its own session (terminal signals reach
 only the supervisor, which forwards them) and with its Prometheus port ``--metrics-port + index``.
+Workers never outlive the supervisor: each gets SIGKILL from the kernel when it dies (Linux), even
+by ``kill -9``; unfinished jobs then stay pending in Redis and are reclaimed.
+A device that cannot run (``cuda`` without CUDA, an index past the last GPU) is an error at once.
 A worker that exits while the supervisor is not stopping is restarted after a back-off (1 s,
 doubling to 30 s while it keeps failing within a minute of its start); one that exits with code 2
 (bad checkpoint, codec or settings) stops everything instead, since a restart cannot help. SIGTERM/SIGINT: every worker
@@ -19,15 +22,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from service.worker import EXIT_CONFIG_ERROR
+from service.lifecycle import die_with_parent
 
 log = logging.getLogger("eqm.supervisor")
 
 BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
+EXIT_CONFIG_ERROR = 2       # a worker's setup error (bad checkpoint, codec, settings): a restart cannot help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from service.worker import add_worker_arguments
     p = sub.add_parser("worker", help="run GPU (or CPU) workers that take jobs from Redis",
                        description="Start one worker process per device; each takes jobs from the shared Redis "
                                    "stream, runs them with continuous batching and stores the results. Workers "
@@ -40,10 +43,50 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_worker)
 
 
+def add_worker_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``python -m service.worker`` and ``eqm worker`` (defaults: EQM_* settings)."""
+    p.add_argument("--redis-url", help="Redis URL (default EQM_REDIS_URL)")
+    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
+    p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
+    p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (state stays float32)")
+    p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
+    p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
+    p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
+    p.add_argument("--claim-idle-ms", type=int, help="reclaim a dead worker's job after this idle time")
+    p.add_argument("--heartbeat-s", type=float, help="heartbeat period in seconds")
+    p.add_argument("--max-deliveries", type=int, help="dead-letter a job delivered more often than this")
+    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, let in-flight samples run this long")
+    p.add_argument("--threads", type=int, help="torch CPU threads per CPU worker (default 1: "
+                   "7-11x the images/s of 2 threads with the bundled model on a shared machine, bench/RESULTS.md; "
+                   "0 = torch's default, every core)")
+    p.add_argument("--metrics-host", help="address the metrics endpoint binds (default EQM_HOST, 127.0.0.1, where "
+                   "the API binds; 0.0.0.0 for Prometheus on other machines)")
+
+
 def default_devices() -> list[str]:
     import torch
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine can run it, else a one-line error (before any process starts)."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"device {device!r}: only cpu and cuda devices are served")
+    return device
 
 
 @dataclass
@@ -67,9 +110,10 @@ class Supervisor:
 
     def _start(self, child: _Child) -> None:
         # The repository root on the path, so ``-m service.worker`` imports from any working directory.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        child.proc = subprocess.Popen(child.argv, start_new_session=True, env=env)
+        child.proc = subprocess.Popen(child.argv, start_new_session=True, env=env,
+                                      preexec_fn=die_with_parent(signal.SIGKILL))
         child.started = time.monotonic()
         child.restart_at = None
         log.info("worker %d on %s started (pid %d)", child.index, child.device, child.proc.pid)
@@ -133,17 +177,18 @@ def run_worker(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else default_devices()
     if not devices:
         raise ValueError("--devices: no device given")
-    cpu_workers = sum(1 for d in devices if d == "cpu")
+    for device in devices:
+        check_device(device)
     children = []
     for i, device in enumerate(devices):
         argv = [sys.executable, "-m", "service.worker", "--device", device, "--redis-url", cfg.redis_url,
                 "--checkpoint", cfg.checkpoint, "--capacity", str(cfg.capacity), "--max-rows", str(cfg.rows),
                 "--prefix", cfg.key_prefix, "--claim-idle-ms", str(cfg.claim_idle_ms),
                 "--heartbeat-s", str(cfg.heartbeat_s), "--max-deliveries", str(cfg.max_deliveries),
-                "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--parent-pid", str(os.getpid())]
-        threads = cfg.threads or (max(1, (os.cpu_count() or 1) // cpu_workers) if device == "cpu" else 0)
-        if threads:
-            argv += ["--threads", str(threads)]
+                "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--parent-pid", str(os.getpid()),
+                "--metrics-host", cfg.metrics_host]
+        if device == "cpu":
+            argv += ["--threads", str(cfg.threads)]
         if cfg.vae:
             argv += ["--vae", cfg.vae]
         if cfg.model_name:

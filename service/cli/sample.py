@@ -1,4 +1,4 @@
-"""``eqm sample`` (offline, reproducible from a noise file) and ``eqm convert`` (official .pt -> safetensors)."""
+"""``eqm sample``: offline sampling, reproducible from a saved noise file (torch is imported by the handler)."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+# Model dtypes by the names the flag accepts (torch attribute names, plus short forms).
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,20 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images-out", help="write images, .npy uint8 (n, H, W, C)")
     p.add_argument("--out", help="folder for PNG files")
     p.add_argument("--vae", default=os.environ.get("EQM_VAE"), help="SD-VAE folder (diffusers) for latent models")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
     p.set_defaults(handler=run_sample)
-
-    c = sub.add_parser("convert", help="official checkpoint -> safetensors with metadata",
-                       description="Write the chosen weights of an official checkpoint as safetensors, with the "
-                                   "architecture, input size, classes and guidance mode as metadata.")
-    c.add_argument("src", help="official train.py checkpoint (.pt) or bare state dict")
-    c.add_argument("dst", help="output .safetensors file")
-    c.add_argument("--arch", help="architecture, checked against the file")
-    c.add_argument("--weights", choices=["ema", "model"], default="ema")
-    c.add_argument("--guidance-channels", choices=["official", "all"], default="official",
-                   help="guidance mode to record (official = first 3 channels, as the released weights were evaluated)")
-    c.set_defaults(handler=run_convert)
 
 
 def parse_labels(text: str) -> list[tuple[int, ...]]:
@@ -75,7 +62,9 @@ def parse_labels(text: str) -> list[tuple[int, ...]]:
     return out
 
 
-def _load_npy(path: str, what: str) -> np.ndarray:
+def _load_npy(path: str, what: str):
+    import numpy as np
+
     from service.cli import UsageError
     try:
         arr = np.load(path, allow_pickle=False)
@@ -98,9 +87,13 @@ def run_sample(args: argparse.Namespace) -> int:
     from models.checkpoint import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, noise_for_seed, partially_noised, sample
+    import numpy as np
+    import torch
+
     from service.cli import UsageError
 
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, DTYPES[args.dtype])
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(resolve_checkpoint(args.checkpoint), arch=args.arch, weights=args.weights,
                         guidance_mode=args.guidance_channels, device=args.device, dtype=dtype)
     cfg, spec = loaded.model.config, loaded.spec
@@ -219,8 +212,10 @@ def sampler_settings(args: argparse.Namespace, model_defaults: dict):
     return SamplerParams(**merged), cfg_scale
 
 
-def _save_npy(path: str, arr: np.ndarray) -> None:
+def _save_npy(path: str, arr) -> None:
     """Atomic write: nothing half-written is left behind."""
+    import numpy as np
+
     tmp = Path(path + ".tmp.npy")
     np.save(tmp, arr)
     os.replace(tmp, path)
@@ -238,11 +233,3 @@ def _progress_bar(total: int):
         if step >= _total:
             bar.close()
     return update
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from models.checkpoint import convert, describe
-    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels)
-    print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
-          f"guidance on {loaded.spec.guided_channels} channels")
-    return 0

@@ -1,20 +1,31 @@
-"""``eqm train-digits`` (train the bundled 8x8 digits EqM) and ``eqm eval-digits`` (its quality report)."""
+"""``eqm train-digits``: train the bundled 8x8 digits EqM on scikit-learn's digits (CPU, minutes).
+
+The defaults are the setting that made the bundled weights, read from their training record (json,
+so ``--help`` needs no torch); ``models.digits.TrainConfig`` fills any the record lacks.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-ROOT = Path(__file__).resolve().parent.parent
-EVAL_SCRIPT = ROOT / "bench" / "eval_digits.py"
+from models import BUNDLED
+
+
+def _defaults() -> SimpleNamespace:
+    """The bundled weights' training setting, from their record (None where it says nothing)."""
+    try:
+        record = json.loads(BUNDLED["digits"].with_suffix(".json").read_text(encoding="utf-8"))["train_config"]
+    except (OSError, ValueError, KeyError):
+        record = {}
+    names = ("steps", "batch_size", "lr", "seed", "threads", "log_every")
+    return SimpleNamespace(**{n: record.get(n) for n in names})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from models.digits import TrainConfig
-    from models import BUNDLED
-
-    defaults = TrainConfig()
+    defaults = _defaults()
     t = sub.add_parser("train-digits", help="train the bundled EqM on scikit-learn's 8x8 digits (CPU, minutes)",
                        description="Train a small pixel-space EqM on the train split of scikit-learn's digits "
                                    "(stratified 80/20, seed 0) and save its EMA weights plus a training record.")
@@ -29,31 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines only)")
     t.set_defaults(handler=run_train)
 
-    e = sub.add_parser("eval-digits", help="quality report of the digits model (writes bench/RESULTS.md)",
-                       description="Measure the digits model on the held-out test split: classifier accuracy of "
-                                   "samples, adaptive stopping, composition, denoising PSNR and OOD AUROC.")
-    _eval_module_args(e)
-    e.set_defaults(handler=run_eval)
-
-
-def _eval_module_args(parser: argparse.ArgumentParser) -> None:
-    # The report lives in bench/ (not an installed package); without the source tree the command says so.
-    if EVAL_SCRIPT.is_file():
-        _load_eval().add_arguments(parser)
-
-
-def _load_eval():
-    from service.cli import UsageError
-    if not EVAL_SCRIPT.is_file():
-        raise UsageError(f"{EVAL_SCRIPT}: not found (eval-digits runs from the source tree)")
-    if "eval_digits" in sys.modules:
-        return sys.modules["eval_digits"]
-    spec = importlib.util.spec_from_file_location("eval_digits", EVAL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_digits"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -61,6 +47,9 @@ def run_train(args: argparse.Namespace) -> int:
     from models.digits import TrainConfig, save_digits_model, train_digits
     from service.cli import UsageError
 
+    for name, value in vars(TrainConfig()).items():        # flags the record did not give a default
+        if getattr(args, name, 0) is None:
+            setattr(args, name, value)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: the weights file must end in .safetensors")
@@ -84,7 +73,3 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({record['file_bytes'] / 1e6:.2f} MB) and {record_path}: {cfg.steps} steps in "
           f"{result.seconds:.0f} s, final loss {result.final_loss:.4f}")
     return 0
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    return _load_eval().run(args)

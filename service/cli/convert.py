@@ -1,0 +1,25 @@
+"""``eqm convert``: an official checkpoint (.pt) -> safetensors with metadata."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    c = sub.add_parser("convert", help="official checkpoint -> safetensors with metadata",
+                       description="Write the chosen weights of an official checkpoint as safetensors, with the "
+                                   "architecture, input size, classes and guidance mode as metadata.")
+    c.add_argument("src", help="official train.py checkpoint (.pt) or bare state dict")
+    c.add_argument("dst", help="output .safetensors file")
+    c.add_argument("--arch", help="architecture, checked against the file")
+    c.add_argument("--weights", choices=["ema", "model"], default="ema")
+    c.add_argument("--guidance-channels", choices=["official", "all"], default="official",
+                   help="guidance mode to record (official = first 3 channels, as the released weights were evaluated)")
+    c.set_defaults(handler=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from models.checkpoint import convert, describe
+    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels)
+    print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
+          f"guidance on {loaded.spec.guided_channels} channels")
+    return 0
