@@ -106,11 +106,11 @@ MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows pe
 
 
 def default_row_buckets(max_rows: int) -> list[int]:
-    """Forward batch sizes: 1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond.
+    """Forward batch sizes: 1, 2, 4, 8, then every 8 up to 128, every 16 up to 256, every 32 beyond.
 
-    Fine enough that padding to the next bucket stays small (<= 1/8 of the rows above 64, which is
-    what keeps rows evaluated / NFE near 1), few enough (~20 for 256 rows) to warm up each one and
-    to capture each as a CUDA graph.
+    Fine enough that padding to the next bucket stays small (a gap is at most 1/9 of its bucket above
+    64 rows, which is what keeps rows evaluated / NFE near 1), few enough (27 for 256 rows) to warm up
+    each one before traffic and to capture each as a CUDA graph.
     """
     buckets, b = [], 1
     while b < min(8, max_rows):
@@ -119,7 +119,7 @@ def default_row_buckets(max_rows: int) -> list[int]:
     b = 8
     while b < max_rows:
         buckets.append(b)
-        b += 8 if b < 64 else 16 if b < 256 else 32
+        b += 8 if b < 128 else 16 if b < 256 else 32
     return buckets + [max_rows]
 
 

@@ -70,7 +70,8 @@ class StepOutput:
     images: list[ImageOutput] = field(default_factory=list)
     jobs: list[JobOutput] = field(default_factory=list)
     progress: list[Progress] = field(default_factory=list)   # every sample still running
-    rows: int = 0                                            # rows evaluated this step
+    rows: int = 0                                            # rows of running samples (NFE of this step)
+    bucket_rows: int = 0                                     # rows the forward ran on (rows + padding)
     seconds: float = 0.0
 
 
@@ -197,7 +198,7 @@ class Engine:
         leaving = [_Departure(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm,
                               run.stopped[s.key].latent) for s in out.stop]
         leaving += [_Departure(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
-        result = StepOutput(rows=run.rows_evaluated)
+        result = StepOutput(rows=run.rows_evaluated, bucket_rows=run.bucket_rows)
         self._emit(leaving, result)
         finished_keys = {f.key for f in finished}
         result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))

@@ -59,7 +59,8 @@ class WorkerConfig:
     key_prefix: str = "eqm"
     model_name: str = ""
     vae: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 elsewhere (service.runner.model_dtype)
+    compile: str = "off"                # off | compile | cudagraphs (service.runner.COMPILE_MODES)
     capacity: int = 64
     max_rows: int = 0                   # 0 = 3 x capacity
     claim_idle_ms: int = 30_000
@@ -81,7 +82,7 @@ class WorkerConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
         base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
-                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype,
+                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype, compile=settings.compile,
                     device=settings.device or _default_device(), capacity=settings.capacity,
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
@@ -102,17 +103,18 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     from models import resolve_checkpoint
     from models.codecs import make_codec
     from models.checkpoint import load_model
-    from service.runner import ModelRunner
-    from service.cli_offline import DTYPES
+    from service.runner import ModelRunner, configure_device_math, model_dtype
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = resolve_checkpoint(cfg.checkpoint)
-    loaded = load_model(path, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    dtype = model_dtype(cfg.dtype, cfg.device)
+    configure_device_math(cfg.device, dtype)
+    loaded = load_model(path, device=cfg.device, dtype=dtype)
     mc = loaded.spec.config
     codec = make_codec(loaded.spec.codec, channels=mc.in_channels, latent_size=mc.input_size,
                        vae_dir=cfg.vae or None, device=cfg.device)
-    runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows)
+    runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows, compile_mode=cfg.compile)
     if cfg.warmup:
         runner.warmup()
     return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics)
@@ -468,7 +470,10 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
     p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (state stays float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default EQM_DTYPE, auto: bfloat16 on CUDA, float32 elsewhere; state stays float32)")
+    p.add_argument("--compile", choices=["off", "compile", "cudagraphs"],
+                   help="forward per bucket through torch.compile or CUDA graphs (default EQM_COMPILE, off)")
     p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
     p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
     p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
@@ -481,7 +486,7 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
     settings = Settings.from_env()
-    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "capacity", "max_rows", "key_prefix",
+    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "compile", "capacity", "max_rows", "key_prefix",
              "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads")
     overrides = {n: getattr(args, n, None) for n in names}
     overrides.update(extra)
