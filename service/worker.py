@@ -34,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,9 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows, compile_mode=cfg.compile)
     if cfg.warmup:
         runner.warmup()
-    return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics)
+    # Images are encoded by two threads off the step loop (PIL releases the GIL while compressing).
+    return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics,
+                  encode_pool=ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode"))
 
 
 class Worker:
@@ -206,7 +209,9 @@ class Worker:
             if engine.has_work:
                 out = engine.step()
                 self._unwritten.append(out)
-                self._flush_unwritten()
+            # Results whose images are still being encoded wait, unless there is nothing else to do.
+            if self._unwritten:
+                self._flush_unwritten(wait=not engine.has_work)
 
     def _guarded(self, fn, *args) -> None:
         """Redis calls of the loop: a lost connection is logged and retried, not fatal."""
@@ -223,6 +228,11 @@ class Worker:
         sched = self.engine.scheduler
         return sched.num_waiting < sched.capacity or sched.num_waiting_jobs < 2
 
+    def _free_capacity(self) -> int:
+        """Jobs to read at once: the sample slots neither running nor already waiting (at least 1)."""
+        sched = self.engine.scheduler
+        return max(1, sched.capacity - sched.num_running - sched.num_waiting)
+
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
         now = time.monotonic()
@@ -234,7 +244,7 @@ class Worker:
                 self._take(entry_id.decode(), fields, reclaimed=True)
             if claimed and claimed[1]:
                 return
-        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=1,
+        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=self._free_capacity(),
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -370,8 +380,11 @@ class Worker:
                 self._cancels.put(job_id)
 
     # -- results --------------------------------------------------------------------------------
-    def _flush_unwritten(self) -> None:
+    def _flush_unwritten(self, wait: bool = True) -> None:
+        """Write finished steps in order; ``wait=False`` stops at the first whose images are still encoding."""
         while self._unwritten:
+            if not wait and not all(_ready(img.data) for img in self._unwritten[0].images):
+                return
             try:
                 self._write(self._unwritten[0])
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -387,7 +400,8 @@ class Worker:
         touched: set[str] = set()
         for img in out.images:
             idx = img.result.index
-            pipe.set(k.image(img.job_id, idx), img.data, ex=ttl)
+            pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
+            pipe.hset(k.job(img.job_id), f"ready:{idx}", 1)       # status reads need no EXISTS per image
             self._progress.setdefault(img.job_id, [])
             if idx < len(self._progress[img.job_id]):
                 self._progress[img.job_id][idx] = {"steps": img.result.steps, "grad_norm": img.result.grad_norm}
@@ -434,6 +448,10 @@ class Worker:
             if requeued:
                 self.store.publish(job_id, "queued", {"id": job_id, "time": time.time(), "handed_back": self.name})
             log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
+
+
+def _ready(data) -> bool:
+    return not isinstance(data, Future) or data.done()
 
 
 # Start a job unless it is gone, final or cancelled: status running, attempts + 1, out of the queued set.
