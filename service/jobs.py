@@ -171,7 +171,9 @@ class JobStore:
         out["progress"] = json.loads(rec.get("progress", "[]"))
         out["images"] = json.loads(rec.get("images", "[]"))
         out["cancel_requested"] = rec.get("cancel") == "1"
-        out["ready"] = [f"ready:{k}" in rec for k in range(len(out["spec"]["images"]))]
+        # Stored images: marked one by one as the worker stores them; a final record lists them too.
+        listed = {int(i["index"]) for i in out["images"]}
+        out["ready"] = [f"ready:{k}" in rec or k in listed for k in range(len(out["spec"]["images"]))]
         return out
 
     def image(self, job_id: str, k: int) -> bytes | None:
