@@ -250,3 +250,34 @@ def test_float32_on_cuda_turns_tf32_on():
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_compile_modes():
+    from service.runner import compiled_forward
+    m = torch.nn.Linear(2, 2)
+    assert compiled_forward(m, "off", 10) is m
+    with pytest.raises(ValueError, match="compile mode must be one of off, compile, cudagraphs"):
+        compiled_forward(m, "fast", 10)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("compile_mode", ["off", "cudagraphs"])
+def test_cuda_engine_defaults_match_the_cpu(model, compile_mode):
+    """On CUDA: bf16 by default, the lagged status read, optional CUDA graphs; same steps, close latents."""
+    jobs = mixed_jobs()
+    cpu = run_engine(engine_for(model, 0), jobs)[0]
+    gpu_model = EqM(CFG).to("cuda", model_dtype("auto", "cuda")).eval().requires_grad_(False)
+    gpu_model.load_state_dict(model.state_dict())
+    runner = ModelRunner(gpu_model, codec=IdentityCodec(1, 8), null_label=NULL, guided_channels=1, capacity=6,
+                         max_rows=18, compile_mode=compile_mode)
+    assert runner.status_lag == 1 and runner.dtype == torch.bfloat16
+    runner.warmup()
+    engine = Engine(runner, Scheduler(6, 18), model_name="tiny", metrics=Metrics())
+    got = run_engine(engine, jobs)[0]
+    assert got.keys() == cpu.keys()
+    for key, img in cpu.items():
+        assert float((img.latent - got[key].latent).abs().max()) < 0.1      # bf16 model, fp32 iterate
