@@ -135,6 +135,19 @@ def test_offline_sample_drops_finished_rows(model):
         assert got.steps[i] == alone.steps[0]
 
 
+def test_offline_sample_with_a_lagged_status_read_is_identical(model):
+    conds = [c for c, _ in SAMPLES]
+    params = [p for _, p in SAMPLES]
+    start = torch.stack([noise_for_seed(i, SHAPE) for i in range(len(SAMPLES))])
+    now_stats, lag_stats = {}, {}
+    now = sample(model, start, conds, params, null_label=NULL, guided_channels=1, stats=now_stats, status_lag=0)
+    lag = sample(model, start, conds, params, null_label=NULL, guided_channels=1, stats=lag_stats, status_lag=1)
+    assert now.steps == lag.steps and now.stopped_early == lag.stopped_early
+    assert now.grad_norms == pytest.approx(lag.grad_norms, rel=1e-6)
+    assert float((now.latents - lag.latents).abs().max()) <= 1e-5
+    assert now_stats["nfe"] == lag_stats["nfe"] and lag_stats["rows_evaluated"] > now_stats["rows_evaluated"]
+
+
 def test_unpacked_mode_keeps_rows_in_place(model):
     """The former layout (benchmark baseline): holes stay, the forward covers the highest row in use."""
     batch = SlotBatch(model, capacity=4, max_rows=8, sample_shape=SHAPE, null_label=NULL, guided_channels=1,
