@@ -141,7 +141,7 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
     order = sorted(range(len(jobs)), key=lambda i: times[i])
     latencies, latents, steps_taken, early = [], {}, {}, 0
     n_steps = nfe = evaluated = 0
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     while order or engine.has_work:
         now = time.time() - t0
         while order and times[order[0]] <= now:
@@ -162,9 +162,10 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
             early += img.result.stopped_early
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    seconds = time.time() - t0
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     n_images = len(latents)
     return {"mode": mode, "seconds": seconds, "images": n_images, "images_per_s": n_images / seconds,
+            "cpu_seconds": cpu_seconds, "images_per_cpu_s": n_images / cpu_seconds,
             "latency_p50": float(np.percentile(latencies, 50)), "latency_p95": float(np.percentile(latencies, 95)),
             "rows_per_nfe": evaluated / nfe, "rows_evaluated": evaluated, "nfe": nfe, "engine_steps": n_steps,
             "mean_steps": statistics.fmean(steps_taken.values()), "stopped_early": early / n_images,
@@ -203,10 +204,12 @@ def rounds(name: str, cfg: dict, model, spec, jobs, times, log) -> dict[str, lis
 
 
 def table(runs: dict[str, list[dict]]) -> list[str]:
-    rows = [("images/s", "images_per_s", "{:.2f}"), ("p50 latency (s)", "latency_p50", "{:.2f}"),
+    rows = [("images/s", "images_per_s", "{:.2f}"), ("images per CPU-second", "images_per_cpu_s", "{:.2f}"),
+            ("p50 latency (s)", "latency_p50", "{:.2f}"),
             ("p95 latency (s)", "latency_p95", "{:.2f}"), ("rows evaluated / NFE", "rows_per_nfe", "{:.3f}"),
             ("rows evaluated", "rows_evaluated", "{:.0f}"), ("NFE (rows of running samples)", "nfe", "{:.0f}"),
-            ("engine steps", "engine_steps", "{:.0f}"), ("wall time (s)", "seconds", "{:.1f}")]
+            ("engine steps", "engine_steps", "{:.0f}"), ("wall time (s)", "seconds", "{:.1f}"),
+            ("CPU time (s)", "cpu_seconds", "{:.1f}")]
     lines = ["| median [range] | " + " | ".join(MODE_NAMES[m] for m in MODES) + " |",
              "|---|" + "---:|" * len(MODES)]
     for label, key, fmt in rows:
@@ -225,8 +228,9 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
     p = t0runs["packed"][0]
     lines = [SECTION_TITLE, "",
              f"{stamp}, {cfg['device_name']}, torch {torch.__version__}, {cfg['threads']} CPU thread(s); the "
-             f"machine was shared with other jobs during the runs, so absolute times are noisy: compare the "
-             f"modes within a round. `{' '.join(['python bench/bench_engine.py', *cfg['argv']])}`", "",
+             f"machine was shared with other jobs during the runs, so wall times are noisy: compare the modes "
+             f"within a round, and per CPU-second (this process's CPU time, one compute thread: what the work "
+             f"cost, whatever else ran beside it). `{' '.join(['python bench/bench_engine.py', *cfg['argv']])}`", "",
              f"Model: {cfg['model']}. Engine: capacity {cfg['capacity']} samples / {cfg['rows']} rows. Workload: "
              f"{cfg['jobs']} jobs ({cfg['mix']}), {p['images']} images; step caps 10-200, gradient-norm thresholds "
              f"0-2 ({p['stopped_early']:.0%} of the images stopped below their threshold), mean "
@@ -243,9 +247,11 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
              "", "### All jobs at t = 0", ""]
     lines += table(t0runs)
     lines += ["",
-              f"Packed continuous / fair static: images/s {ratio(t0runs, 'images_per_s', 'packed', 'static')}, "
+              f"Packed continuous / fair static: images/s {ratio(t0runs, 'images_per_s', 'packed', 'static')} "
+              f"(per CPU-second {ratio(t0runs, 'images_per_cpu_s', 'packed', 'static')}), "
               f"p95 latency {ratio(t0runs, 'latency_p95', 'packed', 'static', invert=True)} lower. "
-              f"Packed / unpacked continuous: images/s {ratio(t0runs, 'images_per_s', 'packed', 'unpacked')}, "
+              f"Packed / unpacked continuous: images/s {ratio(t0runs, 'images_per_s', 'packed', 'unpacked')} "
+              f"(per CPU-second {ratio(t0runs, 'images_per_cpu_s', 'packed', 'unpacked')}), "
               f"rows evaluated {ratio(t0runs, 'rows_evaluated', 'packed', 'unpacked', invert=True)} fewer. "
               f"Every mode gave every sample the same number of updates and latents equal to within "
               f"{max_diff:.1e}.", ""]
