@@ -67,11 +67,11 @@ def offline(model, labels: list[int], threshold: float, guided: int, dtype=None)
     start = torch.stack([noise_for_seed(SEED + i, (1, 8, 8)) for i in range(len(labels))])
     conds = [Condition((y,), cfg_scale=DIGITS_DEFAULTS.cfg_scale) for y in labels]
     stats: dict = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     got = sample(model, start, conds, params_for(threshold), null_label=model.config.null_label,
                  guided_channels=guided, dtype=dtype, stats=stats)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "nfe": stats["nfe"], "rows": stats["rows_evaluated"], "latents": got.latents,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu": cpu, "nfe": stats["nfe"], "rows": stats["rows_evaluated"], "latents": got.latents,
             "mean_steps": statistics.fmean(got.steps)}
 
 
@@ -92,14 +92,14 @@ def engine_run(model, labels: list[int], threshold: float, guided: int, per_clas
         engine.add_job(job)
     latents = torch.zeros(len(labels), 1, 8, 8)
     nfe = rows = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while engine.has_work:
         out = engine.step()
         nfe += out.rows
         rows += out.bucket_rows
         for img in out.images:
             latents[order[img.job_id][img.result.index]] = img.latent
-    return {"seconds": time.perf_counter() - t0, "nfe": nfe, "rows": rows, "latents": latents}
+    return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "nfe": nfe, "rows": rows, "latents": latents}
 
 
 def med(values, fmt: str) -> str:
@@ -151,25 +151,29 @@ def main(argv: list[str] | None = None) -> int:
     argv_s = " ".join(["python bench/bench_adaptive.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [SECTION_TITLE, "",
              f"{stamp}, {device}, torch {torch.__version__}, {args.threads} CPU thread(s); the machine was shared "
-             f"with other jobs, so times are noisy: savings are taken within a round against threshold 0. `{argv_s}`",
+             f"with other jobs, so wall times are noisy: savings are taken within a round against threshold 0, in wall time "
+             f"and in this process's CPU time (one compute thread). `{argv_s}`",
              "",
              f"{len(labels)} class-conditional digits ({args.per_class} per class), NAG-GD step 0.05, mu 0.3, at most "
              f"60 updates, CFG 1.5 (2 rows per image); the threshold stops an image once ||g|| falls below it. "
              f"Offline = `models.sampler.sample` (what `eqm sample` runs: one packed batch, finished images leave "
              f"the forward at once); engine = the worker engine, 32 samples / 96 rows, one job per digit at t = 0. "
              f"Medians [min-max] of {args.repeats} rounds; accuracy by an RBF SVM trained on the train split.", "",
-             "| threshold | where | NFE saved | wall time saved | time saved / NFE saved | rows evaluated / NFE "
-             "| wall time (s) | accuracy |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| threshold | where | NFE saved | wall time saved | wall saved / NFE saved | CPU time saved "
+             "| CPU saved / NFE saved | rows evaluated / NFE | wall time (s) | accuracy |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for where in ("offline", "engine"):
         base = runs[(where, 0.0)]
         for t in THRESHOLDS:
             cur = runs[(where, t)]
             nfe_saved = [1 - c["nfe"] / b["nfe"] for c, b in zip(cur, base)]
             time_saved = [1 - c["seconds"] / b["seconds"] for c, b in zip(cur, base)]
+            cpu_saved = [1 - c["cpu"] / b["cpu"] for c, b in zip(cur, base)]
             per = [ts / ns for ts, ns in zip(time_saved, nfe_saved)] if t > 0 else None
+            per_cpu = [ts / ns for ts, ns in zip(cpu_saved, nfe_saved)] if t > 0 else None
             lines.append(f"| {t:g} | {where} | {med(nfe_saved, '{:.0%}')} | {med(time_saved, '{:.0%}')} | "
-                         f"{med(per, '{:.2f}') if per else '-'} | {med([c['rows'] / c['nfe'] for c in cur], '{:.3f}')} | "
+                         f"{med(per, '{:.2f}') if per else '-'} | {med(cpu_saved, '{:.0%}')} | "
+                         f"{med(per_cpu, '{:.2f}') if per_cpu else '-'} | {med([c['rows'] / c['nfe'] for c in cur], '{:.3f}')} | "
                          f"{med([c['seconds'] for c in cur], '{:.2f}')} | {med([c['accuracy'] for c in cur], '{:.1%}')} |")
     lines += ["",
               f"bf16 vs fp32 (offline, threshold 0, same noise; iterate float32 in both): the classifier gives the "
