@@ -6,8 +6,9 @@ same Redis URL; the keys are those of ``service.jobs``.
 
 Delivery: at least once; results: exactly once.
 
-- A worker reads one entry at a time (XREADGROUP) while its engine has room, so jobs spread over
-  workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
+- A worker reads entries (XREADGROUP, up to its free sample slots at once) while its engine has room,
+  so jobs spread over workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
+  Finished images are encoded by a small thread pool off the step loop and stored in step order.
 - Every heartbeat it refreshes ``P:workers`` and re-claims its own pending entries (XCLAIM JUSTID
   with idle 0, which does not count as a delivery), so long jobs of a live worker are never taken.
 - A dead worker's entries go idle; after ``claim_idle_ms`` another worker takes them (XAUTOCLAIM) and
