@@ -272,9 +272,15 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     results.write_section(SECTION_TITLE, text, path)
 
 
-def replace_old_section(path: Path = RESULTS) -> None:
-    """The former engine section (continuous vs static) is superseded by this one: drop it."""
-    results.write_section("## Engine: continuous vs static batching", "", path)
+OLD_TITLE = "## Engine: continuous vs static batching"
+
+
+def write_in_place_of_old(text: str, path: Path = RESULTS) -> None:
+    """The former engine section (continuous vs straw-man static) is superseded: this one takes its place."""
+    if path.exists() and f"\n{OLD_TITLE}\n" in path.read_text(encoding="utf-8"):
+        results.write_section(OLD_TITLE, text, path)
+    else:
+        write_section(text, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(conf, t0runs, poisson, max_diff)
     print(text)
     if not args.no_write:
-        replace_old_section()
-        write_section(text)
+        write_in_place_of_old(text)
         print(f"wrote its section of {RESULTS}")
     return 0
 
