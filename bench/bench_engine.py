@@ -261,7 +261,13 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
         lines += ["", f"p95 latency, fair static / packed continuous: "
                       f"{ratio(runs, 'latency_p95', 'packed', 'static', invert=True)}; p50: "
                       f"{ratio(runs, 'latency_p50', 'packed', 'static', invert=True)}.", ""]
-    lines += [f"Load = arrival rate / the packed engine's job rate measured at t = 0 in this run "
+    lines += ["How to read it: wall-clock figures were taken while other jobs loaded the machine (CPU time well "
+              "under wall time means this process waited for a core), so the per-CPU-second row and the work "
+              "counts (rows evaluated, steps) are the stable ones. On a CPU a forward costs nearly in proportion "
+              "to its rows, so packing pays as rows saved and batching as the per-step overhead saved (fewer, "
+              "fuller steps); on a GPU a forward of a few rows costs about as much as a full one, so the fewer "
+              "steps of continuous batching weigh far more there.", "",
+              f"Load = arrival rate / the packed engine's job rate measured at t = 0 in this run "
               f"({cfg['job_rate']:.2f} jobs/s). Rows evaluated / NFE: 1.0 means every forward row belonged to "
               f"a running sample; padding to a bucket and rows of finished samples are the excess.", ""]
     return "\n".join(lines)
