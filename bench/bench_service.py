@@ -102,7 +102,8 @@ class Stack:
                      "--capacity", str(CAPACITY), "--max-rows", str(ROWS), "--parent-pid", str(os.getpid())],
                     env, logdir / "worker.log")
         self._spawn([sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", "127.0.0.1",
-                     "--port", str(self.port), "--log-level", "warning"], env, logdir / "api.log")
+                     "--port", str(self.port), "--log-level", "warning", "--timeout-keep-alive", "30"],
+                    env, logdir / "api.log")
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -139,6 +140,16 @@ async def drive(api: str, reqs: list[tuple[str, dict]], upload: bytes, mode: str
     async with httpx.AsyncClient(base_url=api, timeout=httpx.Timeout(600.0), limits=limits) as client:
         t0 = time.perf_counter()
 
+        async def get(url: str) -> httpx.Response:
+            # A GET is safe to repeat: a keep-alive connection the server just closed is retried once or twice.
+            for attempt in range(3):
+                try:
+                    return await client.get(url)
+                except (httpx.ReadError, httpx.RemoteProtocolError):
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
         async def one(path: str, body: dict) -> tuple[str, int, float]:
             if path == "/v1/denoise":
                 form = {k: str(v) for k, v in body.items()}
@@ -159,14 +170,14 @@ async def drive(api: str, reqs: list[tuple[str, dict]], upload: bytes, mode: str
                         raise RuntimeError(f"job {job['id']} ended {event}")
             else:
                 while True:
-                    status = (await client.get(job["links"]["self"])).json()
+                    status = (await get(job["links"]["self"])).json()
                     if status["status"] in ("done", "failed", "cancelled"):
                         break
                     await asyncio.sleep(0.1)
                 if status["status"] != "done":
                     raise RuntimeError(f"job {job['id']} ended {status['status']}")
             for url in job["links"]["images"]:
-                img = await client.get(url)
+                img = await get(url)
                 img.raise_for_status()
             return job["id"], job["num_images"], time.perf_counter() - t0
 
