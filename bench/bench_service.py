@@ -122,6 +122,18 @@ class Stack:
         with open(log, "wb") as fh:
             self.procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT))
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by the worker, the API and Redis (utime + stime from /proc)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in (("worker", self.procs[0]), ("api", self.procs[1]), ("redis", self.redis.proc)):
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / ticks
+            except (OSError, IndexError, ValueError):
+                out[name] = float("nan")
+        return out
+
     def close(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -201,6 +213,7 @@ def engine_alone(model, spec, specs: list[tuple[JobSpec, bytes | None]]) -> dict
     for job, upload in specs:
         engine.add_job(JobSpec(**{**job.__dict__, "submitted": time.time()}), upload)
     pending, latencies, n = [], [], 0
+    c0 = time.process_time()
     while engine.has_work:
         out = engine.step()
         pending += [img.data for img in out.images if isinstance(img.data, Future)]
@@ -209,8 +222,9 @@ def engine_alone(model, spec, specs: list[tuple[JobSpec, bytes | None]]) -> dict
     for f in pending:
         f.result()
     seconds = time.perf_counter() - t0
+    cpu_total = time.process_time() - c0
     pool.shutdown()
-    return {"mode": "engine", "seconds": seconds, "images": n, "images_per_s": n / seconds,
+    return {"mode": "engine", "seconds": seconds, "cpu_total": cpu_total, "images": n, "images_per_s": n / seconds,
             "latency_p50": float(np.percentile(latencies, 50)), "latency_p95": float(np.percentile(latencies, 95))}
 
 
@@ -248,13 +262,17 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "engine":
                     res = engine_alone(loaded.model, loaded.spec, specs)
                 else:
+                    before, c0 = stack.cpu_seconds(), time.process_time()
                     res = asyncio.run(drive(stack.api, reqs, upload, mode))
+                    after = stack.cpu_seconds()
+                    res["cpu"] = {k: after[k] - before[k] for k in after}
+                    res["cpu"]["clients"] = time.process_time() - c0
                     if specs is None:
                         specs = [(JobSpec.from_json(json.dumps(store.get(i)["spec"])),
                                   client.get(store.keys.input(i))) for i in res["ids"]]
                 runs[mode].append(res)
                 log(f"round {r + 1} {mode:>6}: {res['images_per_s']:.2f} images/s, p95 {res['latency_p95']:.2f}s, "
-                    f"{res['images']} images in {res['seconds']:.1f}s")
+                    f"{res['images']} images in {res['seconds']:.1f}s, CPU s {res.get('cpu')}")
     finally:
         stack.close()
     ratios = {m: [s["images_per_s"] / e["images_per_s"] for s, e in zip(runs[m], runs["engine"])] for m in ("sse", "poll")}
@@ -276,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                             ("p95 job latency (s)", "latency_p95", "{:.2f}"), ("wall time (s)", "seconds", "{:.1f}")):
         lines.append(f"| {label} | " + " | ".join(med([r[key] for r in runs[m]], fmt) for m in MODES) + " |")
     lines += ["", f"Service / engine alone, images/s: event-stream clients {med(ratios['sse'], '{:.2f}')}x, "
-                  f"polling clients {med(ratios['poll'], '{:.2f}')}x.", ""]
+                  f"polling clients {med(ratios['poll'], '{:.2f}')}x.", "",
+              "CPU seconds per service run (median), by process: " + "; ".join(
+                  f"{MODE_NAMES[m]}: " + ", ".join(
+                      f"{k} {statistics.median(r['cpu'][k] for r in runs[m]):.1f}" for k in runs[m][0]["cpu"])
+                  for m in ("sse", "poll")) +
+              f"; engine alone: {statistics.median(r['cpu_total'] for r in runs['engine']):.1f} in one process. "
+              "The machine has 2 cores (shared with other jobs): what the API, Redis and the clients burn is "
+              "taken from the worker, which is CPU-bound here; on a GPU worker the model's time is not.", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
