@@ -141,6 +141,7 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
     order = sorted(range(len(jobs)), key=lambda i: times[i])
     latencies, latents, steps_taken, early = [], {}, {}, 0
     n_steps = nfe = evaluated = 0
+    row_counts = []                      # rows of running samples at each step
     t0, c0 = time.time(), time.process_time()
     while order or engine.has_work:
         now = time.time() - t0
@@ -155,6 +156,7 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
         n_steps += 1
         nfe += out.rows
         evaluated += out.bucket_rows
+        row_counts.append(out.rows)
         latencies += [j.latency_s for j in out.jobs]
         for img in out.images:
             latents[(img.job_id, img.result.index)] = img.latent
@@ -169,7 +171,7 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
             "latency_p50": float(np.percentile(latencies, 50)), "latency_p95": float(np.percentile(latencies, 95)),
             "rows_per_nfe": evaluated / nfe, "rows_evaluated": evaluated, "nfe": nfe, "engine_steps": n_steps,
             "mean_steps": statistics.fmean(steps_taken.values()), "stopped_early": early / n_images,
-            "latents": latents, "steps": steps_taken}
+            "latents": latents, "steps": steps_taken, "row_counts": row_counts}
 
 
 def check_same_images(runs: list[dict]) -> float:
