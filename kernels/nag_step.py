@@ -19,7 +19,11 @@ arrays. For the a-th listed slot ``s = slot_ids[a]``:
    ``model_in[r] = x[s] + eta[s] * mu[s] * m[s]`` (cast to model_in's dtype),
    whether or not the sample finished.
 
-Slots not listed, and rows not referenced, are not touched.
+Slots not listed, and rows not referenced, are not touched. With
+``freeze_finished=True`` a listed slot whose ``finished`` flag is already set
+is not touched either (nothing of it is read or written): the engine may step a
+sample once more before its host learns that it finished (the status read-back
+lags one step on CUDA), and that extra step must change nothing.
 
 Preconditions the launchers check only for CPU tensors (checking CUDA tensors
 would cost a device sync every step): slot ids lie in [0, S) and are unique;
@@ -149,10 +153,16 @@ def _check_args(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold
 # Torch reference (production CPU path)
 # --------------------------------------------------------------------------- #
 def nag_step_reference(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
-                       max_steps, steps, norm, finished, guided_channels):
+                       max_steps, steps, norm, finished, guided_channels, freeze_finished=False):
     """Eager-torch NAG-GD step for the listed slots; updates state in place."""
     A, K = _check_args(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
                        max_steps, steps, norm, finished, guided_channels)
+    if A > 0 and freeze_finished:
+        # Already-finished slots drop out of the step (boolean indexing syncs on CUDA; this is the CPU path).
+        live = finished.index_select(0, slot_ids.long()) == 0
+        if not bool(live.all()):
+            slot_ids, rows, weights = slot_ids[live], rows[live], weights[live]
+            A = slot_ids.shape[0]
     if A == 0:
         return None
     G = guided_channels
@@ -265,26 +275,11 @@ if HAS_TRITON:
             if rk >= 0:
                 tl.store(model_in_ptr + rk * N + offs, look, mask=mask)
 
-    @triton.autotune(
-        configs=_CONFIGS,
-        key=["N", "K"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-        # Tuning runs the kernel several times on the caller's real state;
-        # every in-place argument must be put back before the final launch.
-        restore_value=["x_ptr", "m_ptr", "model_in_ptr", "steps_ptr", "norm_ptr", "finished_ptr"],
-    )
     @triton.jit
-    def _nag_step_kernel(out_ptr, x_ptr, m_ptr, model_in_ptr,
-                         slot_ids_ptr, rows_ptr, weights_ptr,
-                         eta_ptr, mu_ptr, threshold_ptr, max_steps_ptr,
-                         steps_ptr, norm_ptr, finished_ptr,
-                         N: tl.constexpr, GN: tl.constexpr, K: tl.constexpr,
-                         BLOCK: tl.constexpr):
-        # One program = one listed sample. Slots and rows are unique across
-        # samples (precondition), so each program owns everything it writes:
-        # no atomics, no cross-program ordering.
-        a = tl.program_id(0).to(tl.int64)
-        slot = tl.load(slot_ids_ptr + a).to(tl.int64)
+    def _step_sample(out_ptr, x_ptr, m_ptr, model_in_ptr, rows_ptr, weights_ptr,
+                     eta_ptr, mu_ptr, threshold_ptr, max_steps_ptr, steps_ptr, norm_ptr, finished_ptr,
+                     a, slot, N: tl.constexpr, GN: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Stages 1-3 for the a-th listed sample, which lives in ``slot``."""
         offs0 = tl.arange(0, BLOCK)
 
         # ---- Stage 1: g and sum(g^2) over the whole sample -----------------
@@ -336,6 +331,37 @@ if HAS_TRITON:
                 _apply_chunk(gc, x_ptr, m_ptr, model_in_ptr, rows_ptr, a, slot, offs, mask,
                              stop, eta, la, N, K)
 
+    @triton.autotune(
+        configs=_CONFIGS,
+        key=["N", "K"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+        # Tuning runs the kernel several times on the caller's real state;
+        # every in-place argument must be put back before the final launch.
+        restore_value=["x_ptr", "m_ptr", "model_in_ptr", "steps_ptr", "norm_ptr", "finished_ptr"],
+    )
+    @triton.jit
+    def _nag_step_kernel(out_ptr, x_ptr, m_ptr, model_in_ptr,
+                         slot_ids_ptr, rows_ptr, weights_ptr,
+                         eta_ptr, mu_ptr, threshold_ptr, max_steps_ptr,
+                         steps_ptr, norm_ptr, finished_ptr,
+                         N: tl.constexpr, GN: tl.constexpr, K: tl.constexpr,
+                         FREEZE_FINISHED: tl.constexpr, BLOCK: tl.constexpr):
+        # One program = one listed sample. Slots and rows are unique across
+        # samples (precondition), so each program owns everything it writes:
+        # no atomics, no cross-program ordering.
+        a = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ids_ptr + a).to(tl.int64)
+        if FREEZE_FINISHED:
+            # A sample that already finished is left exactly as it is (uniform branch per program).
+            if tl.load(finished_ptr + slot) == 0:
+                _step_sample(out_ptr, x_ptr, m_ptr, model_in_ptr, rows_ptr, weights_ptr,
+                             eta_ptr, mu_ptr, threshold_ptr, max_steps_ptr, steps_ptr, norm_ptr, finished_ptr,
+                             a, slot, N, GN, K, BLOCK)
+        else:
+            _step_sample(out_ptr, x_ptr, m_ptr, model_in_ptr, rows_ptr, weights_ptr,
+                         eta_ptr, mu_ptr, threshold_ptr, max_steps_ptr, steps_ptr, norm_ptr, finished_ptr,
+                         a, slot, N, GN, K, BLOCK)
+
     def _interpreter_mismatch():
         """True when this module's kernels and triton.language disagree on
         interpreter mode (TRITON_INTERPRET was set after `import triton`)."""
@@ -345,7 +371,7 @@ if HAS_TRITON:
 
 
 def nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
-                    max_steps, steps, norm, finished, guided_channels):
+                    max_steps, steps, norm, finished, guided_channels, freeze_finished=False):
     """Fused Triton NAG-GD step for the listed slots; updates state in place."""
     # -- check --
     A, K = _check_args(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
@@ -379,7 +405,7 @@ def nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, thres
         _nag_step_kernel[(A,)](
             out, x, m, model_in, slot_ids, rows, weights,
             eta, mu, threshold, max_steps, steps, norm, flags,
-            N=N, GN=GN, K=K,
+            N=N, GN=GN, K=K, FREEZE_FINISHED=bool(freeze_finished),
         )
     return None
 
@@ -388,7 +414,7 @@ def nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, thres
 # Dispatcher
 # --------------------------------------------------------------------------- #
 def nag_step(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
-             max_steps, steps, norm, finished, guided_channels):
+             max_steps, steps, norm, finished, guided_channels, freeze_finished=False):
     """NAG-GD step: the fused Triton kernel for CUDA tensors (or when
     EQM_FORCE_TRITON=1, e.g. tests under TRITON_INTERPRET=1), else the torch
     reference. Updates state in place, returns None."""
@@ -396,6 +422,6 @@ def nag_step(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
     # CUDA without triton installed still works, eagerly; forcing it does not.
     if use_triton and (HAS_TRITON or os.environ.get("EQM_FORCE_TRITON") == "1"):
         return nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
-                               max_steps, steps, norm, finished, guided_channels)
+                               max_steps, steps, norm, finished, guided_channels, freeze_finished)
     return nag_step_reference(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
-                              max_steps, steps, norm, finished, guided_channels)
+                              max_steps, steps, norm, finished, guided_channels, freeze_finished)

@@ -102,19 +102,99 @@ def partially_noised(x: torch.Tensor, level: float, noise: torch.Tensor) -> torc
     return level * x + (1.0 - level) * noise
 
 
+MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
+
+
+def default_row_buckets(max_rows: int) -> list[int]:
+    """Forward batch sizes: 1, 2, 4, 8, then every 8 up to 128, every 16 up to 256, every 32 beyond.
+
+    Fine enough that padding to the next bucket stays small (a gap is at most 1/9 of its bucket above
+    64 rows, which is what keeps rows evaluated / NFE near 1), few enough (27 for 256 rows) to warm up
+    each one before traffic and to capture each as a CUDA graph.
+    """
+    buckets, b = [], 1
+    while b < min(8, max_rows):
+        buckets.append(b)
+        b *= 2
+    b = 8
+    while b < max_rows:
+        buckets.append(b)
+        b += 8 if b < 128 else 16 if b < 256 else 32
+    return buckets + [max_rows]
+
+
+class _Uploader:
+    """Host -> device copies of small index tensors without stalling the host.
+
+    On CUDA a copy goes through a pinned staging buffer (two, used in turn, each guarded by an event so
+    a buffer is never rewritten while its last copy may still be in flight) with ``non_blocking``; on
+    the CPU it is a plain copy.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._ring: dict[tuple, list] = {}
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        key = (src.dtype, tuple(src.shape))
+        ring = self._ring.setdefault(key, [])
+        if len(ring) < 2:
+            ring.append([torch.empty(src.shape, dtype=src.dtype, pin_memory=True), None])
+        entry = ring.pop(0)
+        if entry[1] is not None:
+            entry[1].synchronize()        # the copy two uses ago: long done in practice
+        entry[0].copy_(src)
+        dst.copy_(entry[0], non_blocking=True)
+        entry[1] = torch.cuda.Event()
+        entry[1].record()
+        ring.append(entry)
+
+
+class StatusRead:
+    """One posted read-back of (steps, gradient norm, finished) for the slots stepped in one step."""
+
+    def __init__(self, slots: list[int], host: torch.Tensor, event):
+        self.slots, self._host, self._event = slots, host, event
+
+    def result(self) -> tuple[list[int], list[int], list[float], list[bool]]:
+        """(slots, steps, norms, finished), waiting for the copy if it is still in flight."""
+        if self._event is not None:
+            self._event.synchronize()
+        packed = self._host[:, :len(self.slots)]
+        return (self.slots, packed[0].long().tolist(), packed[1].tolist(),
+                [bool(f) for f in packed[2].tolist()])
+
+
 class SlotBatch:
     """Fixed-capacity sampler state on one device: ``capacity`` sample slots and ``max_rows`` model rows.
 
-    Invariants: ``x``/``m`` are float32 whatever the model dtype; ``model_in[r]`` always holds the
-    look-ahead point of the sample owning row ``r`` (the fused step writes it), so a forward needs no
-    gather; rows are handed out lowest-first so active rows stay packed at the front and the forward
-    runs on ``model_in[:bucket]``, the smallest bucket covering the highest row in use.
+    Invariants:
+
+    - ``x``/``m`` are float32 whatever the model dtype; ``model_in[r]`` always holds the look-ahead
+      point of the sample owning row ``r`` (the fused step writes it), so a forward needs no gather.
+    - Packed rows (``packed=True``): the rows of the occupied slots are exactly ``[0, n_rows)``. When a
+      sample leaves, the highest rows move into its holes (``model_in`` rows and labels are copied,
+      the owner's row list and the step plan are remapped), so the forward runs on ``model_in[:b]``
+      with ``b`` the smallest bucket >= ``n_rows``: a finished sample stops costing anything at once.
+      A moved row holds the same values and label, so no sample's trajectory changes.
+    - The step plan (slot of each listed sample, its rows, its weights) lives on the device in
+      fixed buffers, changed only when membership changes, through a host mirror and one upload.
+    - The fused step freezes slots that already finished (``freeze_finished``), so stepping a finished
+      sample once more (the status read-back may lag one step) changes nothing.
+
+    ``packed=False`` keeps rows where they were admitted (lowest free first) and runs the forward on
+    the bucket covering the highest row in use: the former behaviour, kept as a benchmark baseline.
     """
 
     def __init__(self, model: torch.nn.Module, capacity: int, max_rows: int, sample_shape: Sequence[int],
                  null_label: int, guided_channels: int, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, row_buckets: Sequence[int] | None = None,
-                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 packed: bool = True):
         if capacity < 1 or max_rows < 1:
             raise ValueError("capacity and max_rows must be >= 1")
         self.model = model
@@ -123,7 +203,8 @@ class SlotBatch:
         self.sample_shape = tuple(sample_shape)
         self.null_label, self.guided_channels = null_label, guided_channels
         self.device, self.dtype = torch.device(device), dtype
-        buckets = sorted(set(row_buckets or ())) or _default_buckets(max_rows)
+        self.packed = packed
+        buckets = sorted(set(row_buckets or ())) or default_row_buckets(max_rows)
         self.row_buckets = [b for b in buckets if b < max_rows] + [max_rows]
         f32 = dict(device=self.device, dtype=torch.float32)
         i32 = dict(device=self.device, dtype=torch.int32)
@@ -138,26 +219,49 @@ class SlotBatch:
         self.finished = torch.zeros(capacity, device=self.device, dtype=torch.int8)
         self.model_in = torch.zeros(max_rows, *self.sample_shape, device=self.device, dtype=dtype)
         self.labels = torch.full((max_rows,), null_label, device=self.device, dtype=torch.long)
+        # Host bookkeeping.
         self.free_slots = list(range(capacity))
-        self.free_rows = list(range(max_rows))
-        self.slot_rows: dict[int, list[int]] = {}
+        self.free_rows = list(range(max_rows))           # unpacked mode only
+        self.slot_rows: dict[int, list[int]] = {}        # rows of a slot, primary (first condition) first
         self.slot_weights: dict[int, list[float]] = {}
-        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.row_owner = [-1] * max_rows
+        self.n_rows = 0                                  # packed: rows in use are [0, n_rows)
+        # Step plan: listed position a -> slot, its rows (-1 padded) and weights; device + host mirror.
+        k = MAX_ROWS_PER_SAMPLE
+        self.order: list[int] = []                       # position -> slot
+        self._position: dict[int, int] = {}              # slot -> position
+        self._slots_host = torch.zeros(capacity, dtype=torch.int32)
+        self._rows_host = torch.full((capacity, k), -1, dtype=torch.int32)
+        self._weights_host = torch.zeros(capacity, k, dtype=torch.float32)
+        self.plan_slots = torch.zeros(capacity, **i32)
+        self.plan_rows = torch.full((capacity, k), -1, **i32)
+        self.plan_weights = torch.zeros(capacity, k, **f32)
+        self._plan_dirty = False
+        self._upload = _Uploader(self.device)
+        self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
     # -- membership -----------------------------------------------------------------------------
     def can_admit(self, n_rows: int) -> bool:
-        return bool(self.free_slots) and len(self.free_rows) >= n_rows
+        free = self.max_rows - self.n_rows if self.packed else len(self.free_rows)
+        return bool(self.free_slots) and free >= n_rows
 
     def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams) -> int:
         """Put one sample in a free slot, starting at ``x0``; returns the slot index."""
         if not self.can_admit(len(rows)):
             raise RuntimeError("no free slot or not enough free rows")
+        if len(rows) > MAX_ROWS_PER_SAMPLE:
+            raise ValueError(f"a sample has at most {MAX_ROWS_PER_SAMPLE} rows, got {len(rows)}")
         if tuple(x0.shape) != self.sample_shape:
             raise ValueError(f"start latent has shape {tuple(x0.shape)}, expected {self.sample_shape}")
         self.free_slots.sort()
-        self.free_rows.sort()
         slot = self.free_slots.pop(0)
-        row_ids = [self.free_rows.pop(0) for _ in rows]
+        if self.packed:
+            row_ids = list(range(self.n_rows, self.n_rows + len(rows)))
+            self.n_rows += len(rows)
+        else:
+            self.free_rows.sort()
+            row_ids = [self.free_rows.pop(0) for _ in rows]
+            self.n_rows = max(self.n_rows, row_ids[-1] + 1)
         x0 = x0.to(self.device, torch.float32)
         self.x[slot] = x0
         self.m[slot] = 0.0
@@ -169,69 +273,164 @@ class SlotBatch:
         self.norm[slot] = float("nan")
         # A zero step budget is finished before it starts (nothing to evaluate).
         self.finished[slot] = int(params.max_steps == 0)
-        for r, (label, _) in zip(row_ids, rows):
-            self.model_in[r] = x0.to(self.dtype)     # m = 0, so the first look-ahead is x0 itself
-            self.labels[r] = label
+        look = x0.to(self.dtype)      # m = 0, so the first look-ahead is x0 itself
+        r0 = row_ids[0]
+        if row_ids == list(range(r0, r0 + len(rows))):
+            self.model_in[r0:r0 + len(rows)] = look
+            self.labels[r0:r0 + len(rows)] = torch.tensor([y for y, _ in rows], dtype=torch.long)
+        else:
+            for r, (label, _) in zip(row_ids, rows):
+                self.model_in[r] = look
+                self.labels[r] = label
+        for r in row_ids:
+            self.row_owner[r] = slot
         self.slot_rows[slot] = row_ids
         self.slot_weights[slot] = [w for _, w in rows]
-        self._plan = None
+        self._position[slot] = len(self.order)
+        self.order.append(slot)
+        self._write_plan(slot)
         return slot
 
     def release(self, slot: int) -> None:
-        """Free a slot and its rows (its row labels revert to null so padded rows stay finite)."""
-        rows = self.slot_rows.pop(slot)
-        self.slot_weights.pop(slot)
-        for r in rows:
-            self.labels[r] = self.null_label
-        self.free_rows.extend(rows)
-        self.free_slots.append(slot)
-        self._plan = None
+        """Free one slot and its rows (packed: the highest rows move into the holes)."""
+        self.release_many([slot])
+
+    def release_many(self, slots: Sequence[int]) -> None:
+        """Free slots and their rows; with packed rows, refill the holes from the top in one copy."""
+        holes: list[int] = []
+        for slot in slots:
+            rows = self.slot_rows.pop(slot)
+            self.slot_weights.pop(slot)
+            for r in rows:
+                self.row_owner[r] = -1
+            holes += rows
+            self.free_slots.append(slot)
+            # Swap-remove from the plan: the last listed sample takes this position.
+            a = self._position.pop(slot)
+            last = self.order.pop()
+            if last != slot:
+                self.order[a] = last
+                self._position[last] = a
+                self._write_plan(last)
+            self._plan_dirty = True
+        if not self.packed:
+            self.free_rows.extend(holes)
+            self.labels[torch.tensor(holes, dtype=torch.long, device=self.device)] = self.null_label
+            self.n_rows = 1 + max((r for rs in self.slot_rows.values() for r in rs), default=-1)
+            return
+        new_n = self.n_rows - len(holes)
+        dst = sorted(h for h in holes if h < new_n)
+        src = [r for r in range(new_n, self.n_rows) if self.row_owner[r] >= 0]
+        assert len(dst) == len(src), "packed rows out of step"
+        if dst:
+            for d, s in zip(dst, src):
+                owner = self.row_owner[s]
+                self.row_owner[d], self.row_owner[s] = owner, -1
+                rows = self.slot_rows[owner]
+                rows[rows.index(s)] = d
+            for owner in {self.row_owner[d] for d in dst}:
+                self._write_plan(owner)
+            d_idx = torch.tensor(dst, dtype=torch.long)
+            s_idx = torch.tensor(src, dtype=torch.long)
+            if self.device.type == "cuda":
+                d_idx, s_idx = d_idx.to(self.device, non_blocking=True), s_idx.to(self.device, non_blocking=True)
+            # Whole rows move (same bits, same label): the moved samples' trajectories are unchanged.
+            self.model_in.index_copy_(0, d_idx, self.model_in.index_select(0, s_idx))
+            self.labels.index_copy_(0, d_idx, self.labels.index_select(0, s_idx))
+        self.n_rows = new_n
+
+    def _write_plan(self, slot: int) -> None:
+        a, rows, weights = self._position[slot], self.slot_rows[slot], self.slot_weights[slot]
+        self._slots_host[a] = slot
+        self._rows_host[a] = -1
+        self._rows_host[a, :len(rows)] = torch.tensor(rows, dtype=torch.int32)
+        self._weights_host[a] = 0.0
+        self._weights_host[a, :len(weights)] = torch.tensor(weights, dtype=torch.float32)
+        self._plan_dirty = True
 
     @property
     def occupied(self) -> list[int]:
         return sorted(self.slot_rows)
 
     # -- one step -------------------------------------------------------------------------------
-    def _build_plan(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def bucket_for(self, rows: int) -> int:
+        """The smallest bucket holding ``rows`` rows."""
+        return next(b for b in self.row_buckets if b >= rows)
+
+    def step(self, slots: Sequence[int] | None = None) -> int:
+        """One forward on the rows in use and one fused NAG-GD step of every occupied slot.
+
+        Slots that already finished are frozen by the fused step. ``slots`` (a subset of the
+        occupied slots) steps only those, through a one-off plan. Returns the rows the forward ran on.
+        """
+        if slots is not None and sorted(slots) != self.occupied:
+            return self._step_subset(list(slots))
+        if not self.order:
+            return 0
+        a = len(self.order)
+        if self._plan_dirty:
+            self._upload.copy(self.plan_slots[:a], self._slots_host[:a])
+            self._upload.copy(self.plan_rows[:a], self._rows_host[:a])
+            self._upload.copy(self.plan_weights[:a], self._weights_host[:a])
+            self._plan_dirty = False
+        k = max(len(self.slot_rows[s]) for s in self.order)
+        bucket = self.bucket_for(self.n_rows)
+        self._run(bucket, self.plan_slots[:a], self.plan_rows[:a], self.plan_weights[:a], k)
+        return bucket
+
+    def _step_subset(self, slots: list[int]) -> int:
+        if not slots:
+            return 0
         k = max(len(self.slot_rows[s]) for s in slots)
         rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in slots]
         weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in slots]
-        return (torch.tensor(slots, dtype=torch.int32, device=self.device),
-                torch.tensor(rows, dtype=torch.int32, device=self.device),
-                torch.tensor(weights, dtype=torch.float32, device=self.device))
+        bucket = self.bucket_for(1 + max(max(self.slot_rows[s]) for s in slots))
+        self._run(bucket, torch.tensor(slots, dtype=torch.int32, device=self.device),
+                  torch.tensor(rows, dtype=torch.int32, device=self.device),
+                  torch.tensor(weights, dtype=torch.float32, device=self.device), k)
+        return bucket
 
-    def bucket_for(self, high_row: int) -> int:
-        return next(b for b in self.row_buckets if b >= high_row)
-
-    def step(self, slots: list[int]) -> None:
-        """One forward on the rows of ``slots`` (all must be unfinished) and one fused NAG-GD step."""
-        if not slots:
-            return
-        if self._plan is None or self._plan[0].numel() != len(slots) or self._plan_slots != slots:
-            self._plan = self._build_plan(slots)
-            self._plan_slots = list(slots)
-        slot_ids, rows, weights = self._plan
-        high = 1 + max(max(self.slot_rows[s]) for s in slots)
-        bucket = self.bucket_for(high)
+    def _run(self, bucket: int, slot_ids, rows, weights, k: int) -> None:
         out = self.forward(self.model_in[:bucket], self.labels[:bucket])       # (bucket, C, H, W)
         out = out.contiguous()   # learn_sigma models return a channel slice; the fused step wants dense rows
+        if not out.is_cuda and rows.shape[1] > k:
+            # The CPU path gathers column by column: drop the all-padding columns.
+            rows, weights = rows[:, :k].contiguous(), weights[:, :k].contiguous()
         # The kernel indexes rows of ``out``; rows past the bucket are unused, so it gets the same view.
         nag_step(out, self.x, self.m, self.model_in[:bucket], slot_ids, rows, weights, self.eta, self.mu,
-                 self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels)
+                 self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels,
+                 freeze_finished=True)
+        self.rows_evaluated += bucket
+
+    # -- status read-back -----------------------------------------------------------------------
+    def post_status(self) -> StatusRead:
+        """Start reading (steps, norm, finished) of every occupied slot, in plan order.
+
+        On CUDA the values are gathered on the device and copied into pinned memory without waiting;
+        ``StatusRead.result()`` waits for that copy only. Elsewhere the read completes at once.
+        """
+        slots = list(self.order)
+        a = len(slots)
+        if a == 0:
+            return StatusRead([], torch.zeros(3, 0), None)
+        idx = self.plan_slots[:a].long()
+        if self._plan_dirty:           # no step since the last membership change: read the host plan
+            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+        dev = torch.stack([self.steps.index_select(0, idx).float(), self.norm.index_select(0, idx),
+                           self.finished.index_select(0, idx).float()])
+        if self.device.type != "cuda":
+            return StatusRead(slots, dev, None)
+        host = torch.empty((3, a), dtype=torch.float32, pin_memory=True)
+        host.copy_(dev, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StatusRead(slots, host, event)
 
     def snapshot(self, slots: list[int]) -> tuple[list[int], list[float], list[bool]]:
-        """Steps taken, last gradient norm and finished flag of ``slots`` (one device->host copy)."""
+        """Steps taken, last gradient norm and finished flag of ``slots`` (one blocking device->host copy)."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.device)
         packed = torch.stack([self.steps[idx].float(), self.norm[idx], self.finished[idx].float()]).cpu()
         return packed[0].long().tolist(), packed[1].tolist(), [bool(f) for f in packed[2].tolist()]
-
-
-def _default_buckets(max_rows: int) -> list[int]:
-    buckets, b = [], 1
-    while b < max_rows:
-        buckets.append(b)
-        b *= 2
-    return buckets + [max_rows]
 
 
 @dataclass
@@ -245,8 +444,15 @@ class SampleResult:
 @torch.no_grad()
 def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Condition],
            params: SamplerParams | Sequence[SamplerParams], *, null_label: int, guided_channels: int,
-           dtype: torch.dtype | None = None, progress: Callable[[int, int], None] | None = None) -> SampleResult:
-    """Run every sample from ``start`` (N, C, H, W) until it stops; all samples share one batch."""
+           dtype: torch.dtype | None = None, progress: Callable[[int, int], None] | None = None,
+           stats: dict | None = None, status_lag: int | None = None) -> SampleResult:
+    """Run every sample from ``start`` (N, C, H, W) until it stops, in one packed ``SlotBatch``.
+
+    A sample that stops (below its threshold or at its cap) leaves the batch at once, so the
+    forward shrinks as samples finish: adaptive stopping saves time, not only evaluations.
+    ``stats``, when given, receives ``rows_evaluated`` (forward rows, padding included) and ``nfe``.
+    ``status_lag``: steps the status read-back lags (default 1 on CUDA, 0 elsewhere; same results).
+    """
     n = start.shape[0]
     if len(conditions) != n:
         raise ValueError(f"{len(conditions)} conditions given for {n} start latents")
@@ -257,19 +463,48 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
     param = next(model.parameters())
     batch = SlotBatch(model, capacity=n, max_rows=sum(len(r) for r in row_sets), sample_shape=start.shape[1:],
                       null_label=null_label, guided_channels=guided_channels, device=param.device,
-                      dtype=dtype or param.dtype, row_buckets=[sum(len(r) for r in row_sets)])
-    slots = [batch.admit(start[i], row_sets[i], per_sample[i]) for i in range(n)]
-    total = max(p.max_steps for p in per_sample)
-    done = [p.max_steps == 0 for p in per_sample]
-    for step in range(total):
-        active = [s for s, d in zip(slots, done) if not d]
-        if not active:
-            break
-        batch.step(active)
-        _, _, finished = batch.snapshot(slots)
-        done = finished
+                      dtype=dtype or param.dtype)
+    latents = start.detach().to(torch.float32).cpu().clone()
+    steps = [0] * n
+    norms = [float("nan")] * n
+    owner: dict[int, int] = {}              # slot -> sample index
+    for i in range(n):
+        if per_sample[i].max_steps > 0:     # a zero budget keeps its start
+            owner[batch.admit(start[i], row_sets[i], per_sample[i])] = i
+    total = max((p.max_steps for p in per_sample), default=0)
+    # On CUDA the status of step k is read after step k+1 is queued (the device never waits for the
+    # host); a sample that finished in step k is frozen by the fused step in k+1, so nothing changes.
+    lag = (1 if batch.device.type == "cuda" else 0) if status_lag is None else status_lag
+    pending: list[StatusRead] = []
+
+    def collect(read: StatusRead) -> None:
+        slots, st, nm, fin = read.result()
+        live = [(s, k, v, f) for s, k, v, f in zip(slots, st, nm, fin) if s in owner]
+        for s, k, v, _ in live:
+            steps[owner[s]], norms[owner[s]] = k, v
+        done = [s for s, _, _, f in live if f]
+        if done:
+            latents[[owner[s] for s in done]] = batch.x[done].cpu()
+            batch.release_many(done)
+            for s in done:
+                owner.pop(s)
+
+    step = 0
+    while batch.order:
+        batch.step()
+        step += 1
+        pending.append(batch.post_status())
+        while len(pending) > lag:
+            collect(pending.pop(0))
+        if not batch.order:
+            pending.clear()
+        elif step > total + lag:
+            raise RuntimeError("sampler: a sample ran past its step cap")   # cannot happen: caps finish samples
         if progress is not None:
-            progress(step + 1, total)
-    steps, norms, _ = batch.snapshot(slots)
-    stopped = [s < p.max_steps for s, p in zip(steps, per_sample)]
-    return SampleResult(latents=batch.x[slots].cpu(), steps=steps, grad_norms=norms, stopped_early=stopped)
+            progress(min(step, total), total)
+    stopped = [k < p.max_steps for k, p in zip(steps, per_sample)]
+    if stats is not None:
+        # Evaluations: one per update, plus the one that found the norm below the threshold.
+        nfe = sum(len(r) * (k + int(e)) for r, k, e in zip(row_sets, steps, stopped))
+        stats.update(rows_evaluated=batch.rows_evaluated, nfe=nfe)
+    return SampleResult(latents=latents, steps=steps, grad_norms=norms, stopped_early=stopped)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -45,7 +46,7 @@ class JobError(ValueError):
 class ImageOutput:
     job_id: str
     result: ImageResult
-    data: bytes | None               # encoded image (None when the engine does not encode)
+    data: bytes | Future | None      # encoded image (a Future with an encode pool; None when not encoding)
     latent: torch.Tensor             # (C, H, W) float32 final iterate, on CPU
 
 
@@ -70,7 +71,8 @@ class StepOutput:
     images: list[ImageOutput] = field(default_factory=list)
     jobs: list[JobOutput] = field(default_factory=list)
     progress: list[Progress] = field(default_factory=list)   # every sample still running
-    rows: int = 0                                            # rows evaluated this step
+    rows: int = 0                                            # rows of running samples (NFE of this step)
+    bucket_rows: int = 0                                     # rows the forward ran on (rows + padding)
     seconds: float = 0.0
 
 
@@ -99,13 +101,16 @@ class Engine:
 
     def __init__(self, runner: ModelRunner, scheduler: Scheduler | None = None, *, model_name: str = "model",
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
-                 encode_images: bool = True, max_upload_pixels: int = 16_000_000):
+                 encode_images: bool = True, max_upload_pixels: int = 16_000_000,
+                 encode_pool: Executor | None = None):
         self.runner = runner
         self.scheduler = scheduler or Scheduler(runner.capacity, runner.max_rows)
         self.model_name = model_name
         self.metrics = metrics or Metrics()
         self.clock = clock
         self.encode_images = encode_images
+        # With a pool, images are encoded (PNG/JPEG/WebP, milliseconds each at 256 px) off the step loop.
+        self.encode_pool = encode_pool
         self.max_upload_pixels = max_upload_pixels
         cfg = runner.model.config
         self.num_classes, self.null_label = cfg.num_classes, cfg.null_label
@@ -197,7 +202,7 @@ class Engine:
         leaving = [_Departure(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm,
                               run.stopped[s.key].latent) for s in out.stop]
         leaving += [_Departure(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
-        result = StepOutput(rows=run.rows_evaluated)
+        result = StepOutput(rows=run.rows_evaluated, bucket_rows=run.bucket_rows)
         self._emit(leaving, result)
         finished_keys = {f.key for f in finished}
         result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))
@@ -222,9 +227,14 @@ class Engine:
             res = ImageResult(index=d.key.index, steps=d.steps, grad_norm=_finite(d.grad_norm),
                               stopped_early=d.reason == "converged", deadline_exceeded=d.reason == "deadline",
                               content_type=content_type(job.spec.format))
-            data = (encode_image(pixels[i], job.spec.format,
-                                 provenance=provenance_record(job.spec, d.key.index, res.steps, res.grad_norm))
-                    if pixels is not None else None)
+            if pixels is None:
+                data = None
+            else:
+                provenance = provenance_record(job.spec, d.key.index, res.steps, res.grad_norm)
+                if self.encode_pool is not None:
+                    data = self.encode_pool.submit(encode_image, pixels[i], job.spec.format, provenance=provenance)
+                else:
+                    data = encode_image(pixels[i], job.spec.format, provenance=provenance)
             job.results[d.key.index] = res
             result.images.append(ImageOutput(d.key.job_id, res, data, d.latent))
         for d in leaving:

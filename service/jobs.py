@@ -9,7 +9,8 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
                              (queued|running|done|failed|cancelled), ``created``/``started``/``finished``
                              (unix seconds), ``worker``, ``attempts``, ``error``, ``progress`` (JSON list, one
                              ``{"index", "steps", "grad_norm"}`` per image), ``images`` (JSON list of ``ImageResult``
-                             dicts once done), ``cancel`` ("1" once a cancel was asked). TTL: result_ttl_s.
+                             dicts once done), ``cancel`` ("1" once a cancel was asked), ``ready:<k>`` ("1"
+                             once image k is stored, written after it). TTL: result_ttl_s.
 - ``P:job:<id>:input``       bytes of the uploaded image for denoising (already cropped to the model's size, PNG).
 - ``P:job:<id>:image:<k>``   encoded bytes of image k (PNG/JPEG/WebP). TTL: result_ttl_s.
 - ``P:job:<id>:events``      stream of progress events (fields ``event`` and ``data`` JSON), MAXLEN ~1000;
@@ -170,6 +171,7 @@ class JobStore:
         return spec.id
 
     def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job record in one round trip (one HGETALL); ``ready`` says which images are stored."""
         raw = self.r.hgetall(self.keys.job(job_id))
         if not raw:
             return None
@@ -184,6 +186,9 @@ class JobStore:
         out["progress"] = json.loads(rec.get("progress", "[]"))
         out["images"] = json.loads(rec.get("images", "[]"))
         out["cancel_requested"] = rec.get("cancel") == "1"
+        # Stored images: marked one by one as the worker stores them; a final record lists them too.
+        listed = {int(i["index"]) for i in out["images"]}
+        out["ready"] = [f"ready:{k}" in rec or k in listed for k in range(len(out["spec"]["images"]))]
         return out
 
     def image(self, job_id: str, k: int) -> bytes | None:

@@ -2,10 +2,18 @@
 
 ``execute(output, inputs)`` carries out one ``SchedulerOutput``: frees the slots of samples that
 stop before the step (keeping their current iterate), admits new samples into free slots, runs one
-forward over the active rows (``SlotBatch`` pads them to a bucket, so shapes come from a small
-fixed set) and one fused NAG-GD step, then reads back steps / gradient norm / finished of every
-stepped sample in one device->host copy. ``retire(keys)`` hands back the final latents of samples
+forward over the rows in use (``SlotBatch`` keeps them packed in ``[0, n)`` and pads to the smallest
+bucket >= n, so shapes come from a small fixed set) and one fused NAG-GD step, then reads back steps
+/ gradient norm / finished of every stepped sample in one device->host copy. On CUDA that read lags
+one step (``status_lag``): the copy of step k is collected after step k+1 is queued, so the device
+never waits for the host; a sample that finished in step k is frozen by the fused step in k+1, so
+results are the same as without the lag. ``retire(keys)`` hands back the final latents of samples
 the scheduler saw finish; ``decode`` turns a batch of latents into uint8 pixels.
+
+Device defaults (``model_dtype``): bfloat16 weights on CUDA (tensor cores), float32 elsewhere; the
+iterate and momentum stay float32 in every case. Float32 on CUDA turns TF32 matmuls on. The forward
+of each bucket can go through ``torch.compile`` (``compile_mode="compile"``) or CUDA graphs
+(``"cudagraphs"``); every bucket is warmed up before traffic.
 
 Out-of-memory: a forward that runs out of memory is retried in chunks of the next smaller bucket
 (``forward_limit``), and that limit stays for later steps, so the worker keeps every running
@@ -24,6 +32,40 @@ from models.sampler import SamplerParams, SlotBatch, noise_for_seed, partially_n
 from service.scheduler import SampleKey, SampleStatus, SchedulerOutput
 
 log = logging.getLogger("eqm.runner")
+
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+COMPILE_MODES = ("off", "compile", "cudagraphs")
+
+
+def model_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """The model dtype for a setting: ``auto`` = bfloat16 on CUDA, float32 elsewhere (CPU bf16 is slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"model dtype must be auto or one of {', '.join(DTYPE_NAMES)}, not {name!r}")
+    return DTYPE_NAMES[name]
+
+
+def configure_device_math(device: str | torch.device, dtype: torch.dtype) -> None:
+    """Float32 on CUDA: let matmuls and convolutions use TF32 tensor cores (as the official sampler does)."""
+    if torch.device(device).type == "cuda" and dtype == torch.float32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compiled_forward(model: torch.nn.Module, mode: str, buckets: int) -> Callable:
+    """The forward for ``mode``: eager, ``torch.compile`` per bucket shape, or CUDA graphs per bucket."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    if mode == "off":
+        return model
+    import torch._dynamo
+    # One static graph per bucket: allow that many recompilations of the model's forward.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, buckets + 4)
+    if mode == "compile":
+        return torch.compile(model, dynamic=False)
+    return torch.compile(model, mode="reduce-overhead", dynamic=False)
 
 
 @dataclass
@@ -67,7 +109,8 @@ class ModelRunner:
                  capacity: int, max_rows: int, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, row_buckets: Sequence[int] | None = None,
                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 decode_batch: int = 32):
+                 decode_batch: int = 32, packed: bool = True, status_lag: int | None = None,
+                 compile_mode: str = "off"):
         param = next(model.parameters())
         self.model = model
         self.codec = codec
@@ -77,10 +120,13 @@ class ModelRunner:
         self.sample_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.channels = getattr(codec, "channels", 3) if codec.name == "identity" else 3
         self.image_size = cfg.input_size * getattr(codec, "downsample", 1)
-        self._model_forward = forward or model
         self.batch = SlotBatch(model, capacity=capacity, max_rows=max_rows, sample_shape=self.sample_shape,
                                null_label=null_label, guided_channels=guided_channels, device=self.device,
-                               dtype=self.dtype, row_buckets=row_buckets, forward=self._forward)
+                               dtype=self.dtype, row_buckets=row_buckets, forward=self._forward, packed=packed)
+        self._model_forward = forward or compiled_forward(model, compile_mode, len(self.batch.row_buckets))
+        # Status read-back lag in steps: 1 on CUDA (the device never waits for the host), else 0.
+        self.status_lag = (1 if self.device.type == "cuda" else 0) if status_lag is None else status_lag
+        self._pending: list[tuple[list[SampleKey], object]] = []
         self.forward_limit = max_rows          # largest forward batch known (or assumed) to fit
         self.decode_limit = decode_batch
         self.oom_events = 0
@@ -121,12 +167,20 @@ class ModelRunner:
             self._slot[key] = self.batch.admit(self.start_latent(inp), inp.rows, inp.params)
         statuses: dict[SampleKey, SampleStatus] = {}
         bucket = 0
-        if output.run:
-            slots = [self._slot[k] for k in output.run]
-            self.batch.step(slots)
-            bucket = self.batch.bucket_for(1 + max(max(self.batch.slot_rows[s]) for s in slots))
-            steps, norms, finished = self.batch.snapshot(slots)
-            statuses = {k: SampleStatus(st, nm, fin) for k, st, nm, fin in zip(output.run, steps, norms, finished)}
+        if not output.run:
+            self._pending.clear()          # nothing is held: earlier reads concern samples that left
+        else:
+            assert len(output.run) == len(self.batch.order), "scheduler and runner disagree on the running set"
+            bucket = self.batch.step()
+            read = self.batch.post_status()
+            key_of = {slot: key for key, slot in self._slot.items()}
+            self._pending.append(([key_of[s] for s in read.slots], read))
+            while len(self._pending) > self.status_lag:
+                keys, read = self._pending.pop(0)
+                _, steps, norms, finished = read.result()
+                for k, st, nm, fin in zip(keys, steps, norms, finished):
+                    if k in self._slot:    # still held (not cancelled or past its deadline since)
+                        statuses[k] = SampleStatus(st, nm, fin)
         return RunnerOutput(statuses, stopped, rows_evaluated=output.rows, bucket_rows=bucket)
 
     def _stop(self, output: SchedulerOutput, inputs: Mapping[SampleKey, SampleInput]) -> dict[SampleKey, Stopped]:
@@ -139,7 +193,8 @@ class ModelRunner:
             for i, s in enumerate(held):
                 keep = s.reason != "cancelled"
                 stopped[s.key] = Stopped(latents[i].clone() if keep else None, steps[i], norms[i])
-                self.batch.release(self._slot.pop(s.key))
+                self._slot.pop(s.key)
+            self.batch.release_many(slots)
         for s in output.stop:
             if not s.started:
                 latent = self.start_latent(inputs[s.key]) if s.reason != "cancelled" else None
@@ -154,8 +209,7 @@ class ModelRunner:
             return {}
         slots = [self._slot.pop(k) for k in keys]
         latents = self.batch.x[slots].cpu()
-        for s in slots:
-            self.batch.release(s)
+        self.batch.release_many(slots)
         return {k: latents[i].clone() for i, k in enumerate(keys)}
 
     @torch.no_grad()

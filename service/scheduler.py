@@ -174,11 +174,13 @@ class Scheduler:
         return out
 
     def update(self, output: SchedulerOutput, statuses: Mapping[SampleKey, SampleStatus]) -> list[Finished]:
-        """Take the runner's report for ``output.run``; returns the samples that finished."""
+        """Take the runner's report for ``output.run``; returns the samples that finished.
+
+        A sample may have no status yet (the runner's read-back can lag a step behind admission)."""
         finished = []
         for key in output.run:
-            status = statuses[key]
-            if not status.finished:
+            status = statuses.get(key)     # none yet for a sample whose first status read lags
+            if status is None or not status.finished or key not in self._running:
                 continue
             request = self._running[key]
             reason = "converged" if status.steps < request.max_steps else "step_cap"

@@ -41,7 +41,8 @@ class Settings:
     model_name: str = ""                     # public name of the model (default: derived from the checkpoint)
     vae: str = ""                            # SD-VAE folder for latent models
     device: str = ""                         # worker device ("" = cuda if available else cpu)
-    dtype: str = "float32"                   # model dtype on the worker
+    dtype: str = "auto"                      # model dtype on the worker: auto = bfloat16 on CUDA, float32 elsewhere
+    compile: str = "off"                     # worker forward per bucket: off | compile (torch.compile) | cudagraphs
     result_ttl_s: int = 3600                 # job records and images expire after this
     max_queue: int = 1000                    # queued jobs beyond this get 429
     max_images_per_job: int = 64

@@ -6,8 +6,9 @@ same Redis URL; the keys are those of ``service.jobs``.
 
 Delivery: at least once; results: exactly once.
 
-- A worker reads one entry at a time (XREADGROUP) while its engine has room, so jobs spread over
-  workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
+- A worker reads entries (XREADGROUP, up to its free sample slots at once) while its engine has room,
+  so jobs spread over workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
+  Finished images are encoded by a small thread pool off the step loop and stored in step order.
 - Every heartbeat it refreshes ``P:workers`` and re-claims its own pending entries (XCLAIM JUSTID
   with idle 0, which does not count as a delivery), so long jobs of a live worker are never taken.
 - A dead worker's entries go idle; after ``claim_idle_ms`` another worker takes them (XAUTOCLAIM) and
@@ -34,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +67,8 @@ class WorkerConfig:
     key_prefix: str = "eqm"
     model_name: str = ""
     vae: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 elsewhere (service.runner.model_dtype)
+    compile: str = "off"                # off | compile | cudagraphs (service.runner.COMPILE_MODES)
     capacity: int = 64
     max_rows: int = 0                   # 0 = 3 x capacity
     claim_idle_ms: int = 30_000
@@ -89,7 +92,7 @@ class WorkerConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
         base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
-                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype,
+                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype, compile=settings.compile,
                     device=settings.device or _default_device(), capacity=settings.capacity,
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
@@ -111,19 +114,23 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     from models import resolve_checkpoint
     from models.codecs import make_codec
     from models.checkpoint import load_model
-    from service.runner import ModelRunner
+    from service.runner import ModelRunner, configure_device_math, model_dtype
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = resolve_checkpoint(cfg.checkpoint)
-    loaded = load_model(path, device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    dtype = model_dtype(cfg.dtype, cfg.device)
+    configure_device_math(cfg.device, dtype)
+    loaded = load_model(path, device=cfg.device, dtype=dtype)
     mc = loaded.spec.config
     codec = make_codec(loaded.spec.codec, channels=mc.in_channels, latent_size=mc.input_size,
                        vae_dir=cfg.vae or None, device=cfg.device)
-    runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows)
+    runner = ModelRunner.from_loaded(loaded, codec, capacity=cfg.capacity, max_rows=cfg.rows, compile_mode=cfg.compile)
     if cfg.warmup:
         runner.warmup()
-    return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics)
+    # Images are encoded by two threads off the step loop (PIL releases the GIL while compressing).
+    return Engine(runner, model_name=cfg.model_name or Path(cfg.checkpoint).stem, metrics=metrics,
+                  encode_pool=ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode"))
 
 
 class Worker:
@@ -215,7 +222,9 @@ class Worker:
             if engine.has_work:
                 out = engine.step()
                 self._unwritten.append(out)
-                self._flush_unwritten()
+            # Results whose images are still being encoded wait, unless there is nothing else to do.
+            if self._unwritten:
+                self._flush_unwritten(wait=not engine.has_work)
 
     def _guarded(self, fn, *args) -> None:
         """Redis calls of the loop: a lost connection is logged and retried, not fatal."""
@@ -232,6 +241,11 @@ class Worker:
         sched = self.engine.scheduler
         return sched.num_waiting < sched.capacity or sched.num_waiting_jobs < 2
 
+    def _free_capacity(self) -> int:
+        """Jobs to read at once: the sample slots neither running nor already waiting (at least 1)."""
+        sched = self.engine.scheduler
+        return max(1, sched.capacity - sched.num_running - sched.num_waiting)
+
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
         now = time.monotonic()
@@ -243,7 +257,7 @@ class Worker:
                 self._take(entry_id.decode(), fields, reclaimed=True)
             if claimed and claimed[1]:
                 return
-        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=1,
+        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=self._free_capacity(),
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -395,8 +409,11 @@ class Worker:
                 self._cancels.put(job_id)
 
     # -- results --------------------------------------------------------------------------------
-    def _flush_unwritten(self) -> None:
+    def _flush_unwritten(self, wait: bool = True) -> None:
+        """Write finished steps in order; ``wait=False`` stops at the first whose images are still encoding."""
         while self._unwritten:
+            if not wait and not all(_ready(img.data) for img in self._unwritten[0].images):
+                return
             try:
                 self._write(self._unwritten[0])
             except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -413,7 +430,8 @@ class Worker:
         published: list[tuple[JobProgress, int | None]] = []      # norms to forget once written
         for img in out.images:
             idx = img.result.index
-            pipe.set(k.image(img.job_id, idx), img.data, ex=ttl)
+            pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
+            pipe.hset(k.job(img.job_id), f"ready:{idx}", 1)       # status reads need no EXISTS per image
             prog = self._progress.get(img.job_id)
             norms = prog.finish(idx, img.result.steps, img.result.grad_norm, img.result.stopped_early) if prog else []
             published += [(prog, idx)] if prog else []
@@ -464,6 +482,10 @@ class Worker:
             log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
 
 
+def _ready(data) -> bool:
+    return not isinstance(data, Future) or data.done()
+
+
 # Start a job unless it is gone, final or cancelled: status running, attempts + 1, out of the queued set.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -494,7 +516,7 @@ return 0
 
 def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
     settings = Settings.from_env()
-    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "capacity", "max_rows", "key_prefix",
+    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "compile", "capacity", "max_rows", "key_prefix",
              "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
     overrides = {n: getattr(args, n, None) for n in names}
     overrides.update(extra)

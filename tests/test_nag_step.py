@@ -340,6 +340,39 @@ def test_triton_empty_batch_is_noop():
         assert torch.equal(bits(got[name]), bits(st[name]))
 
 
+def _freeze_case(fn_name, K=2, C=2, H=4, W=4):
+    """freeze_finished: listed slots already finished keep every bit; the others step as usual."""
+    st, G = make_case(C, H, W, K, seed=7, S=7, A=4)
+    listed = st["slot_ids"].long()
+    st["finished"][listed] = torch.tensor([1, 0, 1, 0], dtype=st["finished"].dtype)
+    got = clone(st)
+    getattr(ns, fn_name)(**got, guided_channels=G, freeze_finished=True)
+    # Expected: the same step on the unfinished listed samples only.
+    live = st["finished"][listed] == 0
+    want = clone(st)
+    want["slot_ids"], want["rows"], want["weights"] = st["slot_ids"][live], st["rows"][live], st["weights"][live]
+    ns.nag_step_reference(**want, guided_channels=G)
+    want["slot_ids"], want["rows"], want["weights"] = st["slot_ids"], st["rows"], st["weights"]
+    assert_state_close(got, want)
+    for s in listed[~live].tolist():
+        for name in ("x", "m", "steps", "norm", "finished"):
+            assert torch.equal(bits(got[name][s]), bits(st[name][s])), (name, s)
+    for r in st["rows"][~live].flatten().tolist():
+        if r >= 0:
+            assert torch.equal(bits(got["model_in"][r]), bits(st["model_in"][r]))
+    assert bool((got["steps"][listed[live]] != st["steps"][listed[live]]).any())    # the others did move
+
+
+def test_reference_freeze_finished():
+    _freeze_case("nag_step_reference")
+
+
+@needs_interp
+@pytest.mark.parametrize("C,H,W", [(2, 4, 4), (4, 32, 32)])
+def test_triton_freeze_finished(C, H, W):
+    _freeze_case("nag_step_triton", C=C, H=H, W=W)
+
+
 def test_dispatcher(monkeypatch):
     st, G = make_case(2, 4, 4, 2)
     calls = []

@@ -164,3 +164,15 @@ def test_shrinking_limits_lets_running_samples_drain():
     step(s, finished=done)
     out, _ = step(s)
     assert admitted(out) == [] and s.rows_in_use == 6      # still above the new budget: no admission
+
+
+def test_a_lagging_status_report_is_taken_a_step_later():
+    """The runner may report nothing yet for a just-admitted sample (its read-back lags one step)."""
+    s = Scheduler(capacity=2, max_rows=4)
+    s.add_job(job("a", 2, max_steps=3))
+    out = s.schedule(0.0)
+    assert s.update(out, {}) == [] and s.num_running == 2           # no status yet: still running
+    out = s.schedule(0.0)
+    done = s.update(out, {out.run[0]: SampleStatus(3, 0.5, True)})
+    assert [(f.key.index, f.reason, f.steps) for f in done] == [(0, "step_cap", 3)]
+    assert s.num_running == 1

@@ -41,10 +41,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
         raise not_found(job_id)
     spec = rec["spec"]
     n = len(spec["images"])
-    pipe = state.redis.pipeline(transaction=False)
-    for k in range(n):
-        pipe.exists(state.store.keys.image(job_id, k))
-    stored = [bool(x) for x in pipe.execute()]
+    stored = rec["ready"]
     results = {r["index"]: r for r in rec["images"]}
     progress = rec["progress"]
     content_type = IMAGE_FORMATS.get(spec.get("format", "png"), "image/png")

@@ -188,8 +188,10 @@ def run_from_png(args: argparse.Namespace) -> int:
     target = out / Path(args.from_png).name
     target.write_bytes(encode_image(pixels, "png", provenance=provenance_record(job, 0, result.steps[0],
                                                                                  result.grad_norms[0])))
-    from PIL import Image
     import io
+
+    import numpy as np
+    from PIL import Image
     original = np.array(Image.open(io.BytesIO(data)).convert("L" if pixels.shape[-1] == 1 else "RGB"), dtype=np.int16)
     diff = int(np.abs(original.reshape(pixels.shape) - pixels.astype(np.int16)).max())
     print(f"wrote {target}: {result.steps[0]} steps (recorded {rec['steps']}), final grad norm "

@@ -49,7 +49,11 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
     p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (state stays float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (default EQM_DTYPE, auto: bfloat16 on CUDA, float32 elsewhere; float32 on CUDA "
+                        "turns TF32 on; the iterate stays float32)")
+    p.add_argument("--compile", choices=["off", "compile", "cudagraphs"],
+                   help="forward per row bucket through torch.compile or CUDA graphs (default EQM_COMPILE, off)")
     p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
     p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
     p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
@@ -185,7 +189,7 @@ def run_worker(args: argparse.Namespace) -> int:
                 "--checkpoint", cfg.checkpoint, "--capacity", str(cfg.capacity), "--max-rows", str(cfg.rows),
                 "--prefix", cfg.key_prefix, "--claim-idle-ms", str(cfg.claim_idle_ms),
                 "--heartbeat-s", str(cfg.heartbeat_s), "--max-deliveries", str(cfg.max_deliveries),
-                "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--parent-pid", str(os.getpid()),
+                "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--compile", cfg.compile, "--parent-pid", str(os.getpid()),
                 "--metrics-host", cfg.metrics_host]
         if device == "cpu":
             argv += ["--threads", str(cfg.threads)]

@@ -1,0 +1,69 @@
+"""Worker intake and status reads against a real (private) redis-server, in process."""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import redis
+import torch
+
+from models.codecs import IdentityCodec
+from models.eqm import EqM, EqMConfig
+from service.engine import Engine
+from service.jobs import ImageSpec, JobSpec, JobStore, SamplerSpec
+from service.metrics import Metrics
+from service.runner import ModelRunner
+from service.worker import Worker, WorkerConfig
+
+CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                num_classes=10, learn_sigma=False)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = EqM(CFG)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval().requires_grad_(False)
+
+
+def commands(client: redis.Redis) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT (INFO itself not counted)."""
+    stats = client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config")}
+
+
+def test_intake_reads_up_to_free_capacity_and_encodes_off_the_loop(model, redis_url, redis_client):
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=2)
+    runner = ModelRunner(model, codec=IdentityCodec(1, 8), null_label=CFG.null_label, guided_channels=1,
+                         capacity=6, max_rows=18)
+    engine = Engine(runner, model_name="tiny", metrics=Metrics(), encode_pool=pool)
+    worker = Worker(WorkerConfig(redis_url=redis_url, capacity=6), engine=engine)
+    store = JobStore(redis_client)
+    sampler = SamplerSpec(step_size=0.05, mu=0.3, max_steps=4)
+    ids = [store.submit(JobSpec(kind="generate", model="tiny", cfg_scale=1.5, sampler=sampler,
+                                images=[ImageSpec(seed=j, labels=[j])])) for j in range(8)]
+    redis_client.config_resetstat()
+    worker._fetch(0)
+    # One read took as many jobs as there are free slots (6 of the 8), not one.
+    assert commands(redis_client).get("xreadgroup") == 1
+    assert len(engine.job_ids()) == 6
+    worker._fetch(0)
+    assert len(engine.job_ids()) == 7          # no free slot left: a read still takes one job
+    encoded_later = 0
+    while engine.has_work:
+        out = engine.step()
+        encoded_later += sum(isinstance(img.data, Future) for img in out.images)
+        worker._unwritten.append(out)
+        worker._flush_unwritten(wait=not engine.has_work)
+    assert encoded_later == 7
+    redis_client.config_resetstat()
+    rec = store.get(ids[0])
+    assert commands(redis_client) == {"hgetall": 1}             # one round trip, no EXISTS per image
+    assert rec["status"] == "done" and rec["ready"] == [True]
+    assert store.image(ids[0], 0)[:4] == b"\x89PNG"
+    assert store.get(ids[7])["ready"] == [False]                 # still queued
+    pool.shutdown()
