@@ -168,7 +168,9 @@ def run_from_png(args: argparse.Namespace) -> int:
                          "does not hold; rerun it with --start and --noise-level")
     if not args.out:
         raise UsageError("--from-png needs --out DIR for the reproduced image")
-    loaded = load_model(resolve_checkpoint(args.checkpoint or rec["model"]), device=args.device, dtype=DTYPES[args.dtype])
+    import torch
+    loaded = load_model(resolve_checkpoint(args.checkpoint or rec["model"]), device=args.device,
+                        dtype=getattr(torch, DTYPES[args.dtype]))
     cfg, spec = loaded.model.config, loaded.spec
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     labels = tuple(int(y) for y in rec["labels"])
