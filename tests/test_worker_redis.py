@@ -284,7 +284,7 @@ def test_dead_letter_after_repeated_crashes(store, procs, redis_client):
         os.kill(pid, signal.SIGKILL)
     rec = final(store, job, procs, timeout=60)
     assert rec["status"] == "failed" and rec["attempts"] == 2
-    assert rec["error"].startswith("dead-lettered: delivered 3 times (limit 2)")
+    assert rec["error"] == "dead-lettered: the worker running it stopped or crashed 2 times (limit 2)"
     dead = redis_client.xrange(store.keys.deadletter)
     assert [(f[b"id"].decode(), f[b"reason"].decode()) for _, f in dead] == [(job, rec["error"])]
     assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
