@@ -59,6 +59,7 @@ def run_api(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
     from service.api.modelinfo import load_model_info
+    from service.api.server import uvicorn_options
     from service.cli import UsageError
 
     settings = _settings(args)
@@ -71,10 +72,11 @@ def run_api(args: argparse.Namespace) -> int:
     # asked by docker or systemd ends with status 0 instead of "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda *_: None)
     if args.workers == 1:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                    **uvicorn_options(settings))
         return 0
     # Several processes: each builds its app from the environment, so the overrides travel there.
     os.environ.update({f"EQM_{k.upper()}": str(getattr(settings, k)) for k in ("redis_url", "checkpoint", "vae")})
     uvicorn.run("service.api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers, log_level=args.log_level)
+                workers=args.workers, log_level=args.log_level, **uvicorn_options(settings))
     return 0

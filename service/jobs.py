@@ -139,7 +139,7 @@ def is_oom(exc: BaseException) -> bool:
     """Redis refused a write for lack of memory (``maxmemory`` reached under ``noeviction``); inside a
     script the refusal arrives as a script error that quotes it."""
     return isinstance(exc, redis.exceptions.OutOfMemoryError) or (
-        isinstance(exc, redis.ResponseError) and "OOM command not allowed" in str(exc))
+        isinstance(exc, redis.ResponseError) and "command not allowed when used memory" in str(exc))
 
 
 # Errors after which retrying later helps: Redis down or unreachable, or full (checked with ``is_oom``).

@@ -110,6 +110,7 @@ def serve(settings: Settings, *, device: str | None = None, metrics_port: int | 
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.server import uvicorn_options
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s [serve] %(message)s")
     model = load_model_info(settings)                  # a bad checkpoint fails here, before anything starts
@@ -125,7 +126,7 @@ def serve(settings: Settings, *, device: str | None = None, metrics_port: int | 
         settings = replace(settings, redis_url=redis_url)
         stack.start_workers(redis_url, device, metrics_port, threads)
         config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                                timeout_graceful_shutdown=API_SHUTDOWN_S)
+                                timeout_graceful_shutdown=API_SHUTDOWN_S, **uvicorn_options(settings))
         server = uvicorn.Server(config)
         threading.Thread(target=_watch, args=(stack, server, settings, model.name, device, metrics_port),
                          name="serve-watch", daemon=True).start()

@@ -150,7 +150,7 @@ class Worker:
         self._closed = threading.Event()               # threads end
         self._next_autoclaim = 0.0
         self._metrics_url = ""
-        self._lost: queue.SimpleQueue[str] = queue.SimpleQueue()   # jobs another worker took over
+        self._lost: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()   # (job, "lost" | "expired")
         self._dropped: set[str] = set()                # jobs still in the engine that we write nothing for
         self._started: set[str] = set()                # jobs whose record says running (by us)
         self._reclaimed: set[str] = set()              # jobs taken from a dead worker's pending entries
@@ -382,11 +382,11 @@ class Worker:
     def _drain_cancels(self) -> None:
         while True:
             try:
-                job_id = self._lost.get_nowait()
+                job_id, why = self._lost.get_nowait()
             except queue.Empty:
                 break
             if job_id in self.engine.job_ids() and job_id not in self._dropped:
-                self._drop(job_id, ack=False, why="lost")
+                self._drop(job_id, ack=why != "lost", why=why)
         while True:
             try:
                 job_id = self._cancels.get_nowait()
@@ -424,6 +424,16 @@ class Worker:
         info = {"device": self.cfg.device, "model": self.engine.model_name if self.engine else "",
                 "metrics_url": self._metrics_url, "seen": time.time(), "pid": os.getpid(),
                 "capacity": self.cfg.capacity, "jobs": len(inflight)}
+        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours (first:
+        # XCLAIM works in a full Redis, which refuses the registry write below); the ones another worker
+        # claimed meanwhile are dropped by the loop (fencing).
+        if inflight:
+            lost = {e.decode() for e in self.store.scripts.refresh(keys=[k.stream],
+                                                                  args=[k.group, self.name, *inflight.values()])}
+            for job_id, entry_id in inflight.items():
+                if entry_id in lost:
+                    self._lost.put((job_id, "lost"))
+            inflight = {j: e for j, e in inflight.items() if e not in lost}
         self.r.hset(k.workers, self.name, json.dumps(info))
         self.metrics.queue_depth.set(self.store.queue_depth())
         self._beats += 1
@@ -431,20 +441,15 @@ class Worker:
             self._prune_dead_workers()
         if not inflight:
             return
-        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours; the
-        # ones another worker claimed meanwhile are dropped by the loop (fencing).
-        lost = {e.decode() for e in self.store.scripts.refresh(keys=[k.stream],
-                                                              args=[k.group, self.name, *inflight.values()])}
-        for job_id, entry_id in inflight.items():
-            if entry_id in lost:
-                self._lost.put(job_id)
-        inflight = {j: e for j, e in inflight.items() if e not in lost}
-        # Backstop for cancel messages lost while the listener reconnected.
+        # Backstop for cancel messages lost while the listener reconnected; a record that expired while
+        # its job ran ends the job here (nothing is written for it any more, nothing re-creates it).
         pipe = self.r.pipeline(transaction=False)
         for job_id in inflight:
-            pipe.hget(k.job(job_id), "cancel")
-        for job_id, flag in zip(inflight, pipe.execute()):
-            if flag == b"1":
+            pipe.hmget(k.job(job_id), "status", "cancel")
+        for job_id, (status, flag) in zip(inflight, pipe.execute()):
+            if status is None:
+                self._lost.put((job_id, "expired"))
+            elif flag == b"1":
                 self._cancels.put(job_id)
 
     def _prune_dead_workers(self) -> None:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from service.api import catalog, compositions, denoise, generations, health, jobs
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
+from service.jobs import is_oom
 from service.settings import Settings
 
 log = logging.getLogger("eqm.api")
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await run_in_threadpool(state.store.ensure_group)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
+        state.events.start()
         app.state.api = state
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
                  state.model.image_size, state.model.image_size, state.model.num_classes)
@@ -102,9 +104,21 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    """A Redis error as the client should read it: 507 when Redis is full (nothing was written: every
+    write of a request is one script or transaction), 503 when this process has no free connection
+    left or Redis cannot be reached; both with Retry-After."""
     log.warning("Redis error on %s %s: %s", request.method, request.url.path, exc)
     state = getattr(request.app.state, "api", None)
+    if is_oom(exc):
+        reason, status, detail = "redis_full", 507, ("the job store (Redis) is out of memory (maxmemory reached); "
+                                                     "nothing was written; retry later")
+    elif isinstance(exc, redis.ConnectionError) and "No connection available" in str(exc):
+        reason, status, detail = "busy", 503, ("the API is busy: every Redis connection of this process is in use; "
+                                               "retry shortly")
+    elif isinstance(exc, redis.ResponseError):
+        raise exc                           # a bug, not an outage: a 500 with a logged traceback
+    else:
+        reason, status, detail = "redis_down", 503, "the job store (Redis) is unavailable; retry shortly"
     if state is not None:
-        state.metrics.rejected_total.labels("redis_down").inc()
-    return JSONResponse({"detail": "the job store (Redis) is unavailable; retry shortly"}, status_code=503,
-                        headers={"Retry-After": "5"})
+        state.metrics.rejected_total.labels(reason).inc()
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": "5"})
