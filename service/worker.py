@@ -242,8 +242,8 @@ class Worker:
         if isinstance(exc, redis.ResponseError) and not is_oom(exc):
             raise exc
         self._backoff_s = min(5.0, max(0.25, 2 * self._backoff_s))
-        what = "out of memory" if is_oom(exc) else "unreachable"
-        log.warning("redis %s (%s); retrying in %.2fs", what, exc, self._backoff_s)
+        what = "out of memory (maxmemory reached)" if is_oom(exc) else f"unreachable ({exc})"
+        log.warning("redis %s; retrying in %.2fs", what, self._backoff_s)
         time.sleep(self._backoff_s)
 
     # -- taking jobs ----------------------------------------------------------------------------
@@ -485,7 +485,7 @@ class Worker:
                 self._write(out)
                 self._backoff_s = 0.0
             except REDIS_BUSY as exc:
-                log.warning("could not store results: %s", exc)
+                log.warning("could not store results (%s)", type(exc).__name__)
                 self._back_off(exc)
                 return
             self._unwritten.pop(0)

@@ -26,17 +26,13 @@ from service.embedded_redis import free_port
 from service.jobs import ImageSpec, JobSpec, JobStore, QueueFull, SamplerSpec
 from service.settings import Settings
 from tests.test_api import digits_file, heartbeat, make_client  # noqa: F401  (fixtures)
-from tests.test_worker_redis import (CLAIM_IDLE_MS, HEARTBEAT_S, Processes, checkpoint, final,  # noqa: F401
-                                     live_workers, long_job, procs, running_with_progress, store, wait_for)
+from tests.test_worker_redis import (CLAIM_IDLE_MS, HEARTBEAT_S, Processes, checkpoint, events,  # noqa: F401
+                                     final, live_workers, long_job, procs, running_with_progress, store, wait_for)
 
 
 def short_job(steps: int = 20, n: int = 1, **kw) -> JobSpec:
     return JobSpec(kind="generate", model="tiny", images=[ImageSpec(seed=k, labels=[k % 10]) for k in range(n)],
                    sampler=SamplerSpec(step_size=0.01, max_steps=steps), **kw)
-
-
-def event_names(store: JobStore, job_id: str) -> list[str]:
-    return [fields[b"event"].decode() for _, fields in store.r.xrange(store.keys.events(job_id))]
 
 
 def keys_without_ttl(r: redis.Redis) -> list[str]:
@@ -115,7 +111,7 @@ def test_a_paused_worker_drops_the_job_another_worker_took_over(store, procs):
         os.kill(first.pid, signal.SIGCONT)
     done = final(store, job, procs, timeout=60)
     assert done["status"] == "done" and done["worker"] != rec["worker"]
-    names = event_names(store, job)
+    names = events(store, job)
     assert names.count("image") == 2 and names.count("done") == 1 and names.count("started") == 2
     wait_for(lambda: "dropped (claimed by another worker)" in procs.tail(200), 10, "the paused worker to drop it", procs)
     assert first.poll() is None                                  # it lives on, and serves the next job
@@ -169,7 +165,7 @@ def test_cancel_and_finish_never_recreate_a_record(store, redis_client):
     assert redis_client.exists(store.keys.job(job)) == 0
     other = store.submit(short_job())
     assert store.cancel(other) == "cancelled" and store.queue_depth() == 1    # the first: expired, not read yet
-    assert event_names(store, other)[-1] == "cancelled" and store.cancel(other) == "cancelled"
+    assert events(store, other)[-1] == "cancelled" and store.cancel(other) == "cancelled"
     assert keys_without_ttl(redis_client) == []
 
 

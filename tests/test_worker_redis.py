@@ -156,7 +156,8 @@ def running_with_progress(store: JobStore, job_id: str, procs: Processes, attemp
 
 
 def events(store: JobStore, job_id: str) -> list[str]:
-    return [e for _, e, _ in store.events(job_id, block_ms=1)]
+    """Every event name of the job (XRANGE: a long job has more than one XREAD page of progress)."""
+    return [fields[b"event"].decode() for _, fields in store.r.xrange(store.keys.events(job_id))]
 
 
 def long_job(steps: int = 1_000_000, **kw) -> JobSpec:
