@@ -115,8 +115,6 @@ async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResp
     elif isinstance(exc, redis.ConnectionError) and "No connection available" in str(exc):
         reason, status, detail = "busy", 503, ("the API is busy: every Redis connection of this process is in use; "
                                                "retry shortly")
-    elif isinstance(exc, redis.ResponseError):
-        raise exc                           # a bug, not an outage: a 500 with a logged traceback
     else:
         reason, status, detail = "redis_down", 503, "the job store (Redis) is unavailable; retry shortly"
     if state is not None:
