@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -347,6 +348,26 @@ async def _stream(port: int, job: str, result: dict) -> None:
         result["errors"] += 1
 
 
+def probe(base: str, jobs: list[str], seconds: float, out) -> None:
+    """Time other endpoints one after the other, ~20 rounds a second, for ``seconds``."""
+    http = httpx.Client(base_url=base, timeout=10)
+    rng = random.Random(1)
+    latencies: dict[str, list[float]] = {"GET /v1/jobs/{id}": [], "GET /healthz": [], "GET /v1/models": []}
+    statuses: Counter = Counter()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for name, path in (("GET /v1/jobs/{id}", f"/v1/jobs/{rng.choice(jobs)}"), ("GET /healthz", "/healthz"),
+                           ("GET /v1/models", "/v1/models")):
+            t = time.perf_counter()
+            resp = http.get(path)
+            latencies[name].append(time.perf_counter() - t)
+            if resp.status_code != 200:
+                statuses[f"{name} {resp.status_code}"] += 1
+        time.sleep(0.05)
+    http.close()
+    out.put((latencies, statuses))
+
+
 def streams_phase(stack: Stack, store: JobStore, n: int, seconds: float) -> dict:
     for i, sup in enumerate(stack.supervisors):          # no worker: the jobs stay queued, the streams open
         if sup is not None and sup.poll() is None:
@@ -371,29 +392,28 @@ def streams_phase(stack: Stack, store: JobStore, n: int, seconds: float) -> dict
                 store.publish(j, "progress", {"id": j, "images": [{"steps": 1, "grad_norm": 1.0}]})
             time.sleep(0.1)
 
-    def prober():
-        http = httpx.Client(base_url=stack.url, timeout=10)
-        rng = random.Random(1)
+    def sample_rss():
         while not stop.is_set():
-            for name, path in (("GET /v1/jobs/{id}", f"/v1/jobs/{rng.choice(jobs)}"), ("GET /healthz", "/healthz"),
-                               ("GET /v1/models", "/v1/models")):
-                t = time.perf_counter()
-                resp = http.get(path)
-                latencies[name].append(time.perf_counter() - t)
-                if resp.status_code != 200:
-                    result["statuses"][f"{name} {resp.status_code}"] += 1
             rss.append(rss_mb(stack.api.pid))
-            time.sleep(0.05)
-        http.close()
+            time.sleep(0.2)
 
     async def main():
         tasks = [asyncio.create_task(_stream(stack.api_port, j, result)) for j in jobs]
         await asyncio.sleep(3)                            # all connected
         opened = time.monotonic()
-        threads = [threading.Thread(target=publisher), threading.Thread(target=prober)]
+        threads = [threading.Thread(target=publisher), threading.Thread(target=sample_rss)]
         for t in threads:
             t.start()
+        # The prober runs in its own process: this one is busy with the streams' client side.
+        ctx = multiprocessing.get_context("spawn")
+        queue = ctx.Queue()
+        prober = ctx.Process(target=probe, args=(stack.url, jobs, seconds, queue))
+        prober.start()
         await asyncio.sleep(seconds)
+        lat, statuses = await asyncio.get_running_loop().run_in_executor(None, queue.get)
+        prober.join()
+        latencies.update(lat)
+        result["statuses"].update(statuses)
         stop.set()
         for t in threads:
             t.join()
@@ -481,7 +501,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--kills", type=int, default=30)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rate", type=float, default=2.0, help="jobs submitted per second")
+    p.add_argument("--rate", type=float, default=1.0, help="jobs submitted per second")
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--stream-s", type=float, default=60.0)
     p.add_argument("--quick", action="store_true", help="small run, nothing written")

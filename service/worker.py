@@ -14,10 +14,12 @@ Delivery: at least once; results: exactly once.
   The same script reports entries another worker claimed meanwhile (e.g. after this one was paused
   past ``claim_idle_ms``): the job is dropped from the engine and nothing more is written for it;
   every write of a job (events, progress, finish, ack) also checks the token in Redis.
-- A dead worker's entries go idle; every pass (about once a second) a worker with room walks the
-  XAUTOCLAIM cursor over the whole pending list and takes up to what it can start, so they restart
-  within ``claim_idle_ms`` + one pass whatever the length of the list. The job runs again from its
-  seeds, giving the same images; the final status is written once (``JobStore.finish``).
+- A dead worker's entries go idle; every pass (about once a second) each worker walks the XAUTOCLAIM
+  cursor over the whole pending list and takes several (its free slots, at least a quarter of its
+  capacity), so they are taken within ``claim_idle_ms`` + one pass whatever the length of the list. A
+  reclaimed job goes ahead of the jobs waiting in that worker (it already had its turn), so it restarts
+  at the next free slot. It runs again from its seeds, giving the same images; the final status is
+  written once (``JobStore.finish``).
 - Delivery accounting blames only jobs that were *running* on the dead worker (record ``lost`` += 1
   when reclaimed from it); jobs it had only fetched go back to the queue uncounted. A job lost
   ``max_deliveries`` times goes to ``P:deadletter`` and fails with that reason.
@@ -59,6 +61,7 @@ from service.settings import Settings
 log = logging.getLogger("eqm.worker")
 
 EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
+RESTART_PRIORITY_BOOST = 10   # a reclaimed job is admitted before any job of the API's priorities (0..9)
 
 
 @dataclass
@@ -223,6 +226,8 @@ class Worker:
             if self._unwritten:           # Redis refused results (down or full): keep them, step no further
                 self._flush_unwritten()
                 continue
+            if drain_until is None:
+                self._guarded(self._reclaim_due)
             if drain_until is None and self._wants_more():
                 self._guarded(self._fetch, 0 if engine.has_work else 500)
             if engine.has_work:
@@ -255,24 +260,26 @@ class Worker:
 
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
-        now = time.monotonic()
-        if now >= self._next_autoclaim:
-            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 4000)   # reclaim within idle + 1 pass
-            if self._reclaim():
-                return
         reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=1,
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 self._take(entry_id.decode(), fields, reclaimed=False)
 
+    def _reclaim_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_autoclaim:
+            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 4000)   # reclaim within idle + 1 pass
+            self._reclaim()
+
     def _reclaim(self) -> int:
-        """Take idle entries of dead workers, up to what the engine can start soon. XAUTOCLAIM looks at
-        no more than 10 x COUNT pending entries per call: walk its cursor to the end of the list, so
-        entries behind a live worker's (kept fresh by its heartbeat) are reached too."""
+        """Take idle entries of dead workers: up to the free slots, and a quarter of the capacity even when
+        full (a restarted job goes ahead of the jobs waiting here, see ``_take``). XAUTOCLAIM looks at no
+        more than 10 x COUNT pending entries per call: walk its cursor to the end of the list, so entries
+        behind a live worker's (kept fresh by its heartbeat) are reached too."""
         k = self.keys
         sched = self.engine.scheduler
-        want = max(1, sched.capacity - sched.num_waiting - sched.num_running)
+        want = max(1, sched.capacity // 4, sched.capacity - sched.num_waiting - sched.num_running)
         cursor, taken = "0-0", 0
         while taken < want:
             reply = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
@@ -326,6 +333,8 @@ class Worker:
             return
         try:
             spec = JobSpec.from_json(spec_json)
+            if reclaimed:       # it waited its turn once and lost it to a crash: ahead of the jobs waiting here
+                spec.priority += RESTART_PRIORITY_BOOST
             upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
             self.engine.add_job(spec, upload)
         except (JobError, ValueError, TypeError, KeyError) as exc:
