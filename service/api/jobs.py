@@ -1,7 +1,6 @@
 """``/v1/jobs/{id}``: status, images, server-sent events and cancellation of one job."""
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
