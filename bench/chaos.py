@@ -233,6 +233,15 @@ def run_jobs(stack: Stack, store: JobStore, n: int, steps: int, rate: float, cha
             pipe.hmget(store.keys.job(j), "status", "worker")
         return [j for j, (st, w) in zip(known, pipe.execute()) if st == b"running" and w and w.decode() == name]
 
+    killed: set[int] = set()
+
+    def serving(pids: dict[int, int]) -> dict[int, int]:
+        try:
+            fresh = {info.get("pid") for info in store.live_workers(HEARTBEAT_S / 2).values()}
+        except redis.RedisError:
+            return {}
+        return {i: pid for i, pid in pids.items() if pid in fresh and pid not in killed}
+
     def chaos_thread():
         rng = random.Random(chaos["seed"])
         span = chaos["span_s"]
@@ -262,7 +271,9 @@ def run_jobs(stack: Stack, store: JobStore, n: int, steps: int, rate: float, cha
             if stop.is_set() or when == span:
                 return
             # Never the last live worker: a restart is measured against a survivor that can reclaim.
-            while len(live := stack.worker_pids()) < 2 or len(store.live_workers(HEARTBEAT_S)) < 2:
+            # Live = a worker process whose heartbeat is fresh (a just-killed one still looks fresh for up to
+            # 3 heartbeats, a just-restarted one has a pid before it serves): both conditions.
+            while len(live := serving(stack.worker_pids())) < 2:
                 if stop.is_set():
                     return
                 time.sleep(0.1)
@@ -275,6 +286,7 @@ def run_jobs(stack: Stack, store: JobStore, n: int, steps: int, rate: float, cha
                 name, victims = None, []
             target = "supervisor" if rng.random() < 0.25 else "worker"
             kill_t = time.time()
+            killed.add(live[i])
             if target == "worker":
                 os.kill(live[i], signal.SIGKILL)
             else:

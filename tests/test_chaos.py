@@ -22,11 +22,11 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.api.server import uvicorn_options
-from service.embedded_redis import free_port
+from service.embedded_redis import EmbeddedRedis, free_port
 from service.jobs import ImageSpec, JobSpec, JobStore, QueueFull, SamplerSpec
 from service.settings import Settings
 from tests.test_api import digits_file, heartbeat, make_client  # noqa: F401  (fixtures)
-from tests.test_worker_redis import (CLAIM_IDLE_MS, HEARTBEAT_S, Processes, checkpoint, events,  # noqa: F401
+from tests.test_worker_redis import (CLAIM_IDLE_MS, HEARTBEAT_S, checkpoint, events,  # noqa: F401
                                      final, live_workers, long_job, procs, running_with_progress, store, wait_for)
 
 
@@ -381,3 +381,39 @@ def test_dead_workers_are_pruned_once_they_hold_nothing(store, procs, redis_clie
         return not names & {"gone-empty", "gone-busy"} and not redis_client.hexists(k.workers, "gone-busy")
     wait_for(pruned, 15, "the dead workers to be pruned", procs)
     assert list(store.live_workers(HEARTBEAT_S)) and redis_client.hlen(k.workers) == 1
+
+
+def test_a_redis_restart_loses_nothing_and_keeps_streams_open(checkpoint, digits_file, tmp_path):
+    """Redis stopped (SIGTERM, its append-only file kept) and started again on the same port while a job
+    runs and an event stream follows it: the job finishes once, the stream gets its final event."""
+    from tests.test_worker_redis import Processes
+    (tmp_path / "redis").mkdir()
+    servers = [EmbeddedRedis(persist=True, workdir=str(tmp_path / "redis")).start()]
+    procs = Processes(servers[0].url, checkpoint, tmp_path)
+    r = redis.Redis.from_url(servers[0].url)
+    store = JobStore(r)
+    try:
+        procs.worker()
+        live_workers(store, 1, procs)
+        job = store.submit(long_job(2500))
+        running_with_progress(store, job, procs)
+        settings = Settings(redis_url=servers[0].url, checkpoint=digits_file, heartbeat_s=60.0)
+        with Uvicorn(settings) as api:
+            async def scenario():
+                stream = asyncio.create_task(_sse_until_final(api.port, f"/v1/jobs/{job}/events"))
+                await asyncio.sleep(1.0)
+                servers[0].stop()
+                await asyncio.sleep(1.0)
+                servers.append(EmbeddedRedis(port=servers[0].port, persist=True, workdir=str(tmp_path / "redis")).start())
+                return await asyncio.wait_for(stream, 90)
+
+            status, names = asyncio.run(scenario())
+        assert status == 200 and names[-1] == "done" and "error" not in names
+        rec = final(store, job, procs)
+        assert (rec["status"], rec["attempts"]) == ("done", 1)
+        assert events(store, job).count("done") == 1 and store.queue_depth() == 0
+    finally:
+        procs.close()
+        r.close()
+        for server in servers:
+            server.stop()
