@@ -242,33 +242,38 @@ def run_jobs(stack: Stack, store: JobStore, n: int, steps: int, rate: float, cha
             return {}
         return {i: pid for i, pid in pids.items() if pid in fresh and pid not in killed}
 
+    def redis_faults():
+        """After the kills (a restart measured against a kill is not also waiting for Redis): a Redis
+        restart, then 5 s at maxmemory."""
+        span = chaos["span_s"]
+        for at, fault in ((span * 0.74, "restart"), (span * 0.82, "full")):
+            while time.monotonic() - t0 < at:
+                if stop.is_set():
+                    return
+                time.sleep(0.05)
+            now = time.monotonic() - t0
+            if fault == "restart":
+                events.append(f"{now:.0f} s: Redis restarted (SIGTERM, same port and AOF)")
+                stack.redis.stop()
+                time.sleep(1.0)
+                stack.redis = EmbeddedRedis(port=stack.redis.port, persist=True, workdir=str(stack.redis_dir))
+                stack.start_redis()
+            else:
+                r = redis.Redis.from_url(stack.redis.url)
+                r.config_set("maxmemory", "1")
+                events.append(f"{now:.0f} s: Redis at maxmemory (noeviction) for 5 s")
+                time.sleep(5)
+                r.config_set("maxmemory", "0")
+                r.close()
+
     def chaos_thread():
         rng = random.Random(chaos["seed"])
         span = chaos["span_s"]
-        # Kills first, then the Redis faults: a restart measured against a kill is not also waiting for Redis.
-        at = sorted(rng.uniform(2.0, span * 0.8) for _ in range(chaos["kills"])) + [span]
-        redis_restart_at, full_at = span * 0.82, span * 0.9
-        did_restart = did_full = False
+        at = sorted(rng.uniform(2.0, span * 0.7) for _ in range(chaos["kills"]))
         for when in at:
             while time.monotonic() - t0 < when and not stop.is_set():
-                now = time.monotonic() - t0
-                if not did_restart and now >= redis_restart_at:
-                    did_restart = True
-                    events.append(f"{now:.1f}s Redis restarted (SIGTERM, same port and AOF)")
-                    stack.redis.stop()
-                    time.sleep(1.0)
-                    stack.redis = EmbeddedRedis(port=stack.redis.port, persist=True, workdir=str(stack.redis_dir))
-                    stack.start_redis()
-                if not did_full and now >= full_at:
-                    did_full = True
-                    r = redis.Redis.from_url(stack.redis.url)
-                    r.config_set("maxmemory", "1")
-                    events.append(f"{now:.1f}s Redis at maxmemory (noeviction) for 5 s")
-                    time.sleep(5)
-                    r.config_set("maxmemory", "0")
-                    r.close()
                 time.sleep(0.05)
-            if stop.is_set() or when == span:
+            if stop.is_set():
                 return
             # Never the last live worker: a restart is measured against a survivor that can reclaim.
             # Live = a worker process whose heartbeat is fresh (a just-killed one still looks fresh for up to
@@ -299,7 +304,7 @@ def run_jobs(stack: Stack, store: JobStore, n: int, steps: int, rate: float, cha
 
     threads = [threading.Thread(target=submitter)]
     if chaos:
-        threads.append(threading.Thread(target=chaos_thread))
+        threads += [threading.Thread(target=chaos_thread), threading.Thread(target=redis_faults)]
     for t in threads:
         t.start()
     threads[0].join()
@@ -513,7 +518,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--kills", type=int, default=30)
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--rate", type=float, default=1.0, help="jobs submitted per second")
+    p.add_argument("--rate", type=float, default=0.8, help="jobs submitted per second")
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--stream-s", type=float, default=60.0)
     p.add_argument("--quick", action="store_true", help="small run, nothing written")
