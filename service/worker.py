@@ -314,7 +314,8 @@ class Worker:
         # One script: a cancel, a finish or an expiry landing between a read and a write here could
         # otherwise be overwritten; it also counts the loss when the job was running on a dead worker.
         state, spec_json, lost = self.store.scripts.take(
-            keys=[k.job(job_id), k.queued], args=[self.name, job_id, "1" if reclaimed else "0", self.cfg.max_deliveries])
+            keys=[k.job(job_id), k.queued],
+            args=[self.name, job_id, "1" if reclaimed else "0", self.cfg.max_deliveries])
         state = state.decode()
         if state in ("missing", "final"):
             self._ack(entry_id)             # expired, or finished by an earlier delivery

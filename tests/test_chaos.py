@@ -50,7 +50,8 @@ def test_reclaim_reaches_dead_entries_behind_a_live_workers_long_pending_list(st
     jobs = [store.submit(short_job()) for _ in range(25)]
     redis_client.xreadgroup(k.group, "live-elsewhere", {k.stream: ">"}, count=20)
     redis_client.xreadgroup(k.group, "dead-elsewhere", {k.stream: ">"}, count=5)
-    live_ids = [e["message_id"] for e in redis_client.xpending_range(k.stream, k.group, "-", "+", 100, "live-elsewhere")]
+    live_ids = [e["message_id"]
+                for e in redis_client.xpending_range(k.stream, k.group, "-", "+", 100, "live-elsewhere")]
     stop = threading.Event()
 
     def live_heartbeat():              # what a live worker's heartbeat does for its entries
@@ -113,7 +114,8 @@ def test_a_paused_worker_drops_the_job_another_worker_took_over(store, procs):
     assert done["status"] == "done" and done["worker"] != rec["worker"]
     names = events(store, job)
     assert names.count("image") == 2 and names.count("done") == 1 and names.count("started") == 2
-    wait_for(lambda: "dropped (claimed by another worker)" in procs.tail(200), 10, "the paused worker to drop it", procs)
+    wait_for(lambda: "dropped (claimed by another worker)" in procs.tail(200), 10, "the paused worker to drop it",
+             procs)
     assert first.poll() is None                                  # it lives on, and serves the next job
     assert store.queue_depth() == 0
 
@@ -404,7 +406,8 @@ def test_a_redis_restart_loses_nothing_and_keeps_streams_open(checkpoint, digits
                 await asyncio.sleep(1.0)
                 servers[0].stop()
                 await asyncio.sleep(1.0)
-                servers.append(EmbeddedRedis(port=servers[0].port, persist=True, workdir=str(tmp_path / "redis")).start())
+                again = EmbeddedRedis(port=servers[0].port, persist=True, workdir=str(tmp_path / "redis"))
+                servers.append(again.start())
                 return await asyncio.wait_for(stream, 90)
 
             status, names = asyncio.run(scenario())
