@@ -195,6 +195,7 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
     from service.api.app import create_app
     from service.api.modelinfo import load_model_info
     from service.cli.worker import check_device
+    from service.api.server import uvicorn_options
 
     model = load_model_info(settings)                  # a bad checkpoint fails here, before anything starts
     if model.codec == "sd-vae" and not settings.vae:
@@ -220,7 +221,7 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
         app = create_app(settings, no_worker_hint="`eqm serve` restarts its worker when it stops; retry in a few "
                                                   "seconds (its log says why it stopped)")
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                                timeout_graceful_shutdown=API_SHUTDOWN_S)
+                                timeout_graceful_shutdown=API_SHUTDOWN_S, **uvicorn_options(settings))
         server = stopping_server(config, app, on_started=lambda: log.info(
             "ready: API on http://%s:%d (docs at /docs, metrics of the API and the workers at /metrics), model %s "
             "on %s", settings.host, settings.port, model.name, device))

@@ -50,6 +50,11 @@ class Settings:
     max_upload_pixels: int = 16_000_000      # decompression-bomb guard, checked before decoding
     wait_timeout_s: float = 60.0             # longest ?wait=true
     api_keys: tuple[str, ...] = ()           # empty: no authentication
+    admin_keys: tuple[str, ...] = ()         # keys that also see and cancel every key's jobs
+    redis_pool_size: int = 64                # API: Redis connections per process (event streams share one)
+    upload_decodes: int = 2                  # API: uploads decoded at once per process (memory bound)
+    header_timeout_s: float = 10.0           # API: a request's headers must arrive within this
+    body_timeout_s: float = 30.0             # API: longest wait for the next chunk of a request body
     capacity: int = 64                       # worker sample slots
     max_rows: int = 0                        # worker model rows (0 = 3 x capacity)
     claim_idle_ms: int = 30_000              # a pending job idle this long is reclaimed by another worker

@@ -6,16 +6,29 @@ same Redis URL; the keys are those of ``service.jobs``.
 
 Delivery: at least once; results: exactly once.
 
-- A worker reads entries (XREADGROUP, up to its free sample slots at once) while its engine has room,
-  so jobs spread over workers; it marks the record running (``worker``, ``started``, ``attempts`` += 1).
-  Finished images are encoded by a small thread pool off the step loop and stored in step order.
+- A worker reads entries (XREADGROUP, up to its free sample slots at once) only while its engine has
+  room, so jobs spread over workers;
+  taking one writes its name in the record's ``worker`` field (the fencing token). The record says
+  ``running`` (``started``, ``attempts`` += 1) only once the engine admits the job's first sample.
+- Finished images are encoded by a small thread pool off the step loop and stored in step order.
 - Every heartbeat it refreshes ``P:workers`` and re-claims its own pending entries (XCLAIM JUSTID
   with idle 0, which does not count as a delivery), so long jobs of a live worker are never taken.
-- A dead worker's entries go idle; after ``claim_idle_ms`` another worker takes them (XAUTOCLAIM) and
-  runs the job again from its seeds, giving the same images. Image keys are rewritten with the
-  same bytes and the final status is written once (``JobStore.finish``), so nothing is duplicated.
-- An entry delivered more than ``max_deliveries`` times (its workers kept dying) goes to
-  ``P:deadletter`` and the job fails with that reason.
+  The same script reports entries another worker claimed meanwhile (e.g. after this one was paused
+  past ``claim_idle_ms``): the job is dropped from the engine and nothing more is written for it;
+  every write of a job (events, progress, finish, ack) also checks the token in Redis.
+- A dead worker's entries go idle; every pass (about once a second) each worker walks the XAUTOCLAIM
+  cursor over the whole pending list and takes several (its free slots, at least a quarter of its
+  capacity), so they are taken within ``claim_idle_ms`` + one pass whatever the length of the list. A
+  reclaimed job goes ahead of the jobs waiting in that worker (it already had its turn), so it restarts
+  at the next free slot. It runs again from its seeds, giving the same images; the final status is
+  written once (``JobStore.finish``).
+- Delivery accounting blames only jobs that were *running* on the dead worker (record ``lost`` += 1
+  when reclaimed from it); jobs it had only fetched go back to the queue uncounted. A job lost
+  ``max_deliveries`` times goes to ``P:deadletter`` and fails with that reason.
+- Dead workers (stale registry entry, no pending entries left) are removed from ``P:workers`` and
+  from the consumer group by any live worker.
+- A full Redis (OOM under ``noeviction``) is not a crash: the loop stops stepping, keeps its results
+  and retries with back-off (0.25 s doubling to 5 s) until Redis takes writes again.
 - Cancellation: a listener thread on ``P:cancel`` (backed up by reading the records' ``cancel``
   field every heartbeat) feeds a thread-safe queue that the loop drains before every step.
 - SIGTERM/SIGINT: stop reading, let in-flight samples finish for ``grace_s``, then hand unfinished
@@ -44,7 +57,7 @@ import redis
 from models.checkpoint import CheckpointError
 from models.codecs import CodecError
 from service.engine import Engine, JobError, StepOutput
-from service.jobs import FINAL_STATUSES, ImageResult, JobSpec, JobStore
+from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
 from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
@@ -53,6 +66,7 @@ from service.settings import Settings
 log = logging.getLogger("eqm.worker")
 
 EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
+RESTART_PRIORITY_BOOST = 10   # a reclaimed job is admitted before any job of the API's priorities (0..9)
 
 
 class SetupError(Exception):
@@ -156,6 +170,12 @@ class Worker:
         self._next_autoclaim = 0.0
         self._metrics_url = ""
         self._calibration: tuple | None = None         # (Calibration | None,) once loaded, for score jobs
+        self._lost: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()   # (job, "lost" | "expired")
+        self._dropped: set[str] = set()                # jobs still in the engine that we write nothing for
+        self._started: set[str] = set()                # jobs whose record says running (by us)
+        self._reclaimed: set[str] = set()              # jobs taken from a dead worker's pending entries
+        self._backoff_s = 0.0                          # Redis refusing writes (OOM): current back-off
+        self._beats = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self, hurry: bool = False) -> None:
@@ -178,10 +198,15 @@ class Worker:
                                  "pass another --metrics-port") from None
             host = self.cfg.metrics_host if self.cfg.metrics_host not in ("", "0.0.0.0", "::") else socket.gethostname()
             self._metrics_url = f"http://{host}:{self.cfg.metrics_port}/metrics"
-        self.store.ensure_group()
+        while not self._stop.is_set():
+            try:
+                self.store.ensure_group()
+                self._beat()
+                break
+            except REDIS_BUSY as exc:
+                self._back_off(exc)
         threads = [threading.Thread(target=self._listen_cancels, name="cancel-listener", daemon=True),
                    threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
-        self._beat()
         for t in threads:
             t.start()
         log.info("worker %s ready: %s on %s, capacity %d samples / %d rows", self.name, self.engine.model_name,
@@ -217,6 +242,11 @@ class Worker:
                 self._flush_unwritten()
                 return
             self._drain_cancels()
+            if self._unwritten:           # Redis refused results (down or full): keep them, step no further
+                self._flush_unwritten()
+                continue
+            if drain_until is None:
+                self._guarded(self._reclaim_due)
             if drain_until is None and self._wants_more():
                 self._guarded(self._fetch, 0 if engine.has_work else 500)
             if engine.has_work:
@@ -227,12 +257,20 @@ class Worker:
                 self._flush_unwritten(wait=not engine.has_work)
 
     def _guarded(self, fn, *args) -> None:
-        """Redis calls of the loop: a lost connection is logged and retried, not fatal."""
+        """Redis calls of the loop: a lost connection or a full Redis is logged and retried, not fatal."""
         try:
             fn(*args)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("redis unreachable (%s); retrying", exc)
-            time.sleep(0.5)
+            self._backoff_s = 0.0
+        except REDIS_BUSY as exc:
+            self._back_off(exc)
+
+    def _back_off(self, exc: Exception) -> None:
+        if isinstance(exc, redis.ResponseError) and not is_oom(exc):
+            raise exc
+        self._backoff_s = min(5.0, max(0.25, 2 * self._backoff_s))
+        what = "out of memory (maxmemory reached)" if is_oom(exc) else f"unreachable ({exc})"
+        log.warning("redis %s; retrying in %.2fs", what, self._backoff_s)
+        time.sleep(self._backoff_s)
 
     # -- taking jobs ----------------------------------------------------------------------------
     def _wants_more(self) -> bool:
@@ -248,20 +286,39 @@ class Worker:
 
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
-        now = time.monotonic()
-        if now >= self._next_autoclaim:
-            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 4000)   # reclaim within ~1.25 x idle
-            claimed = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name,
-                                  min_idle_time=self.cfg.claim_idle_ms, start_id="0-0", count=1)
-            for entry_id, fields in (claimed[1] if claimed else []):
-                self._take(entry_id.decode(), fields, reclaimed=True)
-            if claimed and claimed[1]:
-                return
         reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=self._free_capacity(),
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 self._take(entry_id.decode(), fields, reclaimed=False)
+
+    def _reclaim_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_autoclaim:
+            self._next_autoclaim = now + min(1.0, self.cfg.claim_idle_ms / 4000)   # reclaim within idle + 1 pass
+            self._reclaim()
+
+    def _reclaim(self) -> int:
+        """Take idle entries of dead workers: up to the free slots, and a quarter of the capacity even when
+        full (a restarted job goes ahead of the jobs waiting here, see ``_take``). XAUTOCLAIM looks at no
+        more than 10 x COUNT pending entries per call: walk its cursor to the end of the list, so entries
+        behind a live worker's (kept fresh by its heartbeat) are reached too."""
+        k = self.keys
+        sched = self.engine.scheduler
+        want = max(1, sched.capacity // 4, sched.capacity - sched.num_waiting - sched.num_running)
+        cursor, taken = "0-0", 0
+        while taken < want:
+            reply = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
+                                start_id=cursor, count=want - taken)
+            if not reply:
+                break
+            for entry_id, fields in reply[1]:
+                self._take(entry_id.decode(), fields, reclaimed=True)
+                taken += 1
+            cursor = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            if cursor == "0-0":
+                break
+        return taken
 
     def _xcall(self, fn, *args, **kwargs):
         try:
@@ -280,35 +337,34 @@ class Worker:
         job_id = fields[b"id"].decode()
         if job_id in self.engine.job_ids():
             return                          # our own entry came back idle: keep running it
-        status, spec_json = self.r.hmget(k.job(job_id), "status", "spec")
-        if status is None or status.decode() in FINAL_STATUSES:
-            self._ack(entry_id)             # expired, or finished by an earlier delivery
-            return
-        deliveries = self._deliveries(entry_id) if reclaimed else 1
-        if deliveries > self.cfg.max_deliveries:
-            reason = (f"dead-lettered: delivered {deliveries} times (limit {self.cfg.max_deliveries}); "
-                      "the workers running it stopped or crashed each time")
-            log.warning("job %s %s", job_id, reason)
-            self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
-            self._fail(job_id, entry_id, reason)
-            return
-        # Marking the job running is one script: a cancel that lands between a read and a write
-        # here could otherwise be overwritten by "running".
-        now = time.time()
-        state = self.r.eval(_START, 2, k.job(job_id), k.queued, now, self.name, job_id).decode()
+        # One script: a cancel, a finish or an expiry landing between a read and a write here could
+        # otherwise be overwritten; it also counts the loss when the job was running on a dead worker.
+        state, spec_json, lost = self.store.scripts.take(
+            keys=[k.job(job_id), k.queued],
+            args=[self.name, job_id, "1" if reclaimed else "0", self.cfg.max_deliveries])
+        state = state.decode()
         if state in ("missing", "final"):
-            self._ack(entry_id)
+            self._ack(entry_id)             # expired, or finished by an earlier delivery
             return
         if state == "cancel":
             self.store.finish(job_id, "cancelled")
             self.metrics.jobs_total.labels("cancelled").inc()
             self._ack(entry_id)
             return
+        if state == "dead":
+            reason = (f"dead-lettered: the worker running it stopped or crashed {int(lost)} times "
+                      f"(limit {self.cfg.max_deliveries})")
+            log.warning("job %s %s", job_id, reason)
+            self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
+            self._fail(job_id, entry_id, reason)
+            return
         try:
             spec = JobSpec.from_json(spec_json)
             if spec.kind == SCORE_KIND:            # one batched forward, no sampling: done right here
                 self._score(job_id, entry_id, spec)
                 return
+            if reclaimed:       # it waited its turn once and lost it to a crash: ahead of the jobs waiting here
+                spec.priority += RESTART_PRIORITY_BOOST
             upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
             self.engine.add_job(spec, upload)
         except (JobError, ValueError, TypeError, KeyError) as exc:
@@ -318,8 +374,8 @@ class Worker:
             self._inflight[job_id] = entry_id
         self._progress[job_id] = JobProgress(len(spec.images))
         self._last_progress[job_id] = time.monotonic()
-        self.store.publish(job_id, "started", {"id": job_id, "worker": self.name, "time": now,
-                                               "reclaimed": reclaimed})
+        if reclaimed:
+            self._reclaimed.add(job_id)
         log.info("job %s: %s, %d images%s", job_id, spec.kind, len(spec.images), " (reclaimed)" if reclaimed else "")
 
     def _score(self, job_id: str, entry_id: str, spec: JobSpec) -> None:
@@ -335,24 +391,54 @@ class Worker:
         self.metrics.jobs_total.labels("done").inc()
         self._ack(entry_id)
 
-    def _deliveries(self, entry_id: str) -> int:
-        info = self.r.xpending_range(self.keys.stream, self.keys.group, min=entry_id, max=entry_id, count=1)
-        return int(info[0]["times_delivered"]) if info else 1
+    def _mark_started(self, out: StepOutput) -> None:
+        """Jobs whose first samples the engine admitted in this step now run: say so in the record
+        (one script, which also notices a job cancelled, finished, expired or taken over meanwhile)."""
+        k = self.keys
+        ids = {p.job_id for p in out.progress} | {i.job_id for i in out.images} | {j.job_id for j in out.jobs}
+        for job_id in ids - self._started - self._dropped:
+            now = time.time()
+            data = json.dumps({"id": job_id, "worker": self.name, "time": now,
+                               "reclaimed": job_id in self._reclaimed})
+            state = self.store.scripts.start(keys=[k.job(job_id), k.queued, k.events(job_id)],
+                                             args=[repr(now), self.name, job_id, self.cfg.result_ttl_s, data]).decode()
+            if state == "started":
+                self._started.add(job_id)
+            elif state == "cancel":
+                self._started.add(job_id)
+                self.engine.cancel(job_id)
+            else:                           # final, expired or another worker's now: write nothing more
+                self._drop(job_id, ack=state != "lost", why=state)
+
+    def _drop(self, job_id: str, ack: bool, why: str) -> None:
+        """Stop a job here and write nothing more for it (its record is final, gone, or another worker's)."""
+        if self.engine.cancel(job_id):      # its samples leave at the next step; forget it when it is out
+            self._dropped.add(job_id)
+        with self._lock:
+            entry_id = self._inflight.pop(job_id, None)
+        if ack and entry_id is not None:
+            self._ack(entry_id)
+        log.warning("job %s: dropped (%s)", job_id,
+                    "claimed by another worker" if why == "lost" else f"record {why}")
 
     def _fail(self, job_id: str, entry_id: str, error: str) -> None:
-        self.r.srem(self.keys.queued, job_id)
         self.store.finish(job_id, "failed", error=error)
         self.metrics.jobs_total.labels("failed").inc()
         self._ack(entry_id)
 
     def _ack(self, entry_id: str) -> None:
-        pipe = self.r.pipeline(transaction=True)
-        pipe.xack(self.keys.stream, self.keys.group, entry_id)
-        pipe.xdel(self.keys.stream, entry_id)
-        pipe.execute()
+        """Ack and delete the entry, unless another worker claimed it meanwhile (that claim stands)."""
+        self.store.scripts.ack(keys=[self.keys.stream], args=[self.keys.group, self.name, entry_id])
 
     # -- cancellation ---------------------------------------------------------------------------
     def _drain_cancels(self) -> None:
+        while True:
+            try:
+                job_id, why = self._lost.get_nowait()
+            except queue.Empty:
+                break
+            if job_id in self.engine.job_ids() and job_id not in self._dropped:
+                self._drop(job_id, ack=why != "lost", why=why)
         while True:
             try:
                 job_id = self._cancels.get_nowait()
@@ -390,23 +476,57 @@ class Worker:
         info = {"device": self.cfg.device, "model": self.engine.model_name if self.engine else "",
                 "metrics_url": self._metrics_url, "seen": time.time(), "pid": os.getpid(),
                 "capacity": self.cfg.capacity, "jobs": len(inflight)}
+        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours (first:
+        # XCLAIM works in a full Redis, which refuses the registry write below); the ones another worker
+        # claimed meanwhile are dropped by the loop (fencing).
+        if inflight:
+            lost = {e.decode() for e in self.store.scripts.refresh(keys=[k.stream],
+                                                                  args=[k.group, self.name, *inflight.values()])}
+            for job_id, entry_id in inflight.items():
+                if entry_id in lost:
+                    self._lost.put((job_id, "lost"))
+            inflight = {j: e for j, e in inflight.items() if e not in lost}
         self.r.hset(k.workers, self.name, json.dumps(info))
         self.metrics.queue_depth.set(self.store.queue_depth())
+        self._beats += 1
+        if self._beats % 5 == 1:
+            self._prune_dead_workers()
         if not inflight:
             return
-        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours.
-        ours = {e["message_id"].decode() for e in self.r.xpending_range(
-            k.stream, k.group, min="-", max="+", count=10_000, consumername=self.name)}
-        mine = [e for e in inflight.values() if e in ours]
-        if mine:
-            self.r.xclaim(k.stream, k.group, self.name, min_idle_time=0, message_ids=mine, justid=True)
-        # Backstop for cancel messages lost while the listener reconnected.
+        # Backstop for cancel messages lost while the listener reconnected; a record that expired while
+        # its job ran ends the job here (nothing is written for it any more, nothing re-creates it).
         pipe = self.r.pipeline(transaction=False)
         for job_id in inflight:
-            pipe.hget(k.job(job_id), "cancel")
-        for job_id, flag in zip(inflight, pipe.execute()):
-            if flag == b"1":
+            pipe.hmget(k.job(job_id), "status", "cancel")
+        for job_id, (status, flag) in zip(inflight, pipe.execute()):
+            if status is None:
+                self._lost.put((job_id, "expired"))
+            elif flag == b"1":
                 self._cancels.put(job_id)
+
+    def _prune_dead_workers(self) -> None:
+        """Remove workers silent for longer than ``claim_idle_ms`` (and 10 heartbeats) that hold no pending
+        entries any more: their registry entry and their consumer in the group."""
+        k = self.keys
+        stale_s = max(self.cfg.claim_idle_ms / 1000, 10 * self.cfg.heartbeat_s)
+        now = time.time()
+        registry = {n.decode(): json.loads(v) for n, v in self.r.hgetall(k.workers).items()}
+        try:
+            consumers = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: c
+                         for c in self.r.xinfo_consumers(k.stream, k.group)}
+        except redis.ResponseError:
+            consumers = {}
+        for name in set(registry) | set(consumers):
+            if name == self.name:
+                continue
+            info = registry.get(name)
+            if info is not None and now - float(info.get("seen", 0)) <= stale_s:
+                continue
+            consumer = consumers.get(name)
+            if consumer is not None and (consumer["pending"] or consumer["idle"] < stale_s * 1000):
+                continue
+            if self.store.scripts.prune(keys=[k.stream, k.workers], args=[k.group, name]):
+                log.info("pruned dead worker %s", name)
 
     # -- results --------------------------------------------------------------------------------
     def _flush_unwritten(self, wait: bool = True) -> None:
@@ -414,13 +534,31 @@ class Worker:
         while self._unwritten:
             if not wait and not all(_ready(img.data) for img in self._unwritten[0].images):
                 return
+            out = self._without_dropped(self._unwritten[0])
             try:
-                self._write(self._unwritten[0])
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("could not store results (%s); retrying", exc)
-                time.sleep(0.5)
+                self._mark_started(out)
+                self._write(out)
+                self._backoff_s = 0.0
+            except REDIS_BUSY as exc:
+                log.warning("could not store results (%s)", type(exc).__name__)
+                self._back_off(exc)
                 return
             self._unwritten.pop(0)
+
+    def _without_dropped(self, out: StepOutput) -> StepOutput:
+        """The step's output less the jobs this worker writes nothing for (taken over, final or gone)."""
+        if not self._dropped:
+            return out
+        for job in out.jobs:
+            if job.job_id in self._dropped:           # the engine let go of it: forget it
+                self._dropped.discard(job.job_id)
+                self._progress.pop(job.job_id, None)
+                self._last_progress.pop(job.job_id, None)
+                self._started.discard(job.job_id)
+        keep = lambda job_id: job_id not in self._dropped and job_id in self._progress    # noqa: E731
+        return StepOutput(images=[i for i in out.images if keep(i.job_id)],
+                          jobs=[j for j in out.jobs if keep(j.job_id)],
+                          progress=[p for p in out.progress if keep(p.job_id)], rows=out.rows, seconds=out.seconds)
 
     def _write(self, out: StepOutput) -> None:
         k, ttl = self.keys, self.cfg.result_ttl_s
@@ -431,11 +569,12 @@ class Worker:
         for img in out.images:
             idx = img.result.index
             pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
-            pipe.hset(k.job(img.job_id), f"ready:{idx}", 1)       # status reads need no EXISTS per image
             prog = self._progress.get(img.job_id)
             norms = prog.finish(idx, img.result.steps, img.result.grad_norm, img.result.stopped_early) if prog else []
             published += [(prog, idx)] if prog else []
-            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result), "norms": norms})
+            # ``ready:<k>`` in the record (status reads need no EXISTS per image), after the bytes
+            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result), "norms": norms},
+                        mark=f"ready:{idx}")
         for p in out.progress:
             prog = self._progress.get(p.job_id)
             if prog is not None and prog.update(p.index, p.steps, p.grad_norm):
@@ -444,30 +583,32 @@ class Worker:
             if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
                 self._last_progress[job_id] = now_m
                 prog = self._progress[job_id]
-                pipe.hset(k.job(job_id), "progress", json.dumps(prog.summary()))
-                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": prog.event_images()})
+                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": prog.event_images()},
+                            progress=json.dumps(prog.summary()))
                 published.append((prog, None))
-        for job in out.jobs:
-            if job.job_id in self._progress:
-                pipe.hset(k.job(job.job_id), "progress", json.dumps(self._progress[job.job_id].summary()))
         pipe.execute()
         for prog, index in published:
             prog.sent(index)
         # Images are stored before the final status, so "done" always means the images are there.
         for job in out.jobs:
-            self.store.finish(job.job_id, job.status, images=job.images)
+            prog = self._progress.get(job.job_id)
+            written = self.store.finish(job.job_id, job.status, images=job.images, worker=self.name,
+                                        progress=json.dumps(prog.summary() if prog else []))
             with self._lock:
                 entry_id = self._inflight.pop(job.job_id, None)
-            if entry_id is not None:
+            if entry_id is not None and written >= 0:      # -1: another worker holds it now; its entry stays
                 self._ack(entry_id)
+            self._started.discard(job.job_id)
+            self._reclaimed.discard(job.job_id)
             self._progress.pop(job.job_id, None)
             self._last_progress.pop(job.job_id, None)
             log.info("job %s: %s in %.2fs", job.job_id, job.status, job.latency_s)
 
-    def _event(self, pipe, job_id: str, event: str, data: dict) -> None:
-        key = self.keys.events(job_id)
-        pipe.xadd(key, {"event": event, "data": json.dumps(data)}, maxlen=1000)
-        pipe.expire(key, self.cfg.result_ttl_s)
+    def _event(self, pipe, job_id: str, event: str, data: dict, progress: str | None = None,
+               mark: str | None = None) -> None:
+        """An event (and the record's progress, or a ``mark`` field set to 1) in the pipeline, written only
+        while this worker holds the job and its record exists: an expired record is never re-created."""
+        self.store.publish(job_id, event, data, worker=self.name, progress=progress, mark=mark, client=pipe)
 
     def _hand_back(self) -> None:
         """Put unfinished jobs back in the queue for another worker (graceful stop only)."""
@@ -475,8 +616,8 @@ class Worker:
             inflight = dict(self._inflight)
             self._inflight.clear()
         for job_id, entry_id in inflight.items():
-            requeued = self.r.eval(_HAND_BACK, 3, self.keys.job(job_id), self.keys.stream, self.keys.queued,
-                                   self.keys.group, entry_id, job_id)
+            requeued = self.store.scripts.hand_back(keys=[self.keys.job(job_id), self.keys.stream, self.keys.queued],
+                                                    args=[self.keys.group, entry_id, job_id, self.name])
             if requeued:
                 self.store.publish(job_id, "queued", {"id": job_id, "time": time.time(), "handed_back": self.name})
             log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
@@ -484,34 +625,6 @@ class Worker:
 
 def _ready(data) -> bool:
     return not isinstance(data, Future) or data.done()
-
-
-# Start a job unless it is gone, final or cancelled: status running, attempts + 1, out of the queued set.
-_START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if status == 'done' or status == 'failed' or status == 'cancelled' then return 'final' end
-if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 'cancel' end
-redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1], 'worker', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('SREM', KEYS[2], ARGV[3])
-return 'started'
-"""
-
-# Re-queue a job unless it is final; always ack and delete the old entry. Returns 1 if re-queued.
-_HAND_BACK = """
-local status = redis.call('HGET', KEYS[1], 'status')
-local requeue = status and status ~= 'done' and status ~= 'failed' and status ~= 'cancelled'
-if requeue then
-  redis.call('HSET', KEYS[1], 'status', 'queued')
-  redis.call('SADD', KEYS[3], ARGV[3])
-  redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
-end
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-if requeue then return 1 end
-return 0
-"""
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:

@@ -363,8 +363,10 @@ def test_api_keys(make_client, redis_client, worker):
     assert ok.status_code == 202, ok.text
     assert client.get(ok.json()["links"]["self"], headers={"Authorization": "Bearer key-two"}).status_code == 200
     assert client.get(ok.json()["links"]["self"], headers={"Authorization": "Bearer key-one"}).status_code == 404
-    for path in ("/healthz", "/metrics", "/sd/workers", "/openapi.json"):
+    for path in ("/healthz", "/metrics", "/openapi.json"):
         assert client.get(path).status_code == 200, path
+    assert client.get("/sd/workers").status_code == 401
+    assert client.get("/sd/workers", headers={"Authorization": "Bearer key-one"}).status_code == 200
     assert client.get("/readyz").status_code == 200
 
 

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
+from service.jobs import is_oom
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
 
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         if no_worker_hint:
             state.no_worker_hint = no_worker_hint
+        state.events.start()
         app.state.api = state
         hooks = start_webhooks(state)
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
@@ -174,9 +176,19 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:
+    """A Redis error as the client should read it: 507 when Redis is full (nothing was written: every
+    write of a request is one script or transaction), 503 when this process has no free connection
+    left or Redis cannot be reached; both with Retry-After."""
     log.warning("Redis error on %s %s: %s", request.method, request.url.path, exc)
     state = getattr(request.app.state, "api", None)
+    if is_oom(exc):
+        reason, status, detail = "redis_full", 507, ("the job store (Redis) is out of memory (maxmemory reached); "
+                                                     "nothing was written; retry later")
+    elif isinstance(exc, redis.ConnectionError) and "No connection available" in str(exc):
+        reason, status, detail = "busy", 503, ("the API is busy: every Redis connection of this process is in use; "
+                                               "retry shortly")
+    else:
+        reason, status, detail = "redis_down", 503, "the job store (Redis) is unavailable; retry shortly"
     if state is not None:
-        state.metrics.rejected_total.labels("redis_down").inc()
-    return JSONResponse({"detail": "the job store (Redis) is unavailable; retry shortly"}, status_code=503,
-                        headers={"Retry-After": "5"})
+        state.metrics.rejected_total.labels(reason).inc()
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": "5"})

@@ -20,6 +20,7 @@ import re
 from fastapi import Header, Query, Request
 from starlette.datastructures import UploadFile
 
+from service.api.deps import key_id
 from service.settings import Settings
 
 ANONYMOUS = "-"
@@ -69,10 +70,10 @@ def wait_seconds(request: Request, settings: Settings, wait: bool) -> tuple[floa
 
 def caller(request: Request, settings: Settings) -> str:
     """Who is asking: a hash of the API key when keys are on, else the anonymous caller."""
-    if not settings.api_keys:
+    if not settings.api_keys and not settings.admin_keys:
         return ANONYMOUS
     _, _, token = request.headers.get("authorization", "").partition(" ")
-    return hashlib.sha256(token.strip().encode()).hexdigest()[:24]
+    return key_id(token.strip())        # the same digest the job record keeps as its owner
 
 
 def idempotency_key(request: Request) -> str | None:

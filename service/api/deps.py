@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import redis.asyncio as aredis
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.events import EventHub
 from service.api.metrics import ApiMetrics
 from service.api.modelinfo import ModelInfo, load_model_info
 from service.jobs import JobStore
@@ -23,9 +25,11 @@ class ApiState:
     settings: Settings
     model: ModelInfo
     redis: redis.Redis              # blocking calls, run in the thread pool (the JobStore contract is sync)
-    aredis: aredis.Redis            # event streams: long XREAD BLOCKs must not hold a thread each
+    aredis: aredis.Redis            # short async calls; a bounded pool that waits for a free connection
     store: JobStore
     metrics: ApiMetrics
+    events: EventHub                # one reader for every event stream and wait of the process
+    decodes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))   # upload decoding
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # the server stops: waits and streams end now
     no_worker_hint: str = "start one with `eqm worker` (or use `eqm serve`)"    # what a 503 tells to do
 
@@ -37,13 +41,25 @@ class ApiState:
         # Timeouts: a dead Redis must turn into a quick 503, not a hung request.
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
                                       health_check_interval=30)
-        aclient = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30,
-                                        health_check_interval=30)
+        # A blocking pool: a burst beyond its size waits (up to 10 s) for a connection instead of failing.
+        pool = aredis.BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_pool_size,
+                                                      timeout=10, socket_connect_timeout=2, socket_timeout=10,
+                                                      health_check_interval=30)
+        aclient = aredis.Redis(connection_pool=pool)
         store = JobStore(client, settings.key_prefix, settings.result_ttl_s)
-        return cls(settings, model, client, aclient, store, metrics)
+        return cls(settings, model, client, aclient, store, metrics, EventHub(settings.redis_url),
+                   asyncio.Semaphore(max(1, settings.upload_decodes)))
+
+    def redis_full(self) -> bool:
+        """Whether Redis is at its ``maxmemory`` (it then refuses writes under ``noeviction``)."""
+        info = self.redis.info("memory")
+        limit = int(info.get("maxmemory", 0))
+        return limit > 0 and int(info.get("used_memory", 0)) >= limit
 
     async def close(self) -> None:
+        await self.events.close()
         await self.aredis.aclose()
+        await self.aredis.connection_pool.disconnect()
         self.redis.close()
 
 
@@ -54,20 +70,41 @@ def get_state(request: Request) -> ApiState:
 bearer = HTTPBearer(auto_error=False, description="an API key, when the server sets EQM_API_KEYS")
 
 
+def key_id(key: str) -> str:
+    """What a job record keeps of the key that made it: a digest, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
 def check_api_key(request: Request) -> None:
-    """401 unless the server has no keys or the request carries one of them as a bearer token."""
-    keys = request.app.state.api.settings.api_keys
-    if not keys:
+    """401 unless the server has no keys or the request carries one of them as a bearer token. Sets
+    ``request.state.api_key_id`` (None without keys) and ``request.state.api_admin``."""
+    settings = request.app.state.api.settings
+    keys, admins = settings.api_keys, settings.admin_keys
+    request.state.api_key_id, request.state.api_admin = None, False
+    if not keys and not admins:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip().encode()
     # compare_digest against every key (no early exit): the time taken does not tell which key nearly matched
-    matched = False
+    matched = admin = False
     for key in keys:
         matched |= hmac.compare_digest(token, key.encode())
-    if scheme.lower() != "bearer" or not token or not matched:
+    for key in admins:
+        admin |= hmac.compare_digest(token, key.encode())
+    if scheme.lower() != "bearer" or not token or not (matched or admin):
         raise HTTPException(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    request.state.api_key_id, request.state.api_admin = key_id(token.decode()), admin
+
+
+def may_see(request: Request, owner: str | None) -> bool:
+    """With keys on, a job is visible (and cancellable) only with the key that made it, or an admin key."""
+    settings = request.app.state.api.settings
+    if not settings.api_keys and not settings.admin_keys:
+        return True
+    if getattr(request.state, "api_key_id", None) is None:      # the route did not check a key: be safe
+        check_api_key(request)
+    return bool(request.state.api_admin) or (owner is not None and owner == request.state.api_key_id)
 
 
 def require_api_key(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

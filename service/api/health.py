@@ -1,4 +1,5 @@
-"""Operations endpoints, never behind an API key: liveness, readiness, Prometheus metrics and targets."""
+"""Operations endpoints: liveness, readiness and Prometheus metrics (no API key), and the workers'
+metrics targets (behind the API key when keys are on: they name internal hosts and ports)."""
 from __future__ import annotations
 
 from urllib.parse import urlsplit
@@ -8,7 +9,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.api.deps import ApiState, get_state
+from service.api.deps import ApiState, get_state, require_api_key
 from service.api.schemas import Health, Readiness, error_responses
 
 router = APIRouter(tags=["operations"])
@@ -30,7 +31,8 @@ def readyz(state: ApiState = Depends(get_state)):
         workers = state.store.live_workers(state.settings.heartbeat_s)
         depth = state.store.queue_depth()
     except redis.RedisError as exc:
-        body = Readiness(status="not ready", redis=False, workers=0, detail=f"Redis unreachable: {exc}")
+        # The class of the error only: the message names Redis' host and port, which probes need not see.
+        body = Readiness(status="not ready", redis=False, workers=0, detail=f"Redis unreachable ({type(exc).__name__})")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
     serving = sum(1 for w in workers.values() if w.get("model") == state.model.name)
     if not serving:
@@ -53,7 +55,9 @@ def metrics(state: ApiState = Depends(get_state)) -> Response:
 
 
 @router.get("/sd/workers", summary="Prometheus HTTP service discovery of the workers' metrics endpoints",
-            responses={200: {"description": "a list of {targets, labels} groups (Prometheus http_sd format)"}})
+            dependencies=[Depends(require_api_key)],
+            responses={200: {"description": "a list of {targets, labels} groups (Prometheus http_sd format)"},
+                       **error_responses(401)})
 def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:
     """Each live worker that serves metrics, as ``host:port`` with its name, device and model as labels:
     point Prometheus' ``http_sd_configs`` here to scrape every worker on every machine."""

@@ -1,7 +1,6 @@
 """``/v1/jobs/{id}``: status, images, server-sent events and cancellation of one job."""
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -12,8 +11,9 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
-from service.api.deps import ApiState, get_state, require_api_key
+from service.api.deps import ApiState, get_state, may_see, require_api_key
 from service.api.listing import queue_estimate, require_owner
+from service.api.shutdown import unless_stopping
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
@@ -32,10 +32,31 @@ def not_found(job_id: str) -> HTTPException:
     return HTTPException(404, f"job {job_id} not found (unknown, or expired after its TTL)")
 
 
+def check_owner(request: Request, state: ApiState, job_id: str) -> None:
+    """404 for a job made with another API key (unless the caller's key is an admin key): to that caller
+    the job does not exist. Free when keys are off."""
+    settings = state.settings
+    if not settings.api_keys and not settings.admin_keys:
+        return
+    exists, owner = state.store.owner(job_id)
+    if not exists or not may_see(request, owner):
+        raise not_found(job_id)
+
+
+async def check_owner_async(request: Request, state: ApiState, job_id: str) -> None:
+    settings = state.settings
+    if not settings.api_keys and not settings.admin_keys:
+        return
+    spec, owner = await state.aredis.hmget(state.store.keys.job(job_id), "spec", "owner")
+    if spec is None or not may_see(request, owner.decode() if owner else None):
+        raise not_found(job_id)
+
+
 # -- status -----------------------------------------------------------------------------------
 
 def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus:
     """The job record, its images' progress and whether each image is stored (blocking Redis calls)."""
+    check_owner(request, state, job_id)
     rec = state.store.get(job_id)
     if rec is None:
         raise not_found(job_id)
@@ -104,10 +125,12 @@ _IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct 
 @router.get("/{job_id}/images/{index}", response_class=Response, summary="Download image k of a job",
             responses={200: {"content": _IMAGE_CONTENT, "description": "the encoded image"},
                        **error_responses(401, 404, 409, 422)})
-def get_image(job_id: str = JobId, index: int = Path(..., ge=0, le=100_000, description="image index k"),
+def get_image(request: Request, job_id: str = JobId,
+              index: int = Path(..., ge=0, le=100_000, description="image index k"),
               state: ApiState = Depends(get_state)) -> Response:
     """The image bytes, in the job's format (PNG, JPEG or WebP). Images become available one by one
     as they finish, before the job as a whole is done."""
+    check_owner(request, state, job_id)
     keys = state.store.keys
     pipe = state.redis.pipeline(transaction=False)
     pipe.get(keys.image(job_id, index))
@@ -137,12 +160,14 @@ def get_image(job_id: str = JobId, index: int = Path(..., ge=0, le=100_000, desc
                                             "cancelled (or stopping, when the server stops), after which the "
                                             "stream ends"},
                        **error_responses(401, 404, 422)})
-async def job_events(job_id: str = JobId, last_event_id: str | None = Header(None, description="resume after this "
+async def job_events(request: Request, job_id: str = JobId,
+                     last_event_id: str | None = Header(None, description="resume after this "
                      "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
     """Replays the job's events from the start (or after ``Last-Event-ID``), then follows them live.
     ``progress`` carries ``images: [{index, steps, grad_norm, norms}]`` (``norms``: the gradient norms
     of the evaluations since the previous progress event); ``image`` carries one image's final steps
     and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open."""
+    await check_owner_async(request, state, job_id)
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
     start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
@@ -155,40 +180,57 @@ def _sse(event: str, data: str, entry_id: str | None = None) -> str:
 
 
 async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[str]:
+    """Replay with one plain XREAD, then follow through the process' shared reader (no connection held
+    per stream). While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
+    final with its final event trimmed)."""
     keys = state.store.keys
-    loop = asyncio.get_running_loop()
-    quiet_since = loop.time()
+    key = keys.events(job_id)
+    follower = None
     try:
+        while True:         # replay: everything after `last`, in pages
+            reply = await state.aredis.xread({key: last}, count=500)
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                last = entry_id.decode()
+                event = fields[b"event"].decode()
+                yield _sse(event, fields[b"data"].decode(), last)
+                if event in FINAL_STATUSES:
+                    return
+            if len(entries) < 500:
+                break
+        follower = state.events.follow(key, last)
         while True:
+            entry = await unless_stopping(state.stopping, follower.next(KEEPALIVE_S), default=None)
             if state.stopping.is_set():         # the server stops: a last event, so clients know to come back
                 yield _sse("stopping", json.dumps({"id": job_id, "detail": "the server is stopping; reconnect "
                                                    "later with Last-Event-ID to follow the job on"}))
                 return
-            reply = await state.aredis.xread({keys.events(job_id): last}, block=1000, count=100)
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id.decode()
-                    event = fields[b"event"].decode()
-                    yield _sse(event, fields[b"data"].decode(), last)
-                    if event in FINAL_STATUSES:
-                        return
-                quiet_since = loop.time()
-            if reply:
+            if entry is not None:
+                entry_id, fields = entry
+                event = fields[b"event"].decode()
+                yield _sse(event, fields[b"data"].decode(), entry_id)
+                if event in FINAL_STATUSES:
+                    return
                 continue
-            status, error = await state.aredis.hmget(keys.job(job_id), "status", "error")
+            try:
+                status, error = await state.aredis.hmget(keys.job(job_id), "status", "error")
+            except redis.ConnectionError:       # Redis restarting: the shared reader resumes after `last`
+                yield ": keep-alive (job store unreachable, retrying)\n\n"
+                continue
             if status is None:
                 yield _sse("expired", json.dumps({"id": job_id, "detail": "the job expired after its TTL"}))
                 return
-            if status.decode() in FINAL_STATUSES:
+            if status.decode() in FINAL_STATUSES and follower.queue.empty():
                 # Final, but its final event was trimmed from the stream: say it from the record.
                 data = {"id": job_id, "status": status.decode(), "error": error.decode() if error else None}
                 yield _sse(status.decode(), json.dumps(data))
                 return
-            if loop.time() - quiet_since >= KEEPALIVE_S:
-                quiet_since = loop.time()
-                yield ": keep-alive\n\n"
+            yield ": keep-alive\n\n"
     except redis.RedisError as exc:
         yield _sse("error", json.dumps({"id": job_id, "detail": f"lost the job store: {exc}; reconnect"}))
+    finally:
+        if follower is not None:
+            state.events.leave(follower)
 
 
 # -- cancel -----------------------------------------------------------------------------------
@@ -196,9 +238,10 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
 @router.delete("/{job_id}", response_model=CancelResult, summary="Cancel a job",
                responses={202: {"model": CancelResult, "description": "cancellation asked; the running job stops "
                                 "at its next step"}, **error_responses(401, 404, 422)})
-def cancel_job(job_id: str = JobId, state: ApiState = Depends(get_state)):
+def cancel_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get_state)):
     """A queued job is cancelled at once (200). A running job's images leave the batch at the worker's
     next step (202); images already finished stay downloadable. A final job is left as it is (200)."""
+    check_owner(request, state, job_id)
     before = state.store.r.hget(state.store.keys.job(job_id), "status")
     status = state.store.cancel(job_id)
     if status is None:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from service.api.conventions import absolute, caller, reject_unknown_query
-from service.api.deps import ApiState, get_state, require_api_key
+from service.api.deps import ApiState, get_state, may_see, require_api_key
 from service.api.schemas import error_responses
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
@@ -93,13 +93,13 @@ def list_jobs(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE, descri
 # -- ownership ------------------------------------------------------------------------------------
 
 def require_owner(request: Request, job_id: str) -> None:
-    """With API keys on, another key's job is a 404 (as if unknown: ids are not confirmed to others).
-    Jobs recorded without an owner (made before owners were kept) stay visible to every key."""
+    """With API keys on, another key's job is a 404 (as if unknown: ids are not confirmed to others);
+    an admin key sees every job (``deps.may_see``)."""
     state: ApiState = request.app.state.api
-    if not state.settings.api_keys:
+    if not state.settings.api_keys and not state.settings.admin_keys:
         return
-    owner = state.redis.hget(state.store.keys.job(job_id), "owner")
-    if owner is not None and owner.decode() != caller(request, state.settings):
+    exists, owner = state.store.owner(job_id)
+    if exists and not may_see(request, owner):
         raise HTTPException(404, f"job {job_id} not found (unknown, or expired after its TTL)")
 
 

@@ -74,7 +74,8 @@ class ApiMetrics:
         self.images_requested_total = Counter(
             "eqm_api_images_requested_total", "Images asked for by accepted jobs.", ["kind"], registry=r)
         self.rejected_total = Counter(
-            "eqm_api_rejected_total", "Requests refused: queue_full, no_worker (submissions), redis_down (any request).",
+            "eqm_api_rejected_total",
+            "Requests refused: queue_full, no_worker (submissions), redis_down, redis_full, busy (any request).",
             ["reason"], registry=r)
         self.queue_depth = Gauge(
             "eqm_queue_depth", "Jobs submitted and not yet started (the queued set).", registry=r)

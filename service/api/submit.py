@@ -1,9 +1,9 @@
 """From a validated request to a queued job: labels, defaults, admission control, submission, waiting.
 
-Admission is checked after the request is known to be valid and before anything is written, so a
-refused request changes nothing: 503 when Redis is down or no live worker serves the model, 429 when
-the queue holds ``max_queue`` jobs (approximate under concurrent submissions: the check and the
-write are two round trips). Both carry ``Retry-After``.
+Admission is checked after the request is known to be valid, so a refused request changes nothing:
+503 when Redis is down or no live worker serves the model, 429 when the queue holds ``max_queue``
+jobs (exact under concurrent submissions: the submit script checks the limit and writes the job in
+one step), 507 when Redis is out of memory. All carry ``Retry-After``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
 from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
-from service.jobs import FINAL_STATUSES, JobSpec, SamplerSpec
+from service.jobs import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
 from service.webhooks import WebhookTarget, register_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5
@@ -79,16 +79,25 @@ def _admit(state: ApiState) -> None:
     workers = state.store.live_workers(state.settings.heartbeat_s)
     serving = [w for w in workers.values() if w.get("model") == state.model.name]
     if not serving:
+        if state.redis_full():          # workers' heartbeats are refused too: say what is really wrong
+            state.metrics.rejected_total.labels("redis_full").inc()
+            raise HTTPException(507, "the job store (Redis) is out of memory (maxmemory reached); nothing was "
+                                     "written; retry later", headers={"Retry-After": "5"})
         state.metrics.rejected_total.labels("no_worker").inc()
         other = sorted({str(w.get("model")) for w in workers.values()})
         why = f"; live workers serve {', '.join(other)}" if other else ""
         raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; {state.no_worker_hint}",
                             headers={"Retry-After": str(RETRY_NO_WORKER_S)})
-    depth = state.store.queue_depth()
-    if depth >= state.settings.max_queue:
+
+
+def _submit(state: ApiState, spec: JobSpec, input_png: bytes | None, owner: str | None) -> None:
+    """Write and queue the job unless the queue is full (429): one script, so the limit holds exactly."""
+    try:
+        state.store.submit(spec, input_png, max_queue=state.settings.max_queue, owner=owner)
+    except QueueFull as exc:
         state.metrics.rejected_total.labels("queue_full").inc()
-        raise HTTPException(429, f"the queue is full ({depth} jobs waiting, limit {state.settings.max_queue}); "
-                                 f"retry later", headers={"Retry-After": str(RETRY_QUEUE_FULL_S)})
+        raise HTTPException(429, f"the queue is full ({exc.depth} jobs waiting, limit {exc.limit}); retry later",
+                            headers={"Retry-After": str(RETRY_QUEUE_FULL_S)}) from None
 
 
 async def enqueue(request: Request, state: ApiState, spec: JobSpec, input_png: bytes | None, *,
@@ -202,7 +211,7 @@ def _store_job(state: ApiState, spec: JobSpec, input_png: bytes | None, inputs: 
         pipe.execute()
     if hook is not None:
         register_webhook(state.redis, store.keys.prefix, spec.id, hook, base, store.ttl_s)
-    store.submit(spec, input_png)
+    _submit(state, spec, input_png, who if state.settings.api_keys or state.settings.admin_keys else None)
     store.record_owner(who, spec.id, spec.submitted)
 
 
@@ -215,20 +224,29 @@ async def wait_until_final(state: ApiState, job_id: str, timeout_s: float) -> bo
 
 
 async def _follow_until_final(state: ApiState, job_id: str, timeout_s: float) -> bool:
+    """Follow the job's events (through the process' shared reader) until a final event (True) or the
+    timeout (False). While quiet, the record is looked at every 5 s (expired, or final events trimmed)."""
     keys = state.store.keys
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
     last = "0"
-    while (left := end - loop.time()) > 0:
-        # BLOCK 0 would mean forever: at least 1 ms, at most 5 s between looks at the record
-        reply = await state.aredis.xread({keys.events(job_id): last}, block=max(1, int(min(left, 5.0) * 1000)),
-                                         count=100)
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                last = entry_id.decode()
-                if fields.get(b"event", b"").decode() in FINAL_STATUSES:
+    reply = await state.aredis.xread({keys.events(job_id): last}, count=1000)    # what happened so far
+    for _, entries in reply or []:
+        for entry_id, fields in entries:
+            last = entry_id.decode()
+            if fields.get(b"event", b"").decode() in FINAL_STATUSES:
+                return True
+    follower = state.events.follow(keys.events(job_id), last)
+    try:
+        while (left := end - loop.time()) > 0:
+            entry = await follower.next(min(left, 5.0))
+            if entry is not None:
+                if entry[1].get(b"event", b"").decode() in FINAL_STATUSES:
                     return True
-        status = await state.aredis.hget(keys.job(job_id), "status")
-        if status is None or status.decode() in FINAL_STATUSES:    # expired, or its events were trimmed
-            return status is not None
-    return False
+                continue
+            status = await state.aredis.hget(keys.job(job_id), "status")
+            if status is None or status.decode() in FINAL_STATUSES:    # expired, or its events were trimmed
+                return status is not None
+        return False
+    finally:
+        state.events.leave(follower)

@@ -4,10 +4,14 @@ Size: a declared ``Content-Length`` over the limit is refused before a byte is r
 body is counted chunk by chunk as the server receives it and refused (413) the moment it passes the
 limit, so an oversized or endless (chunked) upload is never spooled to memory or disk.
 
+Time: each chunk of a body must arrive within ``body_timeout_s`` of the previous one (else 408).
+
 Images (``prepare_image``), in this order, each step refusing before any pixel is decoded:
 1. the first bytes must be PNG, JPEG or WebP (else 415);
-2. the header's width x height must be within ``max_upload_pixels`` (else 413): decompression bombs
-   (small files with huge dimensions) are refused before decoding;
+2. the header's width x height must be within the pixel limit (else 413), ``upload_pixel_limit``: derived
+   from the model's size and capped by ``max_upload_pixels``; decompression bombs (small files with
+   huge dimensions) are refused before decoding. At most ``upload_decodes`` uploads are decoded at
+   once per process (the others wait their turn), so decoding memory stays bounded under load;
 3. decode the first frame, apply the EXIF orientation, flatten transparency onto black;
 4. center-crop to a square (the shorter side), resize to the model's size with a Lanczos filter,
    convert to the model's channels (ITU-R 601-2 luma for grey models, RGB otherwise);
@@ -15,6 +19,7 @@ Images (``prepare_image``), in this order, each step refusing before any pixel i
 """
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 from typing import Callable
@@ -114,12 +119,24 @@ def too_large(limit: int) -> HTTPException:
                               f"(EQM_MAX_UPLOAD_BYTES on the server)")
 
 
-def _counting_receive(receive: Receive, limit: int) -> Callable[[], Message]:
+def upload_pixel_limit(image_size: int, max_pixels: int) -> int:
+    """Most pixels an upload may have: ``(16 x the model's size)^2``, at least 1024 x 1024, at most
+    ``EQM_MAX_UPLOAD_PIXELS``. Everything is resized to the model's size, so more detail is wasted while
+    decoding costs ~10 bytes per pixel (a 16 M pixel RGBA PNG takes ~180 MB to decode and flatten):
+    8x8 digits -> 1 M pixels, 256 x 256 EqM-XL/2 -> 16 M."""
+    return min(max_pixels, max(1024 * 1024, (16 * image_size) ** 2))
+
+
+def _counting_receive(receive: Receive, limit: int, timeout_s: float) -> Callable[[], Message]:
     seen = 0
 
     async def counted() -> Message:
         nonlocal seen
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body stopped arriving for {timeout_s:.0f}s; send it at once "
+                                     f"(EQM_BODY_TIMEOUT_S on the server)", headers={"Connection": "close"}) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -142,7 +159,8 @@ class LimitedBodyRoute(APIRoute):
                 declared = request.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limit:
                     raise too_large(limit)
-                request = Request(request.scope, _counting_receive(request.receive, limit))
+                request = Request(request.scope, _counting_receive(request.receive, limit,
+                                                                   request.app.state.api.settings.body_timeout_s))
             return await handler(request)
 
         return limited

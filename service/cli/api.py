@@ -23,6 +23,7 @@ def run_api(args: argparse.Namespace) -> int:
 
     from service.api.app import create_app
     from service.api.modelinfo import load_model_info
+    from service.api.server import uvicorn_options
     from service.cli import UsageError
 
     settings = settings_from_args(args)
@@ -37,11 +38,11 @@ def run_api(args: argparse.Namespace) -> int:
     if args.workers == 1:
         from service.serve import stopping_server
         app = create_app(settings)
-        stopping_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level),
-                        app).run()
+        stopping_server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                       **uvicorn_options(settings)), app).run()
         return 0
     # Several processes: each builds its app from the environment, so the overrides travel there.
     os.environ.update({f"EQM_{k.upper()}": str(getattr(settings, k)) for k in ("redis_url", "checkpoint", "vae")})
     uvicorn.run("service.api.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers, log_level=args.log_level)
+                workers=args.workers, log_level=args.log_level, **uvicorn_options(settings))
     return 0
