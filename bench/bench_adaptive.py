@@ -102,9 +102,6 @@ def engine_run(model, labels: list[int], threshold: float, guided: int, per_clas
     return {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "nfe": nfe, "rows": rows, "latents": latents}
 
 
-def med(values, fmt: str) -> str:
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -171,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu_saved = [1 - c["cpu"] / b["cpu"] for c, b in zip(cur, base)]
             per = [ts / ns for ts, ns in zip(time_saved, nfe_saved)] if t > 0 else None
             per_cpu = [ts / ns for ts, ns in zip(cpu_saved, nfe_saved)] if t > 0 else None
-            lines.append(f"| {t:g} | {where} | {med(nfe_saved, '{:.0%}')} | {med(time_saved, '{:.0%}')} | "
-                         f"{med(per, '{:.2f}') if per else '-'} | {med(cpu_saved, '{:.0%}')} | "
-                         f"{med(per_cpu, '{:.2f}') if per_cpu else '-'} | {med([c['rows'] / c['nfe'] for c in cur], '{:.3f}')} | "
-                         f"{med([c['seconds'] for c in cur], '{:.2f}')} | {med([c['accuracy'] for c in cur], '{:.1%}')} |")
+            lines.append(f"| {t:g} | {where} | {results.median_range(nfe_saved, '{:.0%}')} | {results.median_range(time_saved, '{:.0%}')} | "
+                         f"{results.median_range(per, '{:.2f}') if per else '-'} | {results.median_range(cpu_saved, '{:.0%}')} | "
+                         f"{results.median_range(per_cpu, '{:.2f}') if per_cpu else '-'} | {results.median_range([c['rows'] / c['nfe'] for c in cur], '{:.3f}')} | "
+                         f"{results.median_range([c['seconds'] for c in cur], '{:.2f}')} | {results.median_range([c['accuracy'] for c in cur], '{:.1%}')} |")
     lines += ["",
               f"bf16 vs fp32 (offline, threshold 0, same noise; iterate float32 in both): the classifier gives the "
               f"same label to {same_label:.1%} of the {len(labels)} pairs; PSNR between the two images of a pair "

@@ -188,10 +188,6 @@ def check_same_images(runs: list[dict]) -> float:
     return worst
 
 
-def med(values: list[float], fmt: str) -> str:
-    """Median [min-max] of a few runs."""
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
 
 def rounds(name: str, cfg: dict, model, spec, jobs, times, log) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -215,23 +211,22 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
     lines = ["| median [range] | " + " | ".join(MODE_NAMES[m] for m in MODES) + " |",
              "|---|" + "---:|" * len(MODES)]
     for label, key, fmt in rows:
-        lines.append(f"| {label} | " + " | ".join(med([r[key] for r in runs[m]], fmt) for m in MODES) + " |")
+        lines.append(f"| {label} | " + " | ".join(results.median_range([r[key] for r in runs[m]], fmt) for m in MODES) + " |")
     return lines
 
 
 def ratio(runs, key, a, b, invert=False) -> str:
     """Median [range] over rounds of a/b (b/a with invert), each round's pair measured side by side."""
     vals = [(y[key] / x[key]) if invert else (x[key] / y[key]) for x, y in zip(runs[a], runs[b])]
-    return med(vals, "{:.2f}") + "x"
+    return results.median_range(vals, "{:.2f}") + "x"
 
 
 def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], max_diff: float) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     p = t0runs["packed"][0]
     lines = [SECTION_TITLE, "",
-             f"{stamp}, {cfg['device_name']}, torch {torch.__version__}, {cfg['threads']} CPU thread(s); the "
-             f"machine was shared with other jobs during the runs, so wall times are noisy: compare the modes "
-             f"within a round, and per CPU-second (this process's CPU time, one compute thread: what the work "
+             f"{stamp}, {cfg['device_name']}, torch {torch.__version__}, {cfg['threads']} CPU thread(s); {cfg['load']}: "
+             f"compare the modes within a round, and per CPU-second (this process's CPU time, one compute thread: what the work "
              f"cost, whatever else ran beside it). `{' '.join(['python bench/bench_engine.py', *cfg['argv']])}`", "",
              f"Model: {cfg['model']}. Engine: capacity {cfg['capacity']} samples / {cfg['rows']} rows. Workload: "
              f"{cfg['jobs']} jobs ({cfg['mix']}), {p['images']} images; step caps 10-200, gradient-norm thresholds "
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     mix = ", ".join(f"{sum(j.kind == k for j, _ in jobs)} {k}" for k in ("generate", "compose", "denoise"))
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    conf = {"device_name": device_name, "threads": torch.get_num_threads(), "model": model_desc,
+    conf = {"device_name": device_name, "load": results.machine_load(), "threads": torch.get_num_threads(), "model": model_desc,
             "capacity": args.capacity, "rows": 3 * args.capacity, "jobs": args.jobs, "mix": mix,
             "repeats": args.repeats, "device": args.device, "argv": argv if argv is not None else sys.argv[1:]}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)      # noqa: E731

@@ -228,9 +228,6 @@ def engine_alone(model, spec, specs: list[tuple[JobSpec, bytes | None]]) -> dict
             "latency_p50": float(np.percentile(latencies, 50)), "latency_p95": float(np.percentile(latencies, 95))}
 
 
-def med(values, fmt: str) -> str:
-    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -254,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         client = redis.Redis.from_url(stack.url)
         store = JobStore(client)
         specs = None
+        load = results.machine_load()
         for r in range(args.repeats):
             order = MODES[r % 3:] + MODES[:r % 3]
             if specs is None and order[0] == "engine":
@@ -280,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     argv_s = " ".join(["python bench/bench_service.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [SECTION_TITLE, "",
-             f"{stamp}, {device}, torch {torch.__version__}; the machine was shared with other jobs, so times are "
-             f"noisy: ratios are taken within a round. `{argv_s}`", "",
+             f"{stamp}, {device}, torch {torch.__version__}; {load}; ratios are taken within a round. "
+             f"`{argv_s}`", "",
              f"Workload: {args.jobs} jobs of the engine benchmark's mix ({runs['sse'][0]['images']} images of the "
              f"digits model), all submitted at t = 0. Service = embedded Redis + one worker process (CPU, one torch "
              f"thread, {CAPACITY} samples / {ROWS} rows) + the API (uvicorn), clients in a fourth process over "
@@ -292,15 +290,15 @@ def main(argv: list[str] | None = None) -> int:
              "|---|" + "---:|" * len(MODES)]
     for label, key, fmt in (("images/s", "images_per_s", "{:.2f}"), ("p50 job latency (s)", "latency_p50", "{:.2f}"),
                             ("p95 job latency (s)", "latency_p95", "{:.2f}"), ("wall time (s)", "seconds", "{:.1f}")):
-        lines.append(f"| {label} | " + " | ".join(med([r[key] for r in runs[m]], fmt) for m in MODES) + " |")
-    lines += ["", f"Service / engine alone, images/s: event-stream clients {med(ratios['sse'], '{:.2f}')}x, "
-                  f"polling clients {med(ratios['poll'], '{:.2f}')}x.", "",
+        lines.append(f"| {label} | " + " | ".join(results.median_range([r[key] for r in runs[m]], fmt) for m in MODES) + " |")
+    lines += ["", f"Service / engine alone, images/s: event-stream clients {results.median_range(ratios['sse'], '{:.2f}')}x, "
+                  f"polling clients {results.median_range(ratios['poll'], '{:.2f}')}x.", "",
               "CPU seconds per service run (median), by process: " + "; ".join(
                   f"{MODE_NAMES[m]}: " + ", ".join(
                       f"{k} {statistics.median(r['cpu'][k] for r in runs[m]):.1f}" for k in runs[m][0]["cpu"])
                   for m in ("sse", "poll")) +
               f"; engine alone: {statistics.median(r['cpu_total'] for r in runs['engine']):.1f} in one process. "
-              "The machine has 2 cores (shared with other jobs): what the API, Redis and the clients burn is "
+              f"The machine has {os.cpu_count()} cores: what the API, Redis and the clients burn is "
               "taken from the worker, which is CPU-bound here; on a GPU worker the model's time is not.", ""]
     text = "\n".join(lines)
     print(text)

@@ -43,17 +43,6 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = S
     pytest.fail(f"{url} not ready within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-def stop(proc: subprocess.Popen, timeout_s: float = 60) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 def serve(redis_url: str, port: int, log: Path, **settings: str) -> subprocess.Popen:
     """`eqm serve` on ``port`` with the digits model on the CPU (one torch thread), ready to take jobs."""
     env = service_env(EQM_REDIS_URL=redis_url, EQM_CHECKPOINT="digits", EQM_HEARTBEAT_S="0.5", **settings)
@@ -61,3 +50,16 @@ def serve(redis_url: str, port: int, log: Path, **settings: str) -> subprocess.P
                  env, log)
     wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)
     return proc
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+    """Send ``sig`` and wait; a process that does not stop in time is killed and the test fails."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"{' '.join(map(str, proc.args[-3:]))}: did not stop within {timeout_s:g}s of signal {sig}")
+    return proc.returncode

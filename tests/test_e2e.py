@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import resolve_checkpoint
 from service.embedded_redis import free_port
 from service.jobs import JobStore
+from tests.clientstack import stop as _stop
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2e-secret"
@@ -69,16 +70,6 @@ def _wait_for(url: str, proc: subprocess.Popen, log: Path, status: int = 200, ti
     pytest.fail(f"{url} did not answer {status} within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("process did not stop in time")
-    return proc.returncode
 
 
 def _port_open(port: int) -> bool:

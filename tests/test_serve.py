@@ -28,6 +28,7 @@ from models import resolve_checkpoint
 from service.cli import COMMANDS
 from service.embedded_redis import free_port
 from tests.browser import chromium_page
+from tests.clientstack import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120
@@ -69,16 +70,6 @@ def _wait_port(port: int, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"port {port} never opened:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: float = 60) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("eqm serve did not stop in time")
-    return proc.returncode
 
 
 def _descendants(pid: int) -> set[int]:
@@ -132,7 +123,7 @@ def served(tmp_path_factory):
         _wait_port(port, proc, log)
         yield f"http://127.0.0.1:{port}", proc, log
     finally:
-        code = _stop(proc)
+        code = stop(proc, signal.SIGINT)                 # what Ctrl-C sends
         assert code == 0, log.read_text()[-3000:]
 
 
