@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_class < 1 or args.repeats < 1:
         p.error("--per-class and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    load = results.machine_load()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)      # noqa: E731
     split = load_digits_split()
     clf = train_classifier(split)
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     argv_s = " ".join(["python bench/bench_adaptive.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [SECTION_TITLE, "",
-             f"{stamp}, {device}, torch {torch.__version__}, {args.threads} CPU thread(s); the machine was shared "
-             f"with other jobs, so wall times are noisy: savings are taken within a round against threshold 0, in wall time "
+             f"{stamp}, {device}, torch {torch.__version__}, {args.threads} CPU thread(s); {load}: "
+             f"savings are taken within a round against threshold 0, in wall time "
              f"and in this process's CPU time (one compute thread). `{argv_s}`",
              "",
              f"{len(labels)} class-conditional digits ({args.per_class} per class), NAG-GD step 0.05, mu 0.3, at most "

@@ -258,9 +258,9 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
         lines += ["", f"p95 latency, fair static / packed continuous: "
                       f"{ratio(runs, 'latency_p95', 'packed', 'static', invert=True)}; p50: "
                       f"{ratio(runs, 'latency_p50', 'packed', 'static', invert=True)}.", ""]
-    lines += ["How to read it: wall-clock figures were taken while other jobs loaded the machine (CPU time well "
-              "under wall time means this process waited for a core), so the per-CPU-second row and the work "
-              "counts (rows evaluated, steps) are the stable ones. On a CPU a forward costs nearly in proportion "
+    lines += ["How to read it: where CPU time is well under wall time, this process waited for a core (other work "
+              "on the machine), and the per-CPU-second row and the work counts (rows evaluated, steps) are the "
+              "stable ones. On a CPU a forward costs nearly in proportion "
               "to its rows, so packing pays as rows saved and batching as the per-step overhead saved (fewer, "
               "fuller steps); on a GPU a forward of a few rows costs about as much as a full one, so the fewer "
               "steps of continuous batching weigh far more there.", "",
