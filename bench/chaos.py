@@ -50,7 +50,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.results import write_section  # noqa: E402
+from bench.results import machine_load, write_section  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.jobs import FINAL_STATUSES, JobSpec, JobStore  # noqa: E402
 
@@ -527,6 +527,7 @@ def main() -> int:
     if args.quick:
         args.jobs, args.kills, args.streams, args.stream_s = 30, 4, 100, 5.0
     started = datetime.now(timezone.utc)
+    load_at_start = machine_load()
     workdir = Path(tempfile.mkdtemp(prefix="eqm-chaos-"))
     stack = Stack(workdir)
     stack.start_redis()
@@ -592,7 +593,7 @@ def main() -> int:
     bound = CLAIM_IDLE_MS / 1000 + 2 * HEARTBEAT_S
     section = f"""{TITLE}
 
-{started:%Y-%m-%d %H:%M} UTC, CPU ({platform.machine()}, {os.cpu_count()} cores, shared with other jobs), loopback;
+{started:%Y-%m-%d %H:%M} UTC, CPU ({platform.machine()}, {os.cpu_count()} cores; {load_at_start}), loopback;
 `python bench/chaos.py` (seed {args.seed}). Real processes: redis-server {'with AOF (appendfsync everysec)'}, `eqm api`,
 three `eqm worker` supervisors with one CPU worker each (capacity 16, 1 thread), bundled digits model;
 `claim_idle_ms` {CLAIM_IDLE_MS}, heartbeat {HEARTBEAT_S} s, `max_deliveries` {MAX_DELIVERIES}.
