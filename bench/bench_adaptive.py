@@ -178,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               f"same label to {same_label:.1%} of the {len(labels)} pairs; PSNR between the two images of a pair "
               f"{psnr:.1f} dB (images in [-1, 1], peak-to-peak 2); accuracy fp32 {acc32:.1%}, bf16 {acc16:.1%}. "
               f"(CPU bf16 is emulated and slow; on CUDA bf16 is the default for its tensor cores.)", ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        results.write_section(SECTION_TITLE, text, RESULTS)
-        print(f"wrote its section of {RESULTS}")
+    results.publish(SECTION_TITLE, "\n".join(lines), write=not args.no_write, path=RESULTS)
     return 0
 
 

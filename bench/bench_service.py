@@ -300,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
               f"; engine alone: {statistics.median(r['cpu_total'] for r in runs['engine']):.1f} in one process. "
               f"The machine has {os.cpu_count()} cores: what the API, Redis and the clients burn is "
               "taken from the worker, which is CPU-bound here; on a GPU worker the model's time is not.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        results.write_section(SECTION_TITLE, text, RESULTS)
-        print(f"wrote its section of {RESULTS}")
+    results.publish(SECTION_TITLE, "\n".join(lines), write=not args.no_write, path=RESULTS)
     return 0
 
 

@@ -32,3 +32,11 @@ def median_range(values, fmt: str) -> str:
 def machine_load() -> str:
     """How busy the machine was as a run started (a benchmark's wall times depend on it)."""
     return f"1-minute load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start"
+
+
+def publish(title: str, text: str, write: bool = True, path: Path = RESULTS) -> None:
+    """Print a benchmark's section and, unless told not to, replace it in ``path``."""
+    print(text)
+    if write:
+        write_section(title, text, path)
+        print(f"wrote its section of {path}")
