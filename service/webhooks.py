@@ -8,7 +8,8 @@ A job submitted with ``webhook`` (and optionally ``webhook_events_filter``) is *
    a delivery ``P:hooks:msg:<mid>`` due now (``P:hooks:due``), and moves the cursor, in one MULTI.
    Progress is throttled to one event per 0.5 s of the job's own clock (at most 2 per second).
    The job is no longer followed after its final event (``completed``);
-2. **delivers** due messages: ``POST url`` with headers ``webhook-id`` (stable across retries, so the
+2. **delivers** due messages, up to ``DELIVERY_WORKERS`` jobs at once (one job's messages in order, one
+   after another), so a slow or dead receiver holds up only its own job's deliveries: ``POST url`` with headers ``webhook-id`` (stable across retries, so the
    receiver can drop duplicates), ``webhook-timestamp`` (unix seconds of this attempt) and
    ``webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the
    base64 part of ``EQM_WEBHOOK_SECRET`` (``whsec_<base64>``). A 2xx answer ends the delivery; anything
@@ -42,6 +43,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from urllib.parse import urlsplit
@@ -61,6 +63,7 @@ LEASE_MS = 5000
 DELIVERY_TIMEOUT_S = 5.0
 FIRST_BACKOFF_S = 0.5
 BATCH = 50
+DELIVERY_WORKERS = 8               # jobs whose deliveries are in flight at once
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,16 @@ class HookKeys:
 
 
 # -- signing (Standard Webhooks) -----------------------------------------------------------------
+
+def message_id(job_id: str, entry_id: str) -> str:
+    """A delivery's id, derived from its event's stream id (so the same event is always the same message)."""
+    return f"msg_{job_id}_{entry_id.replace('-', '_')}"
+
+
+def message_job(mid: str) -> str:
+    """The job of a delivery id (job ids may contain ``_``; the stream id's two parts are last)."""
+    return mid[len("msg_"):].rsplit("_", 2)[0]
+
 
 def signing_key(secret: str) -> bytes:
     """The HMAC key of a ``whsec_<base64>`` secret; ``ValueError`` with a one-line reason if malformed."""
@@ -165,7 +178,11 @@ class WebhookDispatcher:
         self.name = name or uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._http = httpx.Client(timeout=DELIVERY_TIMEOUT_S, follow_redirects=False, trust_env=False)
+        self._http = httpx.Client(timeout=DELIVERY_TIMEOUT_S, follow_redirects=False, trust_env=False,
+                                  limits=httpx.Limits(max_connections=DELIVERY_WORKERS))
+        self._pool = ThreadPoolExecutor(DELIVERY_WORKERS, thread_name_prefix="webhook-delivery")
+        self._inflight: set[str] = set()           # jobs whose deliveries a pool thread is attempting
+        self._inflight_lock = threading.Lock()
 
     def start(self) -> "WebhookDispatcher":
         self._thread = threading.Thread(target=self._run, name="webhooks", daemon=True)
@@ -176,6 +193,7 @@ class WebhookDispatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=DELIVERY_TIMEOUT_S + 2)
+        self._pool.shutdown(wait=True)             # attempts in flight end (each within its timeout)
         try:
             self.r.eval(_RELEASE, 1, self.k.lease, self.name)
         except redis.RedisError:
@@ -260,7 +278,7 @@ class WebhookDispatcher:
             body = json.dumps({"type": f"job.{kind}",
                                "timestamp": datetime.fromtimestamp(now, timezone.utc).isoformat(),
                                "data": {**data, "id": job_id, "event": event}}, separators=(",", ":"))
-            mid = f"msg_{job_id}_{entry.replace('-', '_')}"
+            mid = message_id(job_id, entry)
             pipe.hset(self.k.msg(mid), mapping={"url": hook["url"], "body": body, "first": now, "attempts": 0})
             pipe.expire(self.k.msg(mid), int(self.settings.webhook_retry_window_s) + 3600)
             pipe.zadd(self.k.due, {mid: now}, nx=True)
@@ -282,19 +300,56 @@ class WebhookDispatcher:
 
     # -- deliver --------------------------------------------------------------------------------
     def deliver_due(self) -> bool:
-        """Attempt every due delivery once; True when any was attempted."""
+        """Hand every due delivery to the pool, grouped by job (a job's messages go in order, one at a
+        time); jobs already in flight are left for a later round. True when any delivery was handed out."""
         now = time.time()
         due = [m.decode() for m in self.r.zrangebyscore(self.k.due, "-inf", now, start=0, num=BATCH)]
+        groups: dict[str, list[str]] = {}
         for mid in due:
-            if self._stop.is_set():
-                break
-            self._attempt(mid)
-        return bool(due)
+            groups.setdefault(message_job(mid), []).append(mid)
+        started = False
+        for job_id, mids in groups.items():
+            with self._inflight_lock:
+                if job_id in self._inflight or self._stop.is_set():
+                    continue
+                self._inflight.add(job_id)
+            self._pool.submit(self._deliver_job, job_id, mids)
+            started = True
+        return started
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no delivery is in flight; False if some still are after ``timeout_s``."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self._inflight_lock:
+                if not self._inflight:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def _deliver_job(self, job_id: str, mids: list[str]) -> None:
+        try:
+            for mid in mids:
+                if self._stop.is_set():
+                    break
+                self._attempt(mid)
+        except redis.RedisError as exc:
+            log.warning("webhooks: Redis unreachable while delivering (%s); retrying later", exc)
+        except Exception:                    # never let one bad record stop later deliveries
+            log.exception("webhooks: unexpected error while delivering; continuing")
+        finally:
+            with self._inflight_lock:
+                self._inflight.discard(job_id)
 
     def _attempt(self, mid: str) -> None:
-        raw = self.r.hgetall(self.k.msg(mid))
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(self.k.msg(mid))
+        pipe.zscore(self.k.due, mid)
+        raw, due_at = pipe.execute()
         if not raw:
             self.r.zrem(self.k.due, mid)
+            return
+        if due_at is None or due_at > time.time():     # delivered, or rescheduled since it was listed
             return
         msg = {k.decode(): v.decode() for k, v in raw.items()}
         url, body = msg["url"], msg["body"]

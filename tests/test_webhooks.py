@@ -176,18 +176,23 @@ def test_webhooks_off_without_a_secret(redis_url):
         assert resp.status_code == 422 and "needs a webhook" in resp.json()["message"]
 
 
-class Failing(Receiver):
-    """A receiver that answers 500 to every delivery."""
+class Scripted(Receiver):
+    """A receiver that answers ``status`` to every delivery, after ``delay_s``; records arrival times."""
 
-    def up(self) -> "Failing":
-        received = self.received
+    def __init__(self, port: int, status: int = 500, delay_s: float = 0.0):
+        super().__init__(port)
+        self.status, self.delay_s = status, delay_s
+
+    def up(self) -> "Scripted":
+        received, status, delay_s = self.received, self.status, self.delay_s
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 headers["arrived"] = time.monotonic()
                 received.append((headers, self.rfile.read(int(self.headers["content-length"]))))
-                self.send_response(500)
+                time.sleep(delay_s)
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -198,23 +203,32 @@ class Failing(Receiver):
         return self
 
 
+def _cancelled_job_with_hook(redis_client, url: str) -> str:
+    """A job followed for ``completed`` and cancelled while queued (its final event), by hand."""
+    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.webhooks import WebhookTarget, register_webhook
+
+    store = JobStore(redis_client)
+    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
+    register_webhook(redis_client, "eqm", spec.id, WebhookTarget(url, ("completed",)), "http://api", 60)
+    store.submit(spec)
+    store.cancel(spec.id)
+    return spec.id
+
+
 def test_retries_back_off_then_give_up(redis_client):
     """The dispatcher driven by hand: a 5xx is retried after a growing pause, and dropped after the window."""
-    from service.jobs import ImageSpec, JobSpec, JobStore
-    from service.webhooks import HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
+    from service.webhooks import HookKeys, WebhookDispatcher
 
-    receiver = Failing(free_port()).up()
+    receiver = Scripted(free_port(), status=500).up()
     settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",), webhook_retry_window_s=2.0,
                         webhook_max_backoff_s=0.6)
-    store, keys = JobStore(redis_client), HookKeys("eqm")
-    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
-    register_webhook(redis_client, "eqm", spec.id, WebhookTarget(receiver.url, ("completed",)), "http://api", 60)
-    store.submit(spec)
-    store.cancel(spec.id)                                  # queued -> cancelled: the final event
+    keys = HookKeys("eqm")
+    job_id = _cancelled_job_with_hook(redis_client, receiver.url)
     dispatcher = WebhookDispatcher(redis_client, settings)
     try:
         assert dispatcher.collect()
-        assert not redis_client.sismember(keys.follow, spec.id)        # final: no longer followed
+        assert not redis_client.sismember(keys.follow, job_id)         # final: no longer followed
         (mid,) = [m.decode() for m in redis_client.zrange(keys.due, 0, -1)]
         end = time.monotonic() + 10
         while redis_client.exists(keys.msg(mid)) and time.monotonic() < end:
@@ -230,5 +244,36 @@ def test_retries_back_off_then_give_up(redis_client):
         assert gaps[0] >= 0.45 and all(g >= 0.55 for g in gaps[1:])                  # 0.5 s, then the 0.6 s cap
     finally:
         receiver.down()
-        dispatcher._http.close()
+        dispatcher.stop()
 
+
+def test_a_slow_receiver_holds_up_only_its_own_job(redis_client):
+    """Deliveries to different jobs run side by side: a receiver that takes 3 s to answer does not delay
+    another job's delivery listed after it."""
+    from service.webhooks import HookKeys, WebhookDispatcher
+
+    slow = Scripted(free_port(), status=204, delay_s=3.0).up()
+    fast = Scripted(free_port(), status=204).up()
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))
+    keys = HookKeys("eqm")
+    slow_job = _cancelled_job_with_hook(redis_client, slow.url)
+    fast_job = _cancelled_job_with_hook(redis_client, fast.url)
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        assert dispatcher.collect()
+        listed = [m.decode() for m in redis_client.zrange(keys.due, 0, -1)]
+        mids = {json.loads(redis_client.hget(keys.msg(m), "body"))["data"]["id"]: m for m in listed}
+        redis_client.zadd(keys.due, {mids[slow_job]: 1, mids[fast_job]: 2})        # the slow one is listed first
+        t0 = time.monotonic()
+        assert dispatcher.deliver_due()
+        _wait_for(lambda: fast.received, 10, "the fast receiver's delivery")
+        assert fast.received[0][0]["arrived"] - t0 < 2.0 and slow.received           # not after the slow 3 s
+        assert dispatcher.wait_idle(10)
+        for job_id, receiver in ((slow_job, slow), (fast_job, fast)):
+            assert [json.loads(b)["data"]["id"] for _, b in receiver.received] == [job_id]
+            assert not redis_client.exists(keys.msg(mids[job_id]))                   # delivered: done
+        assert redis_client.zcard(keys.due) == 0
+    finally:
+        slow.down()
+        fast.down()
+        dispatcher.stop()
