@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
-from service.api.deps import ApiState, get_state, may_see, require_api_key
-from service.api.listing import queue_estimate, require_owner
+from service.api.deps import ApiState, get_state, require_api_key
+from service.api.listing import check_owner, check_owner_async, not_found, queue_estimate
 from service.api.shutdown import unless_stopping
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
@@ -20,36 +20,13 @@ from service.api.uploads import LimitedBodyRoute
 from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
-                   dependencies=[Depends(require_api_key), Depends(require_owner), Depends(reject_unknown_query)])
+                   dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
+# Ownership: every route below checks it once itself (check_owner / check_owner_async).
 
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
 KEEPALIVE_S = 15.0
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
-
-
-def not_found(job_id: str) -> HTTPException:
-    return HTTPException(404, f"job {job_id} not found (unknown, or expired after its TTL)")
-
-
-def check_owner(request: Request, state: ApiState, job_id: str) -> None:
-    """404 for a job made with another API key (unless the caller's key is an admin key): to that caller
-    the job does not exist. Free when keys are off."""
-    settings = state.settings
-    if not settings.api_keys and not settings.admin_keys:
-        return
-    exists, owner = state.store.owner(job_id)
-    if not exists or not may_see(request, owner):
-        raise not_found(job_id)
-
-
-async def check_owner_async(request: Request, state: ApiState, job_id: str) -> None:
-    settings = state.settings
-    if not settings.api_keys and not settings.admin_keys:
-        return
-    spec, owner = await state.aredis.hmget(state.store.keys.job(job_id), "spec", "owner")
-    if spec is None or not may_see(request, owner.decode() if owner else None):
-        raise not_found(job_id)
 
 
 # -- status -----------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from starlette.datastructures import UploadFile
 
 from service.api.conventions import absolute, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
-from service.api.jobs import JobId, not_found
-from service.api.listing import require_owner
+from service.api.jobs import JobId
+from service.api.listing import not_found, require_owner
 from service.api.schemas import error_responses
 from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
 from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, prepare_image
