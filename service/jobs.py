@@ -252,13 +252,13 @@ class JobStore:
         return status.decode() if status else None
 
     def finish(self, job_id: str, status: str, error: str | None = None, images: list[ImageResult] | None = None,
-               worker: str = "", progress: str | None = None) -> int:
-        """Write a final status once, with its event, and start the TTL of every key of the job.
-        Returns 1 when written, 0 when the job was already final or is gone, -1 when ``worker`` is given
-        and no longer holds the job (fenced: another worker took it over)."""
+               worker: str = "", progress: str | None = None, extra: dict[str, str] | None = None) -> int:
+        """Write a final status once, with its event (and ``extra`` record fields, in the same write), and
+        start the TTL of every key of the job. Returns 1 when written, 0 when the job was already final
+        or is gone, -1 when ``worker`` is given and no longer holds the job (fenced: another worker took it over)."""
         k = self.keys
         now = time.time()
-        fields = {"status": status, "finished": repr(now)}
+        fields = {**(extra or {}), "status": status, "finished": repr(now)}
         if error:
             fields["error"] = error
         if images is not None:

@@ -386,9 +386,11 @@ class Worker:
                                self._calibration[0])
         results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False)
                    for s in scores]
-        self.r.hset(self.keys.job(job_id), "scores", json.dumps(scores))
-        self.store.finish(job_id, "done", images=results)
-        self.metrics.jobs_total.labels("done").inc()
+        # The scores go in with the final status (one fenced write): a job cancelled, expired or taken
+        # over meanwhile gets neither.
+        if self.store.finish(job_id, "done", images=results, worker=self.name,
+                             extra={"scores": json.dumps(scores)}) == 1:
+            self.metrics.jobs_total.labels("done").inc()
         self._ack(entry_id)
 
     def _mark_started(self, out: StepOutput) -> None:
