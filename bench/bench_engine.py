@@ -32,6 +32,7 @@ import datetime
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -51,12 +52,18 @@ from service.engine import Engine                                   # noqa: E402
 from service.images import encode_image                             # noqa: E402
 from service.jobs import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
 from service.metrics import Metrics                                 # noqa: E402
-from service.runner import ModelRunner                              # noqa: E402
+from service.runner import COMPILE_MODES, ModelRunner               # noqa: E402
 from service.scheduler import Scheduler                             # noqa: E402
 from bench import results                                          # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION_TITLE = "## Engine: packed continuous vs fair static vs unpacked continuous batching"
+COMPILED_TITLE = SECTION_TITLE + ", compiled forward"
+
+
+def title_for(compile_mode: str) -> str:
+    """Eager and compiled forwards are two reports, each with its own section."""
+    return SECTION_TITLE if compile_mode == "off" else f"{COMPILED_TITLE} ({compile_mode})"
 MODES = ("static", "unpacked", "packed")
 MODE_NAMES = {"static": "fair static", "unpacked": "unpacked continuous (former)", "packed": "packed continuous"}
 
@@ -128,13 +135,14 @@ def arrivals(n_jobs: int, rate: float | None, seed: int) -> list[float]:
     return out
 
 
-def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: int, device: str) -> dict:
+def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: int, device: str,
+        compile_mode: str = "off") -> dict:
     codec = make_codec(spec.codec, channels=model.config.in_channels, latent_size=model.config.input_size,
                        device=device)
     packed = mode != "unpacked"
     runner = ModelRunner(model, codec=codec, null_label=model.config.null_label,
                          guided_channels=spec.guided_channels, capacity=capacity, max_rows=rows, packed=packed,
-                         row_buckets=None if packed else pow2_buckets(rows))
+                         row_buckets=None if packed else pow2_buckets(rows), compile_mode=compile_mode)
     runner.warmup()
     engine = Engine(runner, Scheduler(capacity, rows, static=(mode == "static")), model_name="bench",
                     metrics=Metrics())
@@ -194,7 +202,7 @@ def rounds(name: str, cfg: dict, model, spec, jobs, times, log) -> dict[str, lis
     for i in range(cfg["repeats"]):
         order = MODES[i % 3:] + MODES[:i % 3]          # rotate: each mode goes first, middle and last
         for mode in order:
-            r = run(mode, model, spec, jobs, times, cfg["capacity"], cfg["rows"], cfg["device"])
+            r = run(mode, model, spec, jobs, times, cfg["capacity"], cfg["rows"], cfg["device"], cfg["compile"])
             runs[mode].append(r)
             log(f"{name} round {i + 1} {mode:>9}: {r['images_per_s']:.2f} images/s, p95 {r['latency_p95']:.2f}s, "
                 f"rows/NFE {r['rows_per_nfe']:.3f}, {r['engine_steps']} steps")
@@ -224,11 +232,14 @@ def ratio(runs, key, a, b, invert=False) -> str:
 def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], max_diff: float) -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     p = t0runs["packed"][0]
-    lines = [SECTION_TITLE, "",
+    forward = ("eager forward (`EQM_COMPILE=off`, the default)" if cfg["compile"] == "off" else
+               f"forward through `EQM_COMPILE={cfg['compile']}` in every mode: one static graph per bucket, "
+               f"all built by the warm-up before timing")
+    lines = [title_for(cfg["compile"]), "",
              f"{stamp}, {cfg['device_name']}, torch {torch.__version__}, {cfg['threads']} CPU thread(s); {cfg['load']}: "
              f"compare the modes within a round, and per CPU-second (this process's CPU time, one compute thread: what the work "
-             f"cost, whatever else ran beside it). `{' '.join(['python bench/bench_engine.py', *cfg['argv']])}`", "",
-             f"Model: {cfg['model']}. Engine: capacity {cfg['capacity']} samples / {cfg['rows']} rows. Workload: "
+             f"cost, whatever else ran beside it). `python bench/bench_engine.py {shlex.join(cfg['argv'])}`", "",
+             f"Model: {cfg['model']}; {forward}. Engine: capacity {cfg['capacity']} samples / {cfg['rows']} rows. Workload: "
              f"{cfg['jobs']} jobs ({cfg['mix']}), {p['images']} images; step caps 10-200, gradient-norm thresholds "
              f"0-2 ({p['stopped_early']:.0%} of the images stopped below their threshold), mean "
              f"{p['mean_steps']:.0f} updates per image. Each table: median [min-max] of {cfg['repeats']} rounds; "
@@ -263,27 +274,18 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
               "stable ones. On a CPU a forward costs nearly in proportion "
               "to its rows, so packing pays as rows saved and batching as the per-step overhead saved (fewer, "
               "fuller steps); on a GPU a forward of a few rows costs about as much as a full one, so the fewer "
-              "steps of continuous batching weigh far more there.", "",
-              f"Load = arrival rate / the packed engine's job rate measured at t = 0 in this run "
-              f"({cfg['job_rate']:.2f} jobs/s). Rows evaluated / NFE: 1.0 means every forward row belonged to "
-              f"a running sample; padding to a bucket and rows of finished samples are the excess.", ""]
+              "steps of continuous batching weigh far more there. The eager and the compiled forward each have "
+              "their own section.", "",
+              (f"Load = arrival rate / the packed engine's job rate measured at t = 0 in this run "
+               f"({cfg['job_rate']:.2f} jobs/s). " if poisson else "") +
+              "Rows evaluated / NFE: 1.0 means every forward row belonged to "
+              "a running sample; padding to a bucket and rows of finished samples are the excess.", ""]
     return "\n".join(lines)
 
 
 def write_section(text: str, path: Path = RESULTS) -> None:
     """Replace this report's section of RESULTS.md (or append it), leaving every other section as it is."""
-    results.write_section(SECTION_TITLE, text, path)
-
-
-OLD_TITLE = "## Engine: continuous vs static batching"
-
-
-def write_in_place_of_old(text: str, path: Path = RESULTS) -> None:
-    """The former engine section (continuous vs straw-man static) is superseded: this one takes its place."""
-    if path.exists() and f"\n{OLD_TITLE}\n" in path.read_text(encoding="utf-8"):
-        results.write_section(OLD_TITLE, text, path)
-    else:
-        write_section(text, path)
+    results.write_section(text.split("\n", 1)[0], text, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loads", default="0.5,0.8,1.0", help="Poisson loads (fractions of the t=0 job rate); '' = none")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady timings on a shared machine)")
+    p.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                   help="the forward per bucket: eager (off), torch.compile, or CUDA graphs (the service's EQM_COMPILE)")
     p.add_argument("--no-write", action="store_true", help=f"print only; do not touch {RESULTS.name}")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -315,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     conf = {"device_name": device_name, "load": results.machine_load(), "threads": torch.get_num_threads(), "model": model_desc,
             "capacity": args.capacity, "rows": 3 * args.capacity, "jobs": args.jobs, "mix": mix,
-            "repeats": args.repeats, "device": args.device, "argv": argv if argv is not None else sys.argv[1:]}
+            "repeats": args.repeats, "device": args.device, "compile": args.compile, "argv": argv if argv is not None else sys.argv[1:]}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)      # noqa: E731
     t0runs = rounds("t=0", conf, model, spec, jobs, arrivals(len(jobs), None, args.seed), log)
     max_diff = check_same_images([r for m in MODES for r in t0runs[m]])
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(conf, t0runs, poisson, max_diff)
     print(text)
     if not args.no_write:
-        write_in_place_of_old(text)
+        write_section(text)
         print(f"wrote its section of {RESULTS}")
     return 0
 
