@@ -29,18 +29,20 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = START_TIMEOUT_S) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = START_TIMEOUT_S,
+               status: int = 200) -> None:
+    """Until ``url`` answers ``status``; fails the test (with the log's tail) if the process exits first."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if proc.poll() is not None:
             pytest.fail(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2).status_code == status:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    pytest.fail(f"{url} not ready within {timeout_s}s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"{url} did not answer {status} within {timeout_s}s:\n{log.read_text()[-3000:]}")
 
 
 def serve(redis_url: str, port: int, log: Path, **settings: str) -> subprocess.Popen:

@@ -10,18 +10,14 @@ import torch
 from models.checkpoint import CheckpointError, ModelSpec, convert, load_model, read_state_dict, save_safetensors
 from models.eqm import EqM, EqMConfig, config_for
 from service.cli import main as cli
+from tinymodels import random_model
 
 TINY = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
                  num_classes=10)
 
 
 def randomised(cfg: EqMConfig, seed: int) -> EqM:
-    torch.manual_seed(seed)
-    model = EqM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return random_model(cfg, seed).train().requires_grad_(True)
 
 
 def official_checkpoint(path, model_sd, ema_sd, **args):

@@ -13,8 +13,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -31,45 +29,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from models import resolve_checkpoint
 from service.embedded_redis import free_port
 from service.jobs import JobStore
-from tests.clientstack import stop as _stop
+from tests.clientstack import service_env as _env, start as _start, stop as _stop, wait_ready as _wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "e2e-secret"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHECKPOINT = "digits"
-START_TIMEOUT_S = 120
 
 pytestmark = pytest.mark.skipif(not resolve_checkpoint(CHECKPOINT).is_file(),
                                 reason="the bundled digits model (models/weights/digits.safetensors) is missing")
-
-
-def _env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EQM_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env.update(settings)
-    return env
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, status: int = 200, timeout_s: float = START_TIMEOUT_S) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"process exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == status:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{url} did not answer {status} within {timeout_s}s:\n{log.read_text()[-3000:]}")
-
-
 
 
 def _port_open(port: int) -> bool:

@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from models.codecs import IdentityCodec
-from models.eqm import EqM, EqMConfig
 from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample
 from service.engine import Engine, JobError
 from service.images import encode_image
@@ -17,9 +16,9 @@ from service.jobs import ImageSpec, JobSpec, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner
 from service.scheduler import Scheduler
+from tinymodels import TINY, random_model
 
-CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                num_classes=10, learn_sigma=False)
+CFG = TINY
 NULL = CFG.null_label
 SHAPE = (1, 8, 8)
 SAMPLER = SamplerSpec(sampler="nag", step_size=0.05, mu=0.3, max_steps=40, grad_norm_threshold=0.0)
@@ -37,12 +36,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = EqM(CFG)
-    with torch.no_grad():          # DiT init zeroes the output layer: perturb so the field is not 0
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval().requires_grad_(False)
+    return random_model(CFG)
 
 
 def make_engine(model, capacity=8, max_rows=None, forward=None, clock=None, static=False, metrics=None):

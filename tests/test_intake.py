@@ -8,25 +8,19 @@ import redis
 import torch
 
 from models.codecs import IdentityCodec
-from models.eqm import EqM, EqMConfig
 from service.engine import Engine
 from service.jobs import ImageSpec, JobSpec, JobStore, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner
 from service.worker import Worker, WorkerConfig
+from tinymodels import TINY, random_model
 
-CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                num_classes=10, learn_sigma=False)
+CFG = TINY
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = EqM(CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval().requires_grad_(False)
+    return random_model(CFG)
 
 
 def commands(client: redis.Redis) -> dict[str, int]:

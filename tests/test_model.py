@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.eqm import ARCHITECTURES, EqM, EqMConfig, config_for
+from tinymodels import random_model
 
 # Published sizes (depth, hidden, heads) of the official configs, per family.
 FAMILIES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -89,13 +90,8 @@ def test_pos_embed_is_the_official_sincos_table():
 
 
 def tiny(learn_sigma: bool = True, seed: int = 0) -> EqM:
-    torch.manual_seed(seed)
-    model = EqM(EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
-                          num_heads=4, num_classes=10, learn_sigma=learn_sigma))
-    with torch.no_grad():   # the zero-initialised adaLN/output layers would make the output trivially 0
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
+    return random_model(EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
+                                  num_heads=4, num_classes=10, learn_sigma=learn_sigma), seed)
 
 
 def test_forward_shape_and_learn_sigma_half():

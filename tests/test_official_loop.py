@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.eqm import EqM, EqMConfig
+from models.eqm import EqMConfig
 from service.cli import main as cli
+from tinymodels import random_model
 
 # Custom shape: an official .pt has no head count, and the loader takes 64-wide heads (as S/B/L use).
 CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=1,
@@ -52,11 +53,7 @@ def official_loop(model, z, y, sampler, num_sampling_steps, stepsize, mu, cfg_sc
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = EqM(CFG)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = random_model(CFG)
     path = tmp_path_factory.mktemp("ck") / "0001000.pt"
     ns = argparse.Namespace(model="EqM-XL/2", cfg_scale=4.0, uncond=True)
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": ns}, path)

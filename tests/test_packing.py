@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.eqm import EqM, EqMConfig
+from models.eqm import EqM
 from models.sampler import (Condition, SamplerParams, SlotBatch, condition_rows, default_row_buckets,
                             noise_for_seed, sample)
 from models.codecs import IdentityCodec
@@ -13,9 +13,9 @@ from service.jobs import ImageSpec, JobSpec, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner, configure_device_math, model_dtype
 from service.scheduler import Scheduler
+from tinymodels import TINY, random_model
 
-CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
-                num_classes=10, learn_sigma=False)
+CFG = TINY
 NULL = CFG.null_label
 SHAPE = (1, 8, 8)
 
@@ -30,12 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = EqM(CFG)
-    with torch.no_grad():          # DiT init zeroes the output layer: perturb so the field is not 0
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval().requires_grad_(False)
+    return random_model(CFG)
 
 
 # (condition, params): 1, 2 and 3 rows per sample, caps and a threshold that end them at different steps.

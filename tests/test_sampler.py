@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.eqm import EqM, EqMConfig
+from models.eqm import EqMConfig
 from models.sampler import (Condition, SamplerParams, SlotBatch, condition_rows, noise_for_seed, partially_noised,
                             sample)
+from tinymodels import random_model
 
 CFG = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4,
                 num_classes=10)
@@ -15,12 +16,7 @@ NULL = CFG.null_label
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = EqM(CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return m.eval()
+    return random_model(CFG)
 
 
 def guided(model, x, rows, guided_channels):

@@ -31,22 +31,26 @@ SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 class Receiver:
-    """A webhook receiver on a fixed loopback port that can go down and come back."""
+    """A webhook receiver on a fixed loopback port that can go down and come back; it answers ``status``
+    to every delivery after ``delay_s`` and records each one with its arrival time (``arrived``)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, status: int = 204, delay_s: float = 0.0):
         self.port = port
         self.url = f"http://127.0.0.1:{port}/hook"
+        self.status, self.delay_s = status, delay_s
         self.received: list[tuple[dict, bytes]] = []
         self._server: ThreadingHTTPServer | None = None
 
     def up(self) -> "Receiver":
-        received = self.received
+        received, status, delay_s = self.received, self.status, self.delay_s
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(204)
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                headers["arrived"] = time.monotonic()
+                received.append((headers, self.rfile.read(int(self.headers["content-length"]))))
+                time.sleep(delay_s)
+                self.send_response(status)
                 self.end_headers()
 
             def log_message(self, *args):
@@ -176,33 +180,6 @@ def test_webhooks_off_without_a_secret(redis_url):
         assert resp.status_code == 422 and "needs a webhook" in resp.json()["message"]
 
 
-class Scripted(Receiver):
-    """A receiver that answers ``status`` to every delivery, after ``delay_s``; records arrival times."""
-
-    def __init__(self, port: int, status: int = 500, delay_s: float = 0.0):
-        super().__init__(port)
-        self.status, self.delay_s = status, delay_s
-
-    def up(self) -> "Scripted":
-        received, status, delay_s = self.received, self.status, self.delay_s
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                headers["arrived"] = time.monotonic()
-                received.append((headers, self.rfile.read(int(self.headers["content-length"]))))
-                time.sleep(delay_s)
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-
 def _cancelled_job_with_hook(redis_client, url: str) -> str:
     """A job followed for ``completed`` and cancelled while queued (its final event), by hand."""
     from service.jobs import ImageSpec, JobSpec, JobStore
@@ -220,7 +197,7 @@ def test_retries_back_off_then_give_up(redis_client):
     """The dispatcher driven by hand: a 5xx is retried after a growing pause, and dropped after the window."""
     from service.webhooks import HookKeys, WebhookDispatcher
 
-    receiver = Scripted(free_port(), status=500).up()
+    receiver = Receiver(free_port(), status=500).up()
     settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",), webhook_retry_window_s=2.0,
                         webhook_max_backoff_s=0.6)
     keys = HookKeys("eqm")
@@ -252,8 +229,8 @@ def test_a_slow_receiver_holds_up_only_its_own_job(redis_client):
     another job's delivery listed after it."""
     from service.webhooks import HookKeys, WebhookDispatcher
 
-    slow = Scripted(free_port(), status=204, delay_s=3.0).up()
-    fast = Scripted(free_port(), status=204).up()
+    slow = Receiver(free_port(), delay_s=3.0).up()
+    fast = Receiver(free_port()).up()
     settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))
     keys = HookKeys("eqm")
     slow_job = _cancelled_job_with_hook(redis_client, slow.url)
