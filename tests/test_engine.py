@@ -24,14 +24,7 @@ SHAPE = (1, 8, 8)
 SAMPLER = SamplerSpec(sampler="nag", step_size=0.05, mu=0.3, max_steps=40, grad_norm_threshold=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: a tiny model gains nothing from more, and on a shared 2-core machine
-    OpenMP threads spinning against other processes make steps 10-100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import redis
-import torch
 
 from models.codecs import IdentityCodec
 from service.engine import Engine
@@ -29,8 +28,7 @@ def commands(client: redis.Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items() if k not in ("cmdstat_info", "cmdstat_config")}
 
 
-def test_intake_reads_up_to_free_capacity_and_encodes_off_the_loop(model, redis_url, redis_client):
-    torch.set_num_threads(1)
+def test_intake_reads_up_to_free_capacity_and_encodes_off_the_loop(model, redis_url, redis_client, one_torch_thread):
     pool = ThreadPoolExecutor(max_workers=2)
     runner = ModelRunner(model, codec=IdentityCodec(1, 8), null_label=CFG.null_label, guided_channels=1,
                          capacity=6, max_rows=18)
