@@ -40,8 +40,12 @@ class IdentityCodec:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(N, C, H, W) -> (N, H, W, C) uint8."""
-        x = (latents.detach().float().cpu() + 1.0) * 127.5
-        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return self.decode_tensor(latents.detach().cpu()).numpy()
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode`` without leaving the latents' device: (N, H, W, C) uint8 where ``latents`` are."""
+        x = (latents.detach().float() + 1.0) * 127.5
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 class SDVAECodec:
@@ -80,8 +84,13 @@ class SDVAECodec:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(N, 4, h, w) scaled latents -> (N, 8h, 8w, 3) uint8, as the official ``clamp(127.5*x + 128)``."""
+        return self.decode_tensor(latents).cpu().numpy()
+
+    @torch.no_grad()
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """``decode`` without the copy to the host: (N, 8h, 8w, 3) uint8 on the VAE's device."""
         x = self.vae.decode(latents.to(self.device, self.dtype) / SD_VAE_SCALE).sample
-        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _check_images(images: np.ndarray, size: int | None, channels: int) -> np.ndarray:

@@ -9,7 +9,10 @@ step:
 2. ``ModelRunner.execute``: frees and admits slots, one forward on the active rows, one fused
    NAG-GD step, one read-back of steps / gradient norms / finished flags;
 3. ``Scheduler.update``: samples below their threshold or at their step cap finish; the runner
-   hands back their latents, which are decoded in one batch and encoded (PNG/JPEG/WebP).
+   retires them (their latents gathered and decoded in one batch on the device) and they are
+   emitted: encoded (PNG/JPEG/WebP) and their jobs resolved. On CUDA that emission happens in the
+   next step, after its work is queued (``ModelRunner.emit_lag``), so waiting for the copies never
+   leaves the device idle; elsewhere in the same step.
 
 Results are per sample and do not depend on what else shares the batch: a sample's start is
 ``noise_for_seed(seed)`` (or its encoded upload), every row is evaluated independently by the model
@@ -32,7 +35,7 @@ from models.sampler import Condition, SamplerParams, condition_rows
 from service.images import ImageError, content_type, decode_image, encode_image, provenance_record
 from service.jobs import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
 from service.metrics import Metrics
-from service.runner import ModelRunner, SampleInput
+from service.runner import ModelRunner, Retired, SampleInput
 from service.scheduler import JobRequest, SampleKey, SampleRequest, Scheduler
 
 MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
@@ -116,6 +119,7 @@ class Engine:
         self.num_classes, self.null_label = cfg.num_classes, cfg.null_label
         self._jobs: dict[str, _Job] = {}
         self._inputs: dict[SampleKey, SampleInput] = {}
+        self._unemitted: list[tuple[list[_Departure], Retired]] = []    # departures of earlier steps, in order
 
     # -- input ----------------------------------------------------------------------------------
     def add_job(self, spec: JobSpec, input_image: bytes | None = None) -> None:
@@ -197,13 +201,18 @@ class Engine:
         needed = list(out.admit) + [s.key for s in out.stop if not s.started]
         run = self.runner.execute(out, {k: self._inputs[k] for k in needed})
         finished = self.scheduler.update(out, run.statuses)
-        latents = self.runner.retire(f.key for f in finished)
+        retired = self.runner.retire((f.key for f in finished), decode=self.encode_images)
 
         leaving = [_Departure(s.key, s.reason, run.stopped[s.key].steps, run.stopped[s.key].grad_norm,
                               run.stopped[s.key].latent) for s in out.stop]
-        leaving += [_Departure(f.key, f.reason, f.steps, f.grad_norm, latents[f.key]) for f in finished]
+        leaving += [_Departure(f.key, f.reason, f.steps, f.grad_norm, None) for f in finished]
         result = StepOutput(rows=run.rows_evaluated, bucket_rows=run.bucket_rows)
-        self._emit(leaving, result)
+        # Emit what left ``emit_lag`` steps ago (or everything, once nothing runs): its copies were queued
+        # before this step's work, so waiting for them does not wait for this step.
+        self._unemitted.append((leaving, retired))
+        keep = self.runner.emit_lag if out.run else 0
+        while len(self._unemitted) > keep:
+            self._emit(*self._unemitted.pop(0), result)
         finished_keys = {f.key for f in finished}
         result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))
                            for k, st in run.statuses.items() if k not in finished_keys]
@@ -217,24 +226,34 @@ class Engine:
         m.batch_occupancy.set(run.rows_evaluated / self.runner.max_rows if self.has_work else 0.0)
         return result
 
-    def _emit(self, leaving: list[_Departure], result: StepOutput) -> None:
-        """Images (decoded in one batch) and finished jobs out of the samples that left this step."""
+    def _emit(self, leaving: list[_Departure], retired: Retired, result: StepOutput) -> None:
+        """Images and finished jobs out of the samples that left in one step (retired ones decoded
+        by the runner, those stopped before the step here, in one batch)."""
+        latents, retired_pixels = retired.result()
+        for d in leaving:
+            if d.key in latents:
+                d.latent = latents[d.key]
         kept = [d for d in leaving if d.latent is not None]      # cancelled samples leave no image
-        pixels = self.runner.decode(torch.stack([d.latent for d in kept])) if kept and self.encode_images else None
+        pixels: dict[SampleKey, object] = {}
+        if self.encode_images:
+            pixels.update(retired_pixels or {})
+            rest = [d for d in kept if d.key not in pixels]
+            if rest:
+                pixels.update(zip((d.key for d in rest), self.runner.decode(torch.stack([d.latent for d in rest]))))
         now = self.clock()
-        for i, d in enumerate(kept):
+        for d in kept:
             job = self._jobs[d.key.job_id]
             res = ImageResult(index=d.key.index, steps=d.steps, grad_norm=_finite(d.grad_norm),
                               stopped_early=d.reason == "converged", deadline_exceeded=d.reason == "deadline",
                               content_type=content_type(job.spec.format))
-            if pixels is None:
+            if not self.encode_images:
                 data = None
             else:
                 provenance = provenance_record(job.spec, d.key.index, res.steps, res.grad_norm)
                 if self.encode_pool is not None:
-                    data = self.encode_pool.submit(encode_image, pixels[i], job.spec.format, provenance=provenance)
+                    data = self.encode_pool.submit(encode_image, pixels[d.key], job.spec.format, provenance=provenance)
                 else:
-                    data = encode_image(pixels[i], job.spec.format, provenance=provenance)
+                    data = encode_image(pixels[d.key], job.spec.format, provenance=provenance)
             job.results[d.key.index] = res
             result.images.append(ImageOutput(d.key.job_id, res, data, d.latent))
         for d in leaving:
@@ -248,7 +267,9 @@ class Engine:
                     self.metrics.final_grad_norm.labels(self.model_name, task).observe(grad_norm)
             job.resolved += 1
             if job.resolved == len(job.spec.images):
-                status = "cancelled" if job.cancelled else "done"
+                # A cancel that came after every image had finished (while the last were on their way
+                # out) cancelled nothing.
+                status = "cancelled" if job.cancelled and len(job.results) < len(job.spec.images) else "done"
                 latency = max(0.0, now - job.submitted)
                 result.jobs.append(JobOutput(key.job_id, status, [job.results[i] for i in sorted(job.results)], latency))
                 self.metrics.jobs_total.labels(status).inc()

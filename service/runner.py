@@ -7,8 +7,11 @@ bucket >= n, so shapes come from a small fixed set) and one fused NAG-GD step, t
 / gradient norm / finished of every stepped sample in one device->host copy. On CUDA that read lags
 one step (``status_lag``): the copy of step k is collected after step k+1 is queued, so the device
 never waits for the host; a sample that finished in step k is frozen by the fused step in k+1, so
-results are the same as without the lag. ``retire(keys)`` hands back the final latents of samples
-the scheduler saw finish; ``decode`` turns a batch of latents into uint8 pixels.
+results are the same as without the lag. ``retire(keys)`` gathers the final latents of samples the
+scheduler saw finish (and decodes them, on the device) and frees their slots; on CUDA the copies to
+the host are queued without waiting (``Retired.result()`` waits for them), so the engine collects
+them after the next step is queued (``emit_lag``): the device is never left idle while the host
+encodes images. ``decode`` turns a batch of latents into uint8 pixels.
 
 Device defaults (``model_dtype``): bfloat16 weights on CUDA (tensor cores), float32 elsewhere; the
 iterate and momentum stay float32 in every case. Float32 on CUDA turns TF32 matmuls on. The forward
@@ -89,6 +92,28 @@ class Stopped:
     grad_norm: float                       # nan when it never took a step
 
 
+class Retired:
+    """Final latents (and pixels) of samples retired in one step, on their way to the host.
+
+    On CUDA the copies are queued behind the work of that step and an event marks their end;
+    ``result()`` waits for that event only, not for anything queued later. Elsewhere it is ready at once.
+    """
+
+    def __init__(self, keys: list[SampleKey], latents: torch.Tensor | None, pixels: torch.Tensor | None,
+                 event=None):
+        self.keys, self._latents, self._pixels, self._event = keys, latents, pixels, event
+
+    def result(self) -> tuple[dict[SampleKey, torch.Tensor], dict[SampleKey, np.ndarray] | None]:
+        """(latent (C, H, W) float32 on CPU by key, uint8 (H, W, C) pixels by key, or None if not decoded)."""
+        if not self.keys:
+            return {}, ({} if self._pixels is not None else None)
+        if self._event is not None:
+            self._event.synchronize()
+        latents = {k: self._latents[i].clone() for i, k in enumerate(self.keys)}
+        pixels = None if self._pixels is None else {k: self._pixels[i].numpy() for i, k in enumerate(self.keys)}
+        return latents, pixels
+
+
 @dataclass
 class RunnerOutput:
     statuses: dict[SampleKey, SampleStatus]
@@ -126,6 +151,8 @@ class ModelRunner:
         self._model_forward = forward or compiled_forward(model, compile_mode, len(self.batch.row_buckets))
         # Status read-back lag in steps: 1 on CUDA (the device never waits for the host), else 0.
         self.status_lag = (1 if self.device.type == "cuda" else 0) if status_lag is None else status_lag
+        # Steps after its retire that the engine collects a ``Retired`` (same reason, same default).
+        self.emit_lag = self.status_lag
         self._pending: list[tuple[list[SampleKey], object]] = []
         self.forward_limit = max_rows          # largest forward batch known (or assumed) to fit
         self.decode_limit = decode_batch
@@ -202,24 +229,48 @@ class ModelRunner:
         return stopped
 
     @torch.no_grad()
-    def retire(self, keys: Iterable[SampleKey]) -> dict[SampleKey, torch.Tensor]:
-        """Final latents (C, H, W) float32 on CPU of finished samples; frees their slots."""
+    def retire(self, keys: Iterable[SampleKey], decode: bool = True) -> Retired:
+        """Free the slots of finished samples, gathering their final latents (and, with ``decode``, their
+        pixels) on the device first; on CUDA the copies to pinned host memory are queued, not waited for.
+        A finished sample's iterate is frozen by the fused step, so a step queued before this changes nothing."""
         keys = list(keys)
         if not keys:
-            return {}
+            return Retired([], None, torch.empty(0) if decode else None)
         slots = [self._slot.pop(k) for k in keys]
-        latents = self.batch.x[slots].cpu()
+        cuda = self.device.type == "cuda"
+        index = torch.tensor(slots, dtype=torch.long)
+        if cuda:
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        latents = self.batch.x.index_select(0, index)        # ordered before any later write to these slots
+        pixels = self.decode_tensor(latents) if decode else None
         self.batch.release_many(slots)
-        return {k: latents[i].clone() for i, k in enumerate(keys)}
+        if not cuda:
+            return Retired(keys, latents, None if pixels is None else pixels.cpu())
+        host_latents = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
+        host_latents.copy_(latents, non_blocking=True)
+        host_pixels = None
+        if pixels is not None:
+            host_pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+            host_pixels.copy_(pixels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Retired(keys, host_latents, host_pixels, event)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) latents -> (N, H, W, C) uint8 pixels, in chunks that fit the device."""
+        """(N, C, H, W) latents -> (N, H, W, C) uint8 pixels on the host."""
+        if latents.shape[0] == 0:
+            return np.zeros((0,), dtype=np.uint8)
+        return self.decode_tensor(latents).cpu().numpy()
+
+    @torch.no_grad()
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) latents -> (N, H, W, C) uint8 pixels on the codec's device, in chunks that fit it."""
         parts, start = [], 0
         while start < latents.shape[0]:
             chunk = latents[start:start + self.decode_limit]
             try:
-                parts.append(self.codec.decode(chunk))
+                parts.append(self.codec.decode_tensor(chunk))
             except RuntimeError as exc:
                 if not is_out_of_memory(exc) or self.decode_limit <= 1:
                     raise
@@ -227,7 +278,7 @@ class ModelRunner:
                 self._after_oom(f"decode batch shrunk to {self.decode_limit}")
                 continue
             start += chunk.shape[0]
-        return np.concatenate(parts) if parts else np.zeros((0,), dtype=np.uint8)
+        return torch.cat(parts)
 
     @torch.no_grad()
     def warmup(self) -> None:

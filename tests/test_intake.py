@@ -1,6 +1,8 @@
 """Worker intake and status reads against a real (private) redis-server, in process."""
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -59,3 +61,51 @@ def test_intake_reads_up_to_free_capacity_and_encodes_off_the_loop(model, redis_
     assert store.image(ids[0], 0)[:4] == b"\x89PNG"
     assert store.get(ids[7])["ready"] == [False]                 # still queued
     pool.shutdown()
+
+
+def test_worker_with_the_device_lag_gives_the_same_images_and_honours_a_cancel(model, redis_url, redis_client,
+                                                                              one_torch_thread):
+    """The CUDA defaults on the CPU: status read and image emission one step late. A worker running that
+    way stores byte-identical images to an engine without the lag, and a cancel still stops a running job."""
+    sampler = lambda steps, threshold=0.0: SamplerSpec(step_size=0.05, mu=0.3, max_steps=steps,   # noqa: E731
+                                                       grad_norm_threshold=threshold)
+    specs = [JobSpec(kind="generate", model="tiny", cfg_scale=1.5, sampler=sampler(steps, threshold),
+                     images=[ImageSpec(seed=10 * j + i, labels=[j]) for i in range(n)])
+             for j, (steps, threshold, n) in enumerate([(6, 0.0, 2), (12, 1e9, 1), (9, 0.0, 3), (15, 0.0, 1)])]
+    long_job = JobSpec(kind="generate", model="tiny", cfg_scale=1.5, sampler=sampler(100_000),
+                       images=[ImageSpec(seed=99, labels=[4])])
+
+    reference = Engine(ModelRunner(model, codec=IdentityCodec(1, 8), null_label=CFG.null_label, guided_channels=1,
+                                   capacity=6, max_rows=18, status_lag=0), model_name="tiny", metrics=Metrics())
+    for spec in specs:
+        reference.add_job(JobSpec(**spec.__dict__))
+    expected = {(img.job_id, img.result.index): img.data for out in reference.run_until_idle() for img in out.images}
+
+    runner = ModelRunner(model, codec=IdentityCodec(1, 8), null_label=CFG.null_label, guided_channels=1,
+                         capacity=6, max_rows=18, status_lag=1)
+    assert runner.emit_lag == 1
+    worker = Worker(WorkerConfig(redis_url=redis_url, capacity=6, heartbeat_s=0.2),
+                    engine=Engine(runner, model_name="tiny", metrics=Metrics()))
+    store = JobStore(redis_client)
+    store.submit(long_job)
+    for spec in specs:
+        store.submit(spec)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(store.get(s.id)["status"] == "done" for s in specs):
+            time.sleep(0.05)
+        assert store.get(long_job.id)["status"] == "running"
+        store.cancel(long_job.id)
+        while time.monotonic() < deadline and store.get(long_job.id)["status"] != "cancelled":
+            time.sleep(0.05)
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    for spec in specs:
+        assert store.get(spec.id)["status"] == "done"
+        for i in range(len(spec.images)):
+            assert store.image(spec.id, i) == expected[(spec.id, i)]
+    assert store.get(long_job.id)["status"] == "cancelled"
