@@ -240,6 +240,13 @@ class SlotBatch:
         self._upload = _Uploader(self.device)
         self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the batch's device. On CUDA through pinned memory and ``non_blocking``: a copy
+        from pageable memory may wait for the device, and admissions and releases happen at any step."""
+        if self.device.type != "cuda" or t.device.type != "cpu":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     # -- membership -----------------------------------------------------------------------------
     def can_admit(self, n_rows: int) -> bool:
         free = self.max_rows - self.n_rows if self.packed else len(self.free_rows)
@@ -262,7 +269,7 @@ class SlotBatch:
             self.free_rows.sort()
             row_ids = [self.free_rows.pop(0) for _ in rows]
             self.n_rows = max(self.n_rows, row_ids[-1] + 1)
-        x0 = x0.to(self.device, torch.float32)
+        x0 = self.to_device(x0.to(torch.float32))
         self.x[slot] = x0
         self.m[slot] = 0.0
         self.eta[slot] = params.step_size
@@ -277,7 +284,7 @@ class SlotBatch:
         r0 = row_ids[0]
         if row_ids == list(range(r0, r0 + len(rows))):
             self.model_in[r0:r0 + len(rows)] = look
-            self.labels[r0:r0 + len(rows)] = torch.tensor([y for y, _ in rows], dtype=torch.long)
+            self.labels[r0:r0 + len(rows)] = self.to_device(torch.tensor([y for y, _ in rows], dtype=torch.long))
         else:
             for r, (label, _) in zip(row_ids, rows):
                 self.model_in[r] = look
@@ -315,7 +322,7 @@ class SlotBatch:
             self._plan_dirty = True
         if not self.packed:
             self.free_rows.extend(holes)
-            self.labels[torch.tensor(holes, dtype=torch.long, device=self.device)] = self.null_label
+            self.labels[self.to_device(torch.tensor(holes, dtype=torch.long))] = self.null_label
             self.n_rows = 1 + max((r for rs in self.slot_rows.values() for r in rs), default=-1)
             return
         new_n = self.n_rows - len(holes)
@@ -330,10 +337,8 @@ class SlotBatch:
                 rows[rows.index(s)] = d
             for owner in {self.row_owner[d] for d in dst}:
                 self._write_plan(owner)
-            d_idx = torch.tensor(dst, dtype=torch.long)
-            s_idx = torch.tensor(src, dtype=torch.long)
-            if self.device.type == "cuda":
-                d_idx, s_idx = d_idx.to(self.device, non_blocking=True), s_idx.to(self.device, non_blocking=True)
+            d_idx = self.to_device(torch.tensor(dst, dtype=torch.long))
+            s_idx = self.to_device(torch.tensor(src, dtype=torch.long))
             # Whole rows move (same bits, same label): the moved samples' trajectories are unchanged.
             self.model_in.index_copy_(0, d_idx, self.model_in.index_select(0, s_idx))
             self.labels.index_copy_(0, d_idx, self.labels.index_select(0, s_idx))
@@ -385,9 +390,9 @@ class SlotBatch:
         rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in slots]
         weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in slots]
         bucket = self.bucket_for(1 + max(max(self.slot_rows[s]) for s in slots))
-        self._run(bucket, torch.tensor(slots, dtype=torch.int32, device=self.device),
-                  torch.tensor(rows, dtype=torch.int32, device=self.device),
-                  torch.tensor(weights, dtype=torch.float32, device=self.device), k)
+        self._run(bucket, self.to_device(torch.tensor(slots, dtype=torch.int32)),
+                  self.to_device(torch.tensor(rows, dtype=torch.int32)),
+                  self.to_device(torch.tensor(weights, dtype=torch.float32)), k)
         return bucket
 
     def _run(self, bucket: int, slot_ids, rows, weights, k: int) -> None:
@@ -415,7 +420,7 @@ class SlotBatch:
             return StatusRead([], torch.zeros(3, 0), None)
         idx = self.plan_slots[:a].long()
         if self._plan_dirty:           # no step since the last membership change: read the host plan
-            idx = torch.tensor(slots, dtype=torch.long, device=self.device)
+            idx = self.to_device(torch.tensor(slots, dtype=torch.long))
         dev = torch.stack([self.steps.index_select(0, idx).float(), self.norm.index_select(0, idx),
                            self.finished.index_select(0, idx).float()])
         if self.device.type != "cuda":

@@ -238,10 +238,7 @@ class ModelRunner:
             return Retired([], None, torch.empty(0) if decode else None)
         slots = [self._slot.pop(k) for k in keys]
         cuda = self.device.type == "cuda"
-        index = torch.tensor(slots, dtype=torch.long)
-        if cuda:
-            index = index.pin_memory().to(self.device, non_blocking=True)
-        latents = self.batch.x.index_select(0, index)        # ordered before any later write to these slots
+        latents = self.batch.x.index_select(0, self.batch.to_device(torch.tensor(slots, dtype=torch.long)))        # ordered before any later write to these slots
         pixels = self.decode_tensor(latents) if decode else None
         self.batch.release_many(slots)
         if not cuda:
