@@ -277,6 +277,14 @@ class Engine:
                 del self._jobs[key.job_id]
             self._inputs.pop(key, None)
 
+    def flush(self) -> StepOutput:
+        """Emit, without stepping, the samples that left in earlier steps but are not emitted yet (a worker
+        stopping before its engine is idle keeps what already finished)."""
+        result = StepOutput()
+        while self._unemitted:
+            self._emit(*self._unemitted.pop(0), result)
+        return result
+
     def run_until_idle(self, max_steps: int | None = None) -> list[StepOutput]:
         """Step until every job is resolved (tests, the benchmark, offline use)."""
         outputs, n = [], 0

@@ -239,6 +239,7 @@ class Worker:
                 drain_until = time.monotonic() + self.cfg.grace_s
                 log.info("stopping: no new jobs; %d in flight get %.0fs to finish", len(engine.job_ids()), self.cfg.grace_s)
             if drain_until is not None and (not engine.has_work or self._hurry.is_set() or time.monotonic() > drain_until):
+                self._unwritten.append(engine.flush())     # images that finished but were not out yet
                 self._flush_unwritten()
                 return
             self._drain_cancels()

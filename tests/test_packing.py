@@ -299,3 +299,29 @@ def test_cuda_engine_defaults_match_the_cpu(model, compile_mode):
     assert got.keys() == cpu.keys()
     for key, img in cpu.items():
         assert float((img.latent - got[key].latent).abs().max()) < 0.1      # bf16 model, fp32 iterate
+
+
+def test_flush_emits_what_left_but_was_not_out_yet(model):
+    """With the emission lag, an image retired in one step comes out in the next; ``flush`` (a worker
+    stopping) hands it out at once, and it is not emitted again when stepping goes on."""
+    jobs = [JobSpec(kind="generate", model="tiny", cfg_scale=1.5, images=[ImageSpec(seed=seed, labels=[seed])],
+                    sampler=SamplerSpec(step_size=0.05, mu=0.3, max_steps=cap)) for seed, cap in ((1, 3), (2, 8))]
+    probe = engine_for(model, 1)
+    for job in jobs:
+        probe.add_job(JobSpec(**job.__dict__))
+    steps, first = 0, []
+    while not first:
+        steps += 1
+        first = probe.step().images
+    engine = engine_for(model, 1)
+    for job in jobs:
+        engine.add_job(JobSpec(**job.__dict__))
+    for _ in range(steps - 1):
+        assert not engine.step().images
+    flushed = engine.flush()
+    assert [(i.job_id, i.result.steps) for i in flushed.images] == [(jobs[0].id, 3)] == \
+        [(i.job_id, i.result.steps) for i in first]
+    assert torch.equal(flushed.images[0].latent, first[0].latent) and flushed.images[0].data == first[0].data
+    assert [j.job_id for j in flushed.jobs] == [jobs[0].id] and engine.has_work
+    later = [out for out in engine.run_until_idle(100)]
+    assert [i.job_id for out in later for i in out.images] == [jobs[1].id] and not engine.has_work
