@@ -58,12 +58,13 @@ from bench import results                                          # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION_TITLE = "## Engine: packed continuous vs fair static vs unpacked continuous batching"
-COMPILED_TITLE = SECTION_TITLE + ", compiled forward"
 
 
 def title_for(compile_mode: str) -> str:
     """Eager and compiled forwards are two reports, each with its own section."""
-    return SECTION_TITLE if compile_mode == "off" else f"{COMPILED_TITLE} ({compile_mode})"
+    return SECTION_TITLE if compile_mode == "off" else f"{SECTION_TITLE}, compiled forward ({compile_mode})"
+
+
 MODES = ("static", "unpacked", "packed")
 MODE_NAMES = {"static": "fair static", "unpacked": "unpacked continuous (former)", "packed": "packed continuous"}
 

@@ -106,7 +106,7 @@ class Retired:
     def result(self) -> tuple[dict[SampleKey, torch.Tensor], dict[SampleKey, np.ndarray] | None]:
         """(latent (C, H, W) float32 on CPU by key, uint8 (H, W, C) pixels by key, or None if not decoded)."""
         if not self.keys:
-            return {}, ({} if self._pixels is not None else None)
+            return {}, None
         if self._event is not None:
             self._event.synchronize()
         latents = {k: self._latents[i].clone() for i, k in enumerate(self.keys)}
@@ -151,13 +151,16 @@ class ModelRunner:
         self._model_forward = forward or compiled_forward(model, compile_mode, len(self.batch.row_buckets))
         # Status read-back lag in steps: 1 on CUDA (the device never waits for the host), else 0.
         self.status_lag = (1 if self.device.type == "cuda" else 0) if status_lag is None else status_lag
-        # Steps after its retire that the engine collects a ``Retired`` (same reason, same default).
-        self.emit_lag = self.status_lag
         self._pending: list[tuple[list[SampleKey], object]] = []
         self.forward_limit = max_rows          # largest forward batch known (or assumed) to fit
         self.decode_limit = decode_batch
         self.oom_events = 0
         self._slot: dict[SampleKey, int] = {}
+
+    @property
+    def emit_lag(self) -> int:
+        """Steps after its retire that the engine collects a ``Retired``: the status lag (same reason)."""
+        return self.status_lag
 
     @classmethod
     def from_loaded(cls, loaded, codec, capacity: int, max_rows: int, **kwargs) -> "ModelRunner":
@@ -235,20 +238,19 @@ class ModelRunner:
         A finished sample's iterate is frozen by the fused step, so a step queued before this changes nothing."""
         keys = list(keys)
         if not keys:
-            return Retired([], None, torch.empty(0) if decode else None)
+            return Retired([], None, None)
         slots = [self._slot.pop(k) for k in keys]
-        cuda = self.device.type == "cuda"
-        latents = self.batch.x.index_select(0, self.batch.to_device(torch.tensor(slots, dtype=torch.long)))        # ordered before any later write to these slots
+        # Gathered before the slots are freed, so ahead of any later write to them.
+        latents = self.batch.x.index_select(0, self.batch.to_device(torch.tensor(slots, dtype=torch.long)))
         pixels = self.decode_tensor(latents) if decode else None
         self.batch.release_many(slots)
-        if not cuda:
+        if self.device.type != "cuda":
             return Retired(keys, latents, None if pixels is None else pixels.cpu())
-        host_latents = torch.empty(latents.shape, dtype=latents.dtype, pin_memory=True)
-        host_latents.copy_(latents, non_blocking=True)
-        host_pixels = None
-        if pixels is not None:
-            host_pixels = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
-            host_pixels.copy_(pixels, non_blocking=True)
+
+        def to_pinned(t: torch.Tensor) -> torch.Tensor:
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+        host_latents, host_pixels = to_pinned(latents), None if pixels is None else to_pinned(pixels)
         event = torch.cuda.Event()
         event.record()
         return Retired(keys, host_latents, host_pixels, event)
