@@ -59,7 +59,11 @@ class SDVAECodec:
         if not (folder / "config.json").is_file():
             raise CodecError(f"{folder}: no VAE there (expected a diffusers AutoencoderKL folder with config.json); "
                              "download stabilityai/sd-vae-ft-ema once and pass its folder with --vae")
-        from diffusers.models import AutoencoderKL  # heavy import: only when a VAE is used
+        try:
+            from diffusers.models import AutoencoderKL  # heavy import: only when a VAE is used
+        except ModuleNotFoundError as exc:
+            from .packages import missing_package
+            raise CodecError(f"the SD-VAE codec needs diffusers: {missing_package(exc) or exc}") from None
         try:
             self.vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, EnvironmentError) as exc:

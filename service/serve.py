@@ -197,6 +197,7 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
     from service.cli.worker import check_device
     from service.api.server import uvicorn_options
 
+    import service.worker  # noqa: F401  the worker's imports: a package this machine lacks fails here, not in a child
     model = load_model_info(settings)                  # a bad checkpoint fails here, before anything starts
     if model.codec == "sd-vae" and not settings.vae:
         raise ValueError(f"{model.config.arch} works in SD-VAE latents: set EQM_VAE to the folder of "

@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if not isinstance(exc, _user_errors()):
+        from models.packages import missing_package
+        message = missing_package(exc)          # a package this machine lacks: what to install, not a traceback
+        if message is None and not isinstance(exc, _user_errors()):
             raise
-        print(f"eqm {args.command}: error: {exc}", file=sys.stderr)
+        print(f"eqm {args.command}: error: {message or exc}", file=sys.stderr)
         return 2
