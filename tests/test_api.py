@@ -218,7 +218,11 @@ BAD_JSON = [
     ("/v1/generations", {"format": "gif"}, ["body", "format"], ""),
     ("/v1/generations", {"deadline_s": 0}, ["body", "deadline_s"], ""),
     ("/v1/generations", {"seed": -1}, ["body", "seed"], ""),
-    ("/v1/generations", {"stepsize": 0.1}, ["body", "stepsize"], "Extra inputs"),
+    ("/v1/generations", {"stepsize": 0.1}, ["body", "stepsize"], "did you mean 'step_size'?"),
+    ("/v1/generations", {"steps": 30}, ["body", "steps"], "did you mean 'max_steps'?"),
+    ("/v1/generations", {"n": 100000}, ["body", "n"], "more than 64 per job"),
+    ("/v1/compositions", {"labels": [1, 2], "cfg_scale": 2}, ["body", "cfg_scale"], "did you mean 'guidance_scale'?"),
+    ("/v1/compositions", {"labels": [1, 2], "zzz": 2}, ["body", "zzz"], "the fields are: deadline_s, format"),
     ("/v1/generations", {"model": "EqM-XL/2"}, ["body", "model"], "this server serves 'digits'"),
     ("/v1/compositions", {"labels": [1]}, ["body", "labels"], ""),
     ("/v1/compositions", {"labels": [1, 2, 3, 4, 5, 6, 7, 8]}, ["body", "labels"], ""),
@@ -266,6 +270,28 @@ def test_bad_denoise_form_is_422(client, redis_client, worker, form, loc, reason
 def test_denoise_without_image_is_422(client, worker):
     resp = client.post("/v1/denoise", data={"label": "3"})
     assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "image"]
+
+
+def test_json_sent_to_denoise_says_it_takes_a_form(client, redis_client, worker):
+    resp = client.post("/v1/denoise", json={"label": 3, "noise_level": 0.6})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["message"].startswith("body: /v1/denoise takes a multipart form (the image as a file field "
+                                             "'image'"), resp.json()
+    assert resp.json()["message"].endswith("not JSON")
+    assert job_keys(redis_client) == []
+
+
+def test_models_reports_the_upload_pixel_limit_that_is_enforced(make_client, worker):
+    """The pixel limit /v1/models states is the one uploads meet: 1024^2 for an 8x8 model, not the setting's cap."""
+    client = make_client(max_upload_pixels=16_000_000, max_upload_bytes=10 << 20)
+    limit = client.get("/v1/models").json()["models"][0]["limits"]["max_upload_pixels"]
+    assert limit == 1024 * 1024
+    side = 1025                                            # just over: a 1025 x 1024 image is refused, 1024^2 is not
+    for width, status in ((side, 413), (1024, 202)):
+        buf = io.BytesIO()
+        Image.new("L", (width, 1024)).save(buf, format="PNG")
+        resp = client.post("/v1/denoise", data={"label": "3"}, files={"image": ("x.png", buf.getvalue(), "image/png")})
+        assert resp.status_code == status, (width, resp.text)
 
 
 # -- uploads: 413, 415, bombs -----------------------------------------------------------------

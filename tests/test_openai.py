@@ -88,3 +88,16 @@ def test_errors_have_openai_shape(client, server):
     resp = httpx.post(f"{server}/v1/images/edits", headers={"Authorization": f"Bearer {API_KEY}"},
                       data={"prompt": "1"}, files={"image": ("a.txt", b"not an image", "text/plain")})
     assert resp.status_code == 415 and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_body_without_content_type_gets_the_header_hint(server):
+    """A JSON body sent without its Content-Type: OpenAI's error shape, saying which header to send."""
+    resp = httpx.post(f"{server}/v1/images/generations", content=b'{"prompt": "3"}',
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["message"] == ("body: expected a JSON object; send it with the header "
+                                               "'Content-Type: application/json'")
+    resp = httpx.post(f"{server}/v1/images/generations", json={"prompt": "3", "steps": 30},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "steps"
+    assert "did you mean 'max_steps'?" in resp.json()["error"]["message"], resp.json()

@@ -292,18 +292,23 @@ STARTS_A_SERVER = re.compile(r"^[^#\n]*\beqm serve\b.*$", re.M)
 WEBHOOK_ENV = {"EQM_WEBHOOK_SECRET": "whsec_" + "QUJD" * 8, "EQM_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1:9000"}
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    """``(section heading, bash block)`` for every fenced bash block, in README order."""
-    out, heading, block = [], "", None
+def readme_blocks(language: str = "bash") -> list[tuple[str, str]]:
+    """``(section heading, block)`` for every fenced block in ``language``, in README order."""
+    return [(heading, block) for heading, lang, block in readme_examples() if lang == language]
+
+
+def readme_examples() -> list[tuple[str, str, str]]:
+    """``(section heading, language, block)`` for every fenced bash or python block, in README order."""
+    out, heading, block, lang = [], "", None, ""
     for line in README.read_text(encoding="utf-8").splitlines():
         if block is not None:
             if line.strip() == "```":
-                out.append((heading, "\n".join(block)))
+                out.append((heading, lang, "\n".join(block)))
                 block = None
             else:
                 block.append(line)
-        elif line.strip() == "```bash":
-            block = []
+        elif line.strip() in ("```bash", "```python"):
+            block, lang = [], line.strip()[3:]
         elif line.startswith("## "):
             heading = line[3:].strip()
     return out
@@ -363,20 +368,28 @@ def test_readme_offline_examples_run(tmp_path):
 
 @needs_digits
 def test_readme_api_examples_run_against_eqm_serve(served, tmp_path):
+    """Every bash and python example of the served sections, top to bottom in one fresh shell, in an empty
+    folder: each example finds what it needs made by an earlier one (no file prepared by the test)."""
     base, _, _ = served
-    first_sample = next(c for heading, block in readme_blocks() if heading.startswith("Offline sampling")
-                        for c in readme_commands(block) if "--out digits_png/" in c)
-    script = [first_sample]                                  # the denoise example uploads one of its PNGs
+    script = []
     from service.cli import build_parser
-    for heading, block in readme_blocks():
-        if SECTIONS_WITH_EXAMPLES.get(heading) == "served":
-            for start in STARTS_A_SERVER.findall(block):
-                words = shlex.split(start.split("eqm serve", 1)[1])
-                build_parser().parse_args(["serve", *words])
-                assert all(f"{k}=" in start for k in WEBHOOK_ENV), start
-            block = STARTS_A_SERVER.sub(":", block)
-            script.append(re.sub(r"^API=\S+", f"API={base}", block, flags=re.M))
-    assert "API=http://127.0.0.1:8000" not in "\n".join(script[1:])
+    for heading, lang, block in readme_examples():
+        if SECTIONS_WITH_EXAMPLES.get(heading) != "served":
+            continue
+        if lang == "python":
+            assert "http://127.0.0.1:8000" in block, block
+            block = block.replace("http://127.0.0.1:8000", base)
+            script.append(f"python3 - <<'PYTHON_EXAMPLE'\n{block}\nPYTHON_EXAMPLE")
+            continue
+        for start in STARTS_A_SERVER.findall(block):
+            words = shlex.split(start.split("eqm serve", 1)[1])
+            build_parser().parse_args(["serve", *words])
+            assert all(f"{k}=" in start for k in WEBHOOK_ENV), start
+        block = STARTS_A_SERVER.sub(":", block)
+        script.append(re.sub(r"^API=\S+", f"API={base}", block, flags=re.M))
+    assert any(s.startswith("python3 - <<") for s in script), "the OpenAI client example was not run"
+    assert "API=http://127.0.0.1:8000" not in "\n".join(script)
+    assert not list(tmp_path.iterdir())
     result = _bash("\n".join(script), tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "event: done" in result.stdout and '"status":"done"' in result.stdout
@@ -415,3 +428,18 @@ def test_double_ctrl_c_with_a_running_job_stops_everything_at_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_digits
+def test_readme_adaptive_compute_example_stops_early(served):
+    """The README's `?wait=true` example shows the adaptive stop: every image stops below its threshold
+    before its step cap."""
+    base, _, _ = served
+    block = next(b for h, b in readme_blocks() if h == "Using the API" and "grad_norm_threshold" in b)
+    body = json.loads(re.search(r"/v1/generations\?wait=true\".*?-d '(\{[^']*grad_norm_threshold[^']*\})'",
+                                block, re.S).group(1))
+    job = httpx.post(f"{base}/v1/generations?wait=true", json=body, timeout=90).json()
+    assert job["status"] == "done", job
+    for image in job["images"]:
+        assert image["stopped_early"] and image["steps"] < body["max_steps"], image
+        assert image["grad_norm"] < body["grad_norm_threshold"], image

@@ -25,6 +25,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
+from service.api.errors import body_fields, unknown_field_message, validation_message
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.jobs import is_oom
@@ -163,15 +164,10 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     for err in exc.errors():
         loc = [part if isinstance(part, int) else str(part) for part in err.get("loc", ())]
         msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden" and len(loc) == 2 and loc[0] == "body":
+            msg = unknown_field_message(str(loc[1]), body_fields(request))
         detail.append({"loc": loc, "msg": msg, "type": str(err.get("type", "value_error"))})
-    first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(p) for p in first["loc"])
-    message = f"{where}: {first['msg']}" if where else first["msg"]
-    if first.get("type") == "json_invalid":
-        message = "body: not valid JSON (JSON decode error)"
-    elif first.get("type") == "model_attributes_type" and first["loc"] == ["body"] and \
-            "json" not in request.headers.get("content-type", ""):
-        message = "body: expected a JSON object; send it with the header 'Content-Type: application/json'"
+    message, _ = validation_message(request, list(exc.errors()))
     return JSONResponse({"detail": detail, "message": message}, status_code=422)
 
 

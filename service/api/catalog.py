@@ -5,7 +5,7 @@ from fastapi import APIRouter, Depends
 
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.schemas import MAX_COMPOSITION_LABELS, ModelCard, ModelDefaults, ModelLimits, ModelList, error_responses
-from service.api.uploads import PREPROCESSING
+from service.api.uploads import PREPROCESSING, upload_pixel_limit
 
 router = APIRouter(prefix="/v1", tags=["models"], dependencies=[Depends(require_api_key)])
 
@@ -22,7 +22,7 @@ def list_models(state: ApiState = Depends(get_state)) -> ModelList:
         num_classes=m.num_classes, class_names=list(m.classes.names),
         defaults=ModelDefaults(**vars(m.defaults)),
         limits=ModelLimits(max_images_per_job=s.max_images_per_job, max_upload_bytes=s.max_upload_bytes,
-                           max_upload_pixels=s.max_upload_pixels, max_composition_labels=MAX_COMPOSITION_LABELS),
+                           max_upload_pixels=upload_pixel_limit(m.image_size, s.max_upload_pixels), max_composition_labels=MAX_COMPOSITION_LABELS),
         upload_preprocessing=f"{PREPROCESSING}; final size {m.image_size}x{m.image_size}, "
                              f"{'grey' if m.channels == 1 else 'RGB'}")
     return ModelList(models=[card])

@@ -31,8 +31,8 @@ async def create_generation(body: GenerationRequest, request: Request, wait: boo
     model = state.model
     check_model(body.model, model, ("body", "model"))
     labels = resolve_labels(body.labels, model, ("body", "labels"))
+    check_image_count(max(1, len(labels)) * body.n, state, ("body", "n"), f"{max(1, len(labels))} label(s) x n = {body.n}")
     per_image = [[y] for y in labels for _ in range(body.n)] if labels else [[] for _ in range(body.n)]
-    check_image_count(len(per_image), state, ("body", "n"), f"{max(1, len(labels))} label(s) x n = {body.n}")
     seed = first_seed(body)
     spec = JobSpec(kind="generate", model=model.name,
                    images=[ImageSpec(seed=seed + k, labels=ys) for k, ys in enumerate(per_image)],

@@ -39,6 +39,7 @@ from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
 from service.api.conventions import absolute, reject_unknown_query
 from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
+from service.api.errors import validation_message
 from service.api.uploads import LimitedBodyRoute, UploadError, prepare_image
 from service.jobs import ImageSpec, JobSpec
 
@@ -83,13 +84,10 @@ class OpenAIRoute(LimitedBodyRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 errors = list(exc.errors())
-                first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-                if first.get("type") == "json_invalid":
+                if errors and errors[0].get("type") == "json_invalid":
                     return _error(400, "the body is not valid JSON", None, "invalid_json")
-                loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "header", "query")]
-                msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-                param = ".".join(loc) or None
-                return _error(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+                message, param = validation_message(request, errors)
+                return _error(400, message.removeprefix("body."), param, "invalid_value")
             except StarletteHTTPException as exc:        # FastAPI's HTTPException and Starlette's own (body errors)
                 return _error(exc.status_code, str(exc.detail), headers=exc.headers)
         return openai_shaped
@@ -250,7 +248,7 @@ _EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]"}
                  "type": "object", "required": ["image", "prompt"],
                  "properties": {"image": {"type": "string", "format": "binary"},
                                 "prompt": {"type": "string", "minLength": 1, "maxLength": 1000},
-                                "n": {"type": "integer", "minimum": 1, "maximum": 1024},
+                                "n": {"type": "integer", "minimum": 1},
                                 "size": {"type": "string", "maxLength": 20},
                                 "response_format": {"type": "string", "enum": ["b64_json", "url"]},
                                 "noise_level": {"type": "number", "minimum": 0, "maximum": 1},

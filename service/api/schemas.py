@@ -33,8 +33,9 @@ class SamplingOptions(BaseModel):
 
     model: str | None = Field(None, max_length=200, description="model to use; default: the served model",
                               examples=["digits"])
-    n: int = Field(1, ge=1, le=1024, description="images to make (generations: per label); the total per job is "
-                   "limited by the server (EQM_MAX_IMAGES_PER_JOB, default 64)", examples=[4])
+    # No schema maximum: the one limit is the server's per-job count (GET /v1/models), checked with one message.
+    n: int = Field(1, ge=1, description="images to make (generations: per label); the total per job is "
+                   "limited by the server (EQM_MAX_IMAGES_PER_JOB, default 64; GET /v1/models)", examples=[4])
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="seed of the first image; image k uses seed + k. "
                              "Default: random (the job status reports every image's seed)", examples=[0])
     guidance_scale: float | None = Field(None, ge=0, le=20, description="classifier-free guidance scale s: "
