@@ -16,8 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images offline (reproducible from a saved noise file)",
                        description="Generate images by gradient descent on the EqM field. Sampler options left out "
                                    "take the checkpoint's recommended settings if it records any (the bundled digits "
-                                   "model does), else the paper's EqM-XL/2 setting: NAG-GD, step size 0.0017, mu 0.3, "
-                                   "249 updates, CFG 1.5, no early stop.")
+                                   f"model does: {_describe(bundled_defaults())}), else the paper's EqM-XL/2 setting: "
+                                   f"{_describe(PAPER_DEFAULTS)}. Each option's help names both.")
     p.add_argument("--checkpoint", help="checkpoint file (.pt official, bare state dict, "
                    ".safetensors) or a bundled model name ('digits'); with --from-png: default the PNG's model")
     p.add_argument("--from-png", help="rerun the generation recorded in a PNG made by the service (its "
@@ -32,14 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-level", type=float, default=None,
                    help="with --start: g in x = g*start + (1-g)*eps (1 = no extra noise)")
     p.add_argument("--seed", type=int, default=0, help="seed of image i is seed + i (ignored with --noise)")
-    p.add_argument("--sampler", choices=["nag", "gd"], default=None, help="default: nag")
-    p.add_argument("--steps", type=int, default=None, help="number of gradient updates (official --num-sampling-steps minus 1); default 249")
-    p.add_argument("--step-size", type=float, default=None, help="default 0.0017")
-    p.add_argument("--mu", type=float, default=None, help="NAG-GD look-ahead factor; default 0.3")
-    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = none); default 1.5")
+    d = _default_help
+    p.add_argument("--sampler", choices=["nag", "gd"], default=None, help=f"default: {d('sampler')}")
+    p.add_argument("--steps", type=int, default=None, help="number of gradient updates (official "
+                   f"--num-sampling-steps minus 1); default: {d('max_steps')}")
+    p.add_argument("--step-size", type=float, default=None, help=f"default: {d('step_size')}")
+    p.add_argument("--mu", type=float, default=None, help=f"NAG-GD look-ahead factor; default: {d('mu')}")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (1 = none); "
+                   f"default: {d('cfg_scale')}")
     p.add_argument("--guidance-channels", choices=["official", "all"], default=None,
                    help="guide the first 3 latent channels (official EqM) or all; default: from the checkpoint")
-    p.add_argument("--grad-norm-threshold", type=float, default=None, help="stop a sample when ||grad|| < this (0 = off; the default)")
+    p.add_argument("--grad-norm-threshold", type=float, default=None, help="stop a sample when ||grad|| < this "
+                   f"(0 = off); default: {d('grad_norm_threshold')}")
     p.add_argument("--latents-out", help="write final latents, .npy float32 (n, C, H, W)")
     p.add_argument("--images-out", help="write images, .npy uint8 (n, H, W, C)")
     p.add_argument("--out", help="folder for PNG files")
@@ -83,6 +87,7 @@ def run_sample(args: argparse.Namespace) -> int:
         return run_from_png(args)
     if not args.checkpoint:
         raise UsageError("--checkpoint is required (or --from-png FILE)")
+    check_checkpoint_exists(args.checkpoint)            # at once: before torch and the model load
     from models import resolve_checkpoint
     from models.checkpoint import load_model
     from models.codecs import make_codec
@@ -133,17 +138,25 @@ def run_sample(args: argparse.Namespace) -> int:
           f"min {min(result.steps)}, max {max(result.steps)}", file=sys.stderr)
 
     if args.latents_out:
-        _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
+        latents = result.latents.numpy().astype(np.float32)
+        _save_npy(args.latents_out, latents)
+        print(f"wrote {args.latents_out}: latents, float32 {tuple(latents.shape)}", file=sys.stderr)
     if codec is not None:
         images = codec.decode(result.latents)
         if args.images_out:
             _save_npy(args.images_out, images)
+            print(f"wrote {args.images_out}: images, uint8 {tuple(images.shape)}", file=sys.stderr)
         if args.out:
             from PIL import Image
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(images):
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+            names = [out / f"{i:06d}.png" for i in range(len(images))]
+            for name, img in zip(names, images):
+                tmp = name.with_name(name.name + ".tmp")
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+                os.replace(tmp, name)
+            print(f"wrote {len(names)} PNG file{'s' if len(names) != 1 else ''} to {out}/: {names[0].name}"
+                  + (f" .. {names[-1].name}" if len(names) > 1 else ""), file=sys.stderr)
     return 0
 
 
@@ -168,6 +181,7 @@ def run_from_png(args: argparse.Namespace) -> int:
                          "does not hold; rerun it with --start and --noise-level")
     if not args.out:
         raise UsageError("--from-png needs --out DIR for the reproduced image")
+    check_checkpoint_exists(args.checkpoint or rec["model"])
     import torch
     loaded = load_model(resolve_checkpoint(args.checkpoint or rec["model"]), device=args.device,
                         dtype=getattr(torch, DTYPES[args.dtype]))
@@ -225,15 +239,71 @@ def _save_npy(path: str, arr) -> None:
     os.replace(tmp, path)
 
 
-def _progress_bar(total: int):
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc="sampling", unit="step", leave=False)
+PROGRESS_EVERY_S = 5.0      # without a terminal: one line this often
 
-    def update(step: int, _total: int) -> None:
-        bar.n = step
-        bar.refresh()
-        if step >= _total:
-            bar.close()
-    return update
+
+def _progress_bar(total: int, stream=None):
+    """A progress callback ``(step, total)``: a bar on a terminal, else a line every ``PROGRESS_EVERY_S``
+    (logs and CI show long runs moving) and one at the end."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="sampling", unit="step", leave=False, file=stream)
+
+        def update(step: int, _total: int) -> None:
+            bar.n = step
+            bar.refresh()
+            if step >= _total:
+                bar.close()
+        return update
+    started = last = time.monotonic()
+
+    def report(step: int, _total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PROGRESS_EVERY_S or (step >= _total and now - started >= PROGRESS_EVERY_S):
+            last = now
+            print(f"sampling: step {step}/{_total} ({now - started:.0f} s)", file=stream, flush=True)
+    return report
+
+
+def check_checkpoint_exists(name_or_path: str) -> None:
+    """A checkpoint that is neither a bundled model nor a file: one line, before anything heavy loads."""
+    from models import BUNDLED, resolve_checkpoint
+    from service.cli import UsageError
+    path = resolve_checkpoint(name_or_path)
+    if not path.is_file():
+        what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
+        raise UsageError(f"--checkpoint {name_or_path}: {what} (a checkpoint file: .pt or .safetensors, or a bundled "
+                         f"model: {', '.join(sorted(BUNDLED))})")
+
+
+def bundled_defaults(name: str = "digits") -> dict:
+    """The sampler settings a bundled model's file recommends, read from its safetensors header (no torch)."""
+    import json
+    import struct
+
+    from models import BUNDLED
+    try:
+        with open(BUNDLED[name], "rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        return json.loads(header["__metadata__"]["sampler_defaults"])
+    except (OSError, KeyError, ValueError, struct.error):
+        return {}
+
+
+def _describe(defaults: dict) -> str:
+    if not defaults:
+        return "none recorded"
+    d = {**PAPER_DEFAULTS, **defaults}
+    stop = f"stop below gradient norm {d['grad_norm_threshold']}" if d["grad_norm_threshold"] else "no early stop"
+    return (f"{d['sampler'].upper()}-GD, step size {d['step_size']}, mu {d['mu']}, {d['max_steps']} updates, "
+            f"CFG {d['cfg_scale']}, {stop}")
+
+
+def _default_help(key: str) -> str:
+    bundled = bundled_defaults()
+    if key in bundled and bundled[key] != PAPER_DEFAULTS[key]:
+        return f"the checkpoint's recommendation (digits {bundled[key]}), else {PAPER_DEFAULTS[key]}"
+    return f"the checkpoint's recommendation, else {PAPER_DEFAULTS[key]}"
