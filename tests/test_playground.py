@@ -453,3 +453,11 @@ def test_redoc_loads_nothing_from_outside_the_server(server):
         sources = page.evaluate("[...document.images].map(img => img.src)")
         assert [src for src in sources if not src.startswith((server.base + "/", "data:"))] == []
         assert b.console_errors == [] and b.page_errors == [], (b.console_errors, b.page_errors)
+
+
+def test_redoc_script_keeps_no_url_of_the_cdn():
+    from service.api.redoc_script import local_script
+    logo = 'r.createElement("img",{alt:"redocly logo",onError:()=>t(!1),src:"https://cdn.redoc.ly/redoc/logo-mini.svg"})'
+    assert local_script(f"return e?{logo}:null") == "return e?null:null"
+    # Another shape of a later release: no request is still made.
+    assert local_script('a={src:"https://cdn.redoc.ly/x/y.png"}') == 'a={src:""}'

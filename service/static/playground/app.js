@@ -572,7 +572,7 @@ function startJob(created, req) {
   showResults(req.task);
   // The submit button may be far below the results (a long form, or one column on phones): bring them into view.
   const top = $("#job-bar").getBoundingClientRect().top;
-  if (top < 0 || top > window.innerHeight / 2) $("#job-bar").scrollIntoView({ block: "start" });
+  if (top < 0 || top > window.innerHeight / 2) $(".results").scrollIntoView({ block: "start" });
 }
 
 function makeCard(job, k) {
