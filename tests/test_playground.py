@@ -216,13 +216,24 @@ def test_generate_four_digits_with_their_descent(server):
         clean(b)
 
 
+def shown_cards(page) -> int:
+    return page.locator("#images .card").count()
+
+
 def test_compose_one_and_seven(server):
     with chromium_page() as b:
         page = b.page
         open_playground(b, server)
+        page.fill("#generate-n", "1")                    # a Generate job first: Compose must not show it
+        page.fill("#generate-max_steps", "3")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
+        generate_id = finished_job_id(page)
         page.focus("#tab-generate")
         page.keyboard.press("ArrowRight")                # tabs work from the keyboard
         assert page.evaluate("document.activeElement.id") == "tab-compose" and page.is_visible("#panel-compose")
+        assert shown_cards(page) == 0 and page.is_hidden("#job-bar") and page.is_hidden("#curl-box")
+        assert page.is_visible("#empty")
         assert page.input_value("#compose-rows li:nth-child(1) input[name=labels]") == "1"
         assert page.input_value("#compose-rows li:nth-child(2) input[name=labels]") == "7"
         page.fill("#compose-seed", "3")
@@ -236,7 +247,26 @@ def test_compose_one_and_seven(server):
         assert curl_json(page)["labels"] == [1, 7]
         page.evaluate("window.scrollTo(0, 0)")
         shot(b, "compose")
+        # Each tab keeps its own job: back on Generate, its image, status and request; then Compose's again.
+        page.click("#tab-generate")
+        assert shown_cards(page) == 1 and page.evaluate("state.job.id") == generate_id
+        assert page.inner_text("#job-status").startswith(f"Job {generate_id[:8]}: done")
+        assert page.locator("#images .card .frame img").count() == 1
+        assert curl_json(page) == {"labels": [3], "n": 1, "seed": 0, "max_steps": 3, "format": "png"}
+        page.click("#tab-compose")
+        assert shown_cards(page) == 2 and page.evaluate("state.job.id") == job["id"]
+        assert page.locator(".card .title").all_inner_texts() == ["class 1 + class 7"] * 2
+        assert curl_json(page)["labels"] == [1, 7]
+        page.click("#tab-denoise")                       # a tab with no job yet: nothing of the others
+        assert shown_cards(page) == 0 and page.is_hidden("#job-bar") and page.is_hidden("#curl-box")
         clean(b)
+
+
+def in_viewport(page, selector: str) -> bool:
+    box = page.locator(selector).bounding_box()
+    size = page.viewport_size
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= size["height"] and \
+        box["x"] >= 0 and box["x"] + box["width"] <= size["width"]
 
 
 def test_draw_a_stroke_and_denoise_it(server):
@@ -270,6 +300,9 @@ def test_draw_a_stroke_and_denoise_it(server):
         text = page.input_value("#curl-text")
         assert "-F 'image=@drawing.png'" in text and "-F 'noise_level=0.6'" in text and "-F 'label=1'" in text
         assert page.get_attribute("#curl-upload", "download") == "drawing.png"
+        # At 1280x800 the Denoise button is below the results' top: the page brings the results into view.
+        assert page.viewport_size == {"width": 1280, "height": 800}
+        assert in_viewport(page, "#job-status") and in_viewport(page, ".card .frame img")
         page.click("#curl-box summary")
         shot(b, "denoise")
         clean(b)
@@ -299,6 +332,38 @@ def test_cancel_a_long_job(server):
         for k in unfinished:
             card = page.locator(f".card[data-index='{k}']")
             assert card.get_attribute("data-state") == "cancelled" and "cancelled" in card.inner_text()
+            assert card.locator(".frame").inner_text() == "cancelled" and "descending" not in card.inner_text()
+        clean(b)
+
+
+def test_cancel_keeps_the_finished_images(server):
+    """Seeds 0-7 at threshold 0.03: the images stop between ~170 steps and the cap of 1000, so
+    cancelling once the first is shown leaves finished and unfinished ones."""
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-n", "8")
+        page.fill("#generate-max_steps", "1000")
+        page.fill("#generate-grad_norm_threshold", "0.03")
+        page.click("#panel-generate button[type=submit]")
+        page.wait_for_selector(".card .frame img", timeout=JOB_TIMEOUT_MS)
+        page.click("#cancel")
+        page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
+        job = server.job(page.evaluate("state.job.id"))
+        assert job["status"] == "cancelled"
+        ready = [i["index"] for i in job["images"] if i["ready"]]
+        assert ready and len(ready) < 8, ready
+        page.wait_for_function(f"document.querySelectorAll('.card .frame img').length === {len(ready)}",
+                               timeout=JOB_TIMEOUT_MS)
+        for image in job["images"]:
+            card = page.locator(f".card[data-index='{image['index']}']")
+            if image["ready"]:
+                assert card.locator(".frame img").count() == 1 and card.get_attribute("data-state") == "converged"
+                assert card.locator(".steps").inner_text() == f"{image['steps']} steps"
+            else:
+                assert card.get_attribute("data-state") == "cancelled"
+                assert card.locator(".frame").inner_text() == "cancelled"
+            assert "descending" not in card.inner_text()
         clean(b)
 
 
@@ -370,3 +435,29 @@ def test_readable_at_desktop_and_phone_widths(server, width, height):
             page.locator("#job-bar").scroll_into_view_if_needed()
             shot(b, "phone-results")
         clean(b)
+
+
+def test_redoc_loads_nothing_from_outside_the_server(server):
+    """The ReDoc page (its script, the schema, its side menu's footer) asks this server only."""
+    with chromium_page() as b:
+        page = b.page
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        page.goto(server.base + "/redoc")
+        page.locator("h2", has_text="Generate images of classes").first.wait_for(timeout=30_000)
+        page.get_by_text("API docs by Redocly").wait_for(timeout=30_000)          # the footer is drawn
+        page.wait_for_load_state("networkidle")
+        outside = [url for url in requests if not url.startswith(server.base + "/") and not url.startswith("data:")]
+        assert outside == [] and b.blocked == [], (outside, b.blocked)
+        assert any(url.endswith("/redoc.standalone.js") for url in requests)
+        sources = page.evaluate("[...document.images].map(img => img.src)")
+        assert [src for src in sources if not src.startswith((server.base + "/", "data:"))] == []
+        assert b.console_errors == [] and b.page_errors == [], (b.console_errors, b.page_errors)
+
+
+def test_redoc_script_keeps_no_url_of_the_cdn():
+    from service.api.redoc_script import local_script
+    logo = 'r.createElement("img",{alt:"redocly logo",onError:()=>t(!1),src:"https://cdn.redoc.ly/redoc/logo-mini.svg"})'
+    assert local_script(f"return e?{logo}:null") == "return e?null:null"
+    # Another shape of a later release: no request is still made.
+    assert local_script('a={src:"https://cdn.redoc.ly/x/y.png"}') == 'a={src:""}'

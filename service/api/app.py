@@ -4,8 +4,8 @@
 (``eqm api``). Handlers get the shared state through ``deps.get_state``; nothing is global.
 The interactive docs (``/docs``, Swagger UI; ``/redoc``) load their scripts and styles from this
 server (the ``fastapi-offline`` package ships them), so they work with no internet; their pages also
-carry a Content-Security-Policy that keeps the browser on this server (ReDoc would otherwise fetch
-its logo from a CDN, which hangs on an air-gapped machine).
+carry a Content-Security-Policy that keeps the browser on this server. ReDoc's script is served without
+its remote logo (``service.api.redoc_script``), so ``/redoc`` asks for nothing the policy refuses.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from service.api import catalog, compositions, denoise, generations, health, job
 from service.api.errors import body_fields, unknown_field_message, validation_message
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
+from service.api.redoc_script import serve_local_redoc_script
 from service.jobs import is_oom
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
 
     app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
                          openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
+    serve_local_redoc_script(app, DOCS_ASSETS)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -7,7 +7,8 @@ const KEY_STORAGE = "eqm-api-key";
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => Array.from(root.querySelectorAll(sel));
 
-const state = { model: null, ready: false, job: null, upload: null };   // upload: {blob, name, fromFile}
+// jobs and curls: the latest job and request of each tab (task); job: the one the results area shows.
+const state = { model: null, ready: false, job: null, jobs: {}, curls: {}, upload: null };   // upload: {blob, name, fromFile}
 
 // -- API access -------------------------------------------------------------------------------
 
@@ -150,6 +151,27 @@ function selectTab(tab, focus) {
     $("#" + t.getAttribute("aria-controls")).hidden = !on;
   }
   if (focus) tab.focus();
+  showResults($("#" + tab.getAttribute("aria-controls")).dataset.task);
+}
+
+function visibleTask() {
+  return $("#" + $("[role=tab][aria-selected=true]").getAttribute("aria-controls")).dataset.task;
+}
+
+// Each tab shows its own latest job and request; a job of another tab keeps running out of sight.
+function showResults(task) {
+  const job = state.jobs[task] || null;
+  state.job = job;
+  $("#empty").hidden = Boolean(job);
+  $("#job-bar").hidden = !job;
+  $("#images").replaceChildren(...(job ? job.cards.map((card) => card.el) : []));
+  if (job) {
+    $("#cancel").disabled = job.final;
+    renderStatus(job);
+    for (const card of job.cards) drawPlot(job, card);       // plots drawn out of sight had no size
+  }
+  if (state.curls[task]) renderCurl(state.curls[task]);
+  else $("#curl-box").hidden = true;
 }
 for (const [i, tab] of tabs.entries()) {
   tab.addEventListener("click", () => selectTab(tab, false));
@@ -495,6 +517,11 @@ async function submit(form) {
 }
 
 function showCurl(req) {
+  state.curls[req.task] = req;
+  if (visibleTask() === req.task) renderCurl(req);
+}
+
+function renderCurl(req) {
   $("#curl-box").hidden = false;
   $("#curl-text").value = curlFor(req);
   $("#curl-text").rows = Math.min(14, $("#curl-text").value.split("\n").length);
@@ -531,27 +558,21 @@ $("#curl-copy").addEventListener("click", async () => {
 // -- a job: cards, events, cancel -----------------------------------------------------------------
 
 function startJob(created, req) {
-  if (state.job) state.job.controller.abort();
+  if (state.jobs[req.task]) state.jobs[req.task].controller.abort();
   const job = {
     id: created.id, links: created.links, task: req.task, status: created.status, final: false,
     threshold: null, maxSteps: null, cards: [], controller: new AbortController(), format: (req.json || {}).format,
   };
-  state.job = job;
-  $("#empty").hidden = true;
-  $("#job-bar").hidden = false;
-  $("#cancel").disabled = false;
+  state.jobs[req.task] = job;
+  for (let k = 0; k < created.num_images; k++) job.cards.push(makeCard(job, k));
   setStatus(job, "queued");
-  const images = $("#images");
-  images.replaceChildren();
-  for (let k = 0; k < created.num_images; k++) {
-    const card = makeCard(job, k);
-    job.cards.push(card);
-    images.append(card.el);
-  }
   loadStatus(job);
   followEvents(job);
-  // One column (phones): the results are below the form, bring them into view.
-  if (window.matchMedia("(max-width: 820px)").matches) $("#job-bar").scrollIntoView({ block: "start" });
+  if (visibleTask() !== req.task) return;           // its tab was left while the request was on its way
+  showResults(req.task);
+  // The submit button may be far below the results (a long form, or one column on phones): bring them into view.
+  const top = $("#job-bar").getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight / 2) $(".results").scrollIntoView({ block: "start" });
 }
 
 function makeCard(job, k) {
@@ -571,7 +592,7 @@ function makeCard(job, k) {
 
 async function loadStatus(job) {
   const resp = await api(job.links.self).catch(() => null);
-  if (!resp || !resp.ok || state.job !== job) return;
+  if (!resp || !resp.ok || state.jobs[job.task] !== job) return;
   const status = await resp.json();
   job.threshold = status.sampler.grad_norm_threshold;
   job.maxSteps = status.sampler.max_steps;
@@ -595,9 +616,14 @@ function titleFor(job, img) {
 
 function setStatus(job, status, extra) {
   job.status = status;
+  job.statusExtra = extra;
+  if (state.job === job) renderStatus(job);
+}
+
+function renderStatus(job) {
   const el = $("#job-status");
-  el.dataset.status = status;
-  el.textContent = `Job ${job.id.slice(0, 8)}: ${status}${extra ? " — " + extra : ""}`;
+  el.dataset.status = job.status;
+  el.textContent = `Job ${job.id.slice(0, 8)}: ${job.status}${job.statusExtra ? " — " + job.statusExtra : ""}`;
 }
 
 // Server-sent events read with fetch (EventSource cannot send the API key), resumed with Last-Event-ID.
@@ -638,7 +664,7 @@ async function followEvents(job) {
 }
 
 function onEvent(job, event, data) {
-  if (state.job !== job) return;
+  if (state.jobs[job.task] !== job) return;
   if (event === "queued") setStatus(job, "queued");
   else if (event === "started") setStatus(job, "running");
   else if (event === "progress") {
@@ -702,16 +728,17 @@ async function finishCard(job, data) {
 
 function finishJob(job, event, data) {
   job.final = true;
-  $("#cancel").disabled = true;
+  if (state.job === job) $("#cancel").disabled = true;
   const extra = event === "failed" || event === "error" || event === "expired" ? data.error || data.detail : "";
   setStatus(job, event, extra);
   for (const card of job.cards) {
-    if (card.final) continue;
+    if (card.final) continue;                      // its image came: it stays shown
+    card.final = true;                             // no more steps for it: no longer "descending"
     card.el.dataset.state = event === "cancelled" ? "cancelled" : "failed";
     $(".badges", card.el).innerHTML = `<span class="badge cancelled">${event === "cancelled" ? "cancelled" : event}</span>`;
+    updateCard(job, card);
     const frame = $(".frame span", card.el);
     if (frame) frame.textContent = event === "cancelled" ? "cancelled" : "no image";
-    updateCard(job, card);
   }
 }
 
