@@ -147,3 +147,25 @@ def test_gpu_tests_collect_without_redis_py():
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "test_cuda_matches_reference" in proc.stdout
+
+
+def _bench_engine():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_engine_under_test", ROOT / "bench" / "bench_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_engine_mode_agreement_is_exact_on_cpu_and_reported_on_gpu():
+    check = _bench_engine().check_same_images
+    base = {"mode": "packed", "steps": {("a", 0): 5, ("a", 1): 7},
+            "latents": {("a", 0): torch.zeros(4), ("a", 1): torch.zeros(4)}}
+    close = {**base, "mode": "static", "latents": {k: v + 1e-6 for k, v in base["latents"].items()}}
+    gpu_like = {**base, "mode": "static", "steps": {("a", 0): 5, ("a", 1): 8},
+                "latents": {k: v + 3e-3 for k, v in base["latents"].items()}}
+    assert check([base, close]) == pytest.approx(1e-6)
+    with pytest.raises(SystemExit, match="stopped 1 samples at different steps"):
+        check([base, gpu_like])
+    # On a GPU (TF32 / bf16, forward batches of other sizes) the same runs are measured, not fatal.
+    assert check([base, gpu_like], exact=False) == pytest.approx(3e-3)
