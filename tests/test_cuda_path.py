@@ -169,3 +169,20 @@ def test_bench_engine_mode_agreement_is_exact_on_cpu_and_reported_on_gpu():
         check([base, gpu_like])
     # On a GPU (TF32 / bf16, forward batches of other sizes) the same runs are measured, not fatal.
     assert check([base, gpu_like], exact=False) == pytest.approx(3e-3)
+
+
+def test_a_subset_step_passes_the_plan_width_so_the_kernel_sees_one_k(model, monkeypatch):
+    """A full step and a subset step hand the fused step the same number of row columns (the plan's), so on
+    CUDA the autotuner and compiler see one K per latent shape, both done in warm-up."""
+    from models.sampler import MAX_ROWS_PER_SAMPLE, SamplerParams, SlotBatch, noise_for_seed
+    batch = SlotBatch(model, capacity=4, max_rows=12, sample_shape=(1, 8, 8), null_label=TINY.null_label,
+                      guided_channels=1)
+    for seed, rows in ((0, [(1, 1.5), (TINY.null_label, -0.5)]), (1, [(2, 1.0)])):
+        batch.admit(noise_for_seed(seed, (1, 8, 8)), rows, SamplerParams(step_size=0.05, max_steps=5))
+    widths = []
+    real = batch._run
+    monkeypatch.setattr(batch, "_run", lambda bucket, slots, rows, weights, k: widths.append(rows.shape[1])
+                        or real(bucket, slots, rows, weights, k))
+    batch.step()
+    batch.step(slots=[batch.order[1]])
+    assert widths == [MAX_ROWS_PER_SAMPLE, MAX_ROWS_PER_SAMPLE]
