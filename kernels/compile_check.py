@@ -10,8 +10,9 @@ block size the autotuner keeps for the latent size after ``_prune_configs``, mod
 bfloat16, at the bundled digits shape (1x8x8) and the EqM-XL/2 latent (4x32x32, 3 guided channels).
 
 Needs a compiling Triton: run it without ``TRITON_INTERPRET=1`` (``python -m kernels.compile_check``
-prints one JSON line per case). The binder and ``_pack_args`` are Triton internals of 3.4 and later;
-the kernel module itself imports from 3.2 on (``tests/test_triton_versions.py``).
+prints one JSON line per case). The binder and ``_pack_args`` are Triton internals (this was written
+against 3.9, the version the suite runs); the kernel module itself imports and runs from 3.2 on
+(``tests/test_triton_versions.py``).
 """
 from __future__ import annotations
 
