@@ -183,19 +183,27 @@ def run(mode: str, model, spec, jobs, times: list[float], capacity: int, rows: i
             "latents": latents, "steps": steps_taken, "row_counts": row_counts}
 
 
-def check_same_images(runs: list[dict]) -> float:
-    """Batch invariance across modes: identical step counts, latents equal to float rounding."""
+def check_same_images(runs: list[dict], exact: bool = True) -> float:
+    """Batch invariance across modes; returns the largest latent difference.
+
+    ``exact`` (the CPU in float32): identical step counts and latents equal to float rounding, else exit.
+    On a GPU a forward's rounding depends on its batch size (TF32 / bf16 matmul tiling), so modes whose
+    forward batches differ cannot agree to 1e-5, and a sample near its threshold may stop a step apart:
+    there the difference and the samples that stopped at other steps are reported, not fatal.
+    """
     ref = runs[0]
     worst = 0.0
     for r in runs[1:]:
         if r["steps"] != ref["steps"]:
             differ = sum(ref["steps"][k] != r["steps"].get(k) for k in ref["steps"])
-            raise SystemExit(f"{r['mode']} and {ref['mode']} stopped {differ} samples at different steps")
+            if exact:
+                raise SystemExit(f"{r['mode']} and {ref['mode']} stopped {differ} samples at different steps")
+            print(f"{r['mode']} and {ref['mode']} stopped {differ} of {len(ref['steps'])} samples at different "
+                  "steps (batch-size-dependent GPU rounding)", file=sys.stderr)
         worst = max(worst, max(float((ref["latents"][k] - r["latents"][k]).abs().max()) for k in ref["latents"]))
-    if worst > 1e-5:
+    if exact and worst > 1e-5:
         raise SystemExit(f"latents differ by {worst:.1e} between modes: results depend on the batch")
     return worst
-
 
 
 def rounds(name: str, cfg: dict, model, spec, jobs, times, log) -> dict[str, list[dict]]:
@@ -262,8 +270,10 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
               f"Packed / unpacked continuous: images/s {ratio(t0runs, 'images_per_s', 'packed', 'unpacked')} "
               f"(per CPU-second {ratio(t0runs, 'images_per_cpu_s', 'packed', 'unpacked')}), "
               f"rows evaluated {ratio(t0runs, 'rows_evaluated', 'packed', 'unpacked', invert=True)} fewer. "
-              f"Every mode gave every sample the same number of updates and latents equal to within "
-              f"{max_diff:.1e}.", ""]
+              (f"Every mode gave every sample the same number of updates and latents equal to within "
+               f"{max_diff:.1e}." if not cfg["device"].startswith("cuda") else
+               f"Latents of the modes differ by at most {max_diff:.1e} (on a GPU a forward's rounding depends "
+               f"on its batch size, so modes agree to rounding, not bit for bit)."), ""]
     for load, rate, runs in poisson:
         lines += [f"### Poisson arrivals, load {load:.0%} ({rate:.2f} jobs/s)", ""]
         lines += table(runs)
@@ -323,13 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats, "device": args.device, "compile": args.compile, "argv": argv if argv is not None else sys.argv[1:]}
     log = lambda msg: print(msg, file=sys.stderr, flush=True)      # noqa: E731
     t0runs = rounds("t=0", conf, model, spec, jobs, arrivals(len(jobs), None, args.seed), log)
-    max_diff = check_same_images([r for m in MODES for r in t0runs[m]])
+    exact = not args.device.startswith("cuda")      # see check_same_images
+    max_diff = check_same_images([r for m in MODES for r in t0runs[m]], exact)
     conf["job_rate"] = statistics.median(len(jobs) / r["seconds"] for r in t0runs["packed"])
     poisson = []
     for level in loads:
         rate = level * conf["job_rate"]
         runs = rounds(f"load {level:.0%}", conf, model, spec, jobs, arrivals(len(jobs), rate, args.seed), log)
-        max_diff = max(max_diff, check_same_images([r for m in MODES for r in runs[m]]))
+        max_diff = max(max_diff, check_same_images([r for m in MODES for r in runs[m]], exact))
         poisson.append((level, rate, runs))
     text = section(conf, t0runs, poisson, max_diff)
     print(text)

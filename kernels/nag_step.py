@@ -39,7 +39,6 @@ interpreter only takes over kernels decorated while it is on, and that
 includes triton.language's own helpers such as ``tl.sum``.
 """
 
-import contextlib
 import os
 
 import torch
@@ -65,6 +64,18 @@ _MAX_ROWS_PER_SAMPLE = 8
 # than the main 4x32x32 latent, so CPU tests cover both the single-block and the
 # chunked kernel paths.
 _INTERPRET_BLOCK = 1024
+
+
+def _interpret_requested():
+    """Whether ``@triton.jit`` builds interpreted kernels in this process.
+
+    Read the way ``triton.jit`` itself reads it: ``triton.knobs`` exists only from Triton 3.4 on, and
+    before it the decorator compares ``TRITON_INTERPRET`` with ``"1"``.
+    """
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------- #
@@ -215,16 +226,10 @@ def nag_step_reference(out, x, m, model_in, slot_ids, rows, weights, eta, mu, th
 if HAS_TRITON:
     # Per-sample traffic is ~(K+2) rows of N elements, so the block size only
     # trades registers for loop trips; N = 4096 (4x32x32) is the main case.
-    _CONFIGS_GPU = [
-        triton.Config({"BLOCK": 1024}, num_warps=4),
-        triton.Config({"BLOCK": 2048}, num_warps=4),
-        triton.Config({"BLOCK": 4096}, num_warps=8),
-        triton.Config({"BLOCK": 8192}, num_warps=8),
-    ]
-    # Under the interpreter one config means the autotuner never benchmarks.
-    _INTERPRETING = bool(triton.knobs.runtime.interpret)
-    _CONFIGS = ([triton.Config({"BLOCK": _INTERPRET_BLOCK}, num_warps=4)]
-                if _INTERPRETING else _CONFIGS_GPU)
+    # (BLOCK, num_warps) pairs; the autotuner itself is built at the first
+    # compiled launch (_tuned_kernel).
+    _CONFIGS_GPU = ((1024, 4), (2048, 4), (4096, 8), (8192, 8))
+    _INTERPRETING = _interpret_requested()
 
     def _prune_configs(configs, named_args, **kwargs):
         # A block past the next power of two >= N only adds masked-off lanes.
@@ -331,14 +336,6 @@ if HAS_TRITON:
                 _apply_chunk(gc, x_ptr, m_ptr, model_in_ptr, rows_ptr, a, slot, offs, mask,
                              stop, eta, la, N, K)
 
-    @triton.autotune(
-        configs=_CONFIGS,
-        key=["N", "K"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-        # Tuning runs the kernel several times on the caller's real state;
-        # every in-place argument must be put back before the final launch.
-        restore_value=["x_ptr", "m_ptr", "model_in_ptr", "steps_ptr", "norm_ptr", "finished_ptr"],
-    )
     @triton.jit
     def _nag_step_kernel(out_ptr, x_ptr, m_ptr, model_in_ptr,
                          slot_ids_ptr, rows_ptr, weights_ptr,
@@ -366,8 +363,25 @@ if HAS_TRITON:
         """True when this module's kernels and triton.language disagree on
         interpreter mode (TRITON_INTERPRET was set after `import triton`)."""
         from triton.runtime.interpreter import InterpretedFunction
-        return (isinstance(_nag_step_kernel.fn, InterpretedFunction)
+        return (isinstance(_nag_step_kernel, InterpretedFunction)
                 != isinstance(tl.standard.sum, InterpretedFunction))
+
+    _TUNED = []
+
+    def _tuned_kernel():
+        """The autotuned kernel, built at the first compiled launch rather than at import: before
+        Triton 3.4 the autotuner asks the active GPU driver for its benchmarker when it is built,
+        which fails on a machine without a GPU, where this module must still import."""
+        if not _TUNED:
+            _TUNED.append(triton.autotune(
+                configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in _CONFIGS_GPU],
+                key=["N", "K"],
+                prune_configs_by={"early_config_prune": _prune_configs},
+                # Tuning runs the kernel several times on the caller's real state;
+                # every in-place argument must be put back before the final launch.
+                restore_value=["x_ptr", "m_ptr", "model_in_ptr", "steps_ptr", "norm_ptr", "finished_ptr"],
+            )(_nag_step_kernel))
+        return _TUNED[0]
 
 
 def nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold,
@@ -401,12 +415,14 @@ def nag_step_triton(out, x, m, model_in, slot_ids, rows, weights, eta, mu, thres
     flags = finished.view(torch.uint8) if finished.dtype == torch.bool else finished
 
     # -- launch --
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
-        _nag_step_kernel[(A,)](
-            out, x, m, model_in, slot_ids, rows, weights,
-            eta, mu, threshold, max_steps, steps, norm, flags,
-            N=N, GN=GN, K=K, FREEZE_FINISHED=bool(freeze_finished),
-        )
+    args = (out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold, max_steps, steps, norm, flags)
+    consts = dict(N=N, GN=GN, K=K, FREEZE_FINISHED=bool(freeze_finished))
+    if _INTERPRETING:
+        # One block size, no tuning (the autotuner benchmarks on a GPU).
+        _nag_step_kernel[(A,)](*args, **consts, BLOCK=_INTERPRET_BLOCK, num_warps=4)
+    else:
+        with torch.cuda.device(out.device):
+            _tuned_kernel()[(A,)](*args, **consts)
     return None
 
 

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from kernels.nag_step import nag_step
+from models import device as cuda_device
 
 SAMPLERS = ("nag", "gd")
 
@@ -123,35 +124,52 @@ def default_row_buckets(max_rows: int) -> list[int]:
     return buckets + [max_rows]
 
 
+class StagingRing:
+    """Staging buffers per (dtype, shape), used in turn: A, B, A, B, ... (``depth`` of them per key).
+
+    Each entry is ``[buffer, event]``; the event marks the end of the buffer's last copy, so a buffer is
+    rewritten only after the copy ``depth`` uses ago, which is long done in practice.
+    """
+
+    def __init__(self, make: Callable[[tuple], object], depth: int = 2):
+        self.make, self.depth = make, depth
+        self._ring: dict[tuple, list] = {}
+
+    def take(self, key: tuple) -> list:
+        """The entry to use next for ``key`` (a new one until there are ``depth``); give it back with ``put``."""
+        ring = self._ring.setdefault(key, [])
+        if len(ring) < self.depth:
+            return [self.make(key), None]
+        return ring.pop(0)
+
+    def put(self, key: tuple, entry: list) -> None:
+        self._ring[key].append(entry)
+
+
 class _Uploader:
     """Host -> device copies of small index tensors without stalling the host.
 
-    On CUDA a copy goes through a pinned staging buffer (two, used in turn, each guarded by an event so
-    a buffer is never rewritten while its last copy may still be in flight) with ``non_blocking``; on
-    the CPU it is a plain copy.
+    On CUDA a copy goes through a pinned staging buffer of a ``StagingRing`` with ``non_blocking``;
+    on the CPU it is a plain copy.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
-        self._ring: dict[tuple, list] = {}
+        self._ring = StagingRing(lambda key: cuda_device.pinned_empty(key[1], key[0], device))
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         if not self.cuda:
             dst.copy_(src)
             return
         key = (src.dtype, tuple(src.shape))
-        ring = self._ring.setdefault(key, [])
-        if len(ring) < 2:
-            ring.append([torch.empty(src.shape, dtype=src.dtype, pin_memory=True), None])
-        entry = ring.pop(0)
+        entry = self._ring.take(key)
         if entry[1] is not None:
             entry[1].synchronize()        # the copy two uses ago: long done in practice
         entry[0].copy_(src)
         dst.copy_(entry[0], non_blocking=True)
-        entry[1] = torch.cuda.Event()
-        entry[1].record()
-        ring.append(entry)
+        entry[1] = cuda_device.record_event(self.device)
+        self._ring.put(key, entry)
 
 
 class StatusRead:
@@ -245,7 +263,7 @@ class SlotBatch:
         from pageable memory may wait for the device, and admissions and releases happen at any step."""
         if self.device.type != "cuda" or t.device.type != "cpu":
             return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return cuda_device.pinned_copy(t, self.device).to(self.device, non_blocking=True)
 
     # -- membership -----------------------------------------------------------------------------
     def can_admit(self, n_rows: int) -> bool:
@@ -387,8 +405,11 @@ class SlotBatch:
         if not slots:
             return 0
         k = max(len(self.slot_rows[s]) for s in slots)
-        rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in slots]
-        weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in slots]
+        # Padded to the plan's width like a full step: on CUDA the kernel then sees one K per latent
+        # shape, tuned and compiled in warm-up (``warm_fused_step``), never on live traffic.
+        width = MAX_ROWS_PER_SAMPLE
+        rows = [self.slot_rows[s] + [-1] * (width - len(self.slot_rows[s])) for s in slots]
+        weights = [self.slot_weights[s] + [0.0] * (width - len(self.slot_weights[s])) for s in slots]
         bucket = self.bucket_for(1 + max(max(self.slot_rows[s]) for s in slots))
         self._run(bucket, self.to_device(torch.tensor(slots, dtype=torch.int32)),
                   self.to_device(torch.tensor(rows, dtype=torch.int32)),
@@ -406,6 +427,23 @@ class SlotBatch:
                  self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels,
                  freeze_finished=True)
         self.rows_evaluated += bucket
+
+    def warm_fused_step(self) -> None:
+        """Run the fused step once on scratch state of this batch's shapes and dtypes (one sample, the
+        plan's K): on CUDA that compiles and autotunes the kernel before traffic. Batch state is untouched."""
+        k = MAX_ROWS_PER_SAMPLE
+        f32 = dict(device=self.device, dtype=torch.float32)
+        i32 = dict(device=self.device, dtype=torch.int32)
+        out = torch.zeros(1, *self.sample_shape, device=self.device, dtype=self.dtype)
+        rows = torch.full((1, k), -1, **i32)
+        rows[0, 0] = 0
+        if not out.is_cuda:
+            rows = rows[:, :1].contiguous()   # the CPU path takes only the columns in use
+        nag_step(out, torch.zeros(1, *self.sample_shape, **f32), torch.zeros(1, *self.sample_shape, **f32),
+                 torch.zeros_like(out), torch.zeros(1, **i32), rows, torch.ones(rows.shape, **f32),
+                 torch.ones(1, **f32), torch.zeros(1, **f32), torch.zeros(1, **f32), torch.ones(1, **i32),
+                 torch.zeros(1, **i32), torch.zeros(1, **f32), torch.zeros(1, device=self.device, dtype=torch.int8),
+                 self.guided_channels, freeze_finished=True)
 
     # -- status read-back -----------------------------------------------------------------------
     def post_status(self) -> StatusRead:
@@ -425,11 +463,9 @@ class SlotBatch:
                            self.finished.index_select(0, idx).float()])
         if self.device.type != "cuda":
             return StatusRead(slots, dev, None)
-        host = torch.empty((3, a), dtype=torch.float32, pin_memory=True)
+        host = cuda_device.pinned_empty((3, a), torch.float32, self.device)
         host.copy_(dev, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return StatusRead(slots, host, event)
+        return StatusRead(slots, host, cuda_device.record_event(self.device))
 
     def snapshot(self, slots: list[int]) -> tuple[list[int], list[float], list[bool]]:
         """Steps taken, last gradient norm and finished flag of ``slots`` (one blocking device->host copy)."""

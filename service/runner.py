@@ -18,19 +18,36 @@ iterate and momentum stay float32 in every case. Float32 on CUDA turns TF32 matm
 of each bucket can go through ``torch.compile`` (``compile_mode="compile"``) or CUDA graphs
 (``"cudagraphs"``); every bucket is warmed up before traffic.
 
+One process, one device: a worker process owns exactly one device. ``claim_device`` makes it the
+process's current CUDA device before any other CUDA call (``service.worker.build_engine`` calls it
+before loading the model; ``ModelRunner`` calls it again on construction), and every event, pinned
+buffer, cache and sync call goes through ``models.device`` with that device named. Two workers never
+share a process; several may share a GPU (each its own process).
+
 Out-of-memory: a forward that runs out of memory is retried in chunks of the next smaller bucket
 (``forward_limit``), and that limit stays for later steps, so the worker keeps every running
-sample and goes on, slower, instead of dying. Decoding shrinks its chunk the same way.
+sample and goes on, slower, instead of dying. Decoding shrinks its chunk the same way. Each chunk's
+output is copied before the next chunk runs: a CUDA-graph forward returns the same static buffer on
+every call, so the next call would overwrite it.
+
+Warm-up (``warmup``) calls every bucket as often as the mode needs before it replays (eager 1,
+``compile`` 2, ``cudagraphs`` 3: CUDA-graph trees run a bucket eagerly once, record it on the next
+call, replay from the third) and compiles and autotunes the fused step for the batch's shapes. Its
+cost is one graph per bucket (``len(row_buckets)``; 27 at 256 rows): it is timed and logged, and the
+bucket list is what bounds it.
 """
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from models import device as cuda_device
+from models.device import claim_device
 from models.sampler import SamplerParams, SlotBatch, noise_for_seed, partially_noised
 from service.scheduler import SampleKey, SampleStatus, SchedulerOutput
 
@@ -39,6 +56,8 @@ log = logging.getLogger("eqm.runner")
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
 COMPILE_MODES = ("off", "compile", "cudagraphs")
+# Calls of one bucket before its forward is in its final form (see the module docstring).
+WARMUP_CALLS = {"off": 1, "compile": 2, "cudagraphs": 3}
 
 
 def model_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -137,6 +156,7 @@ class ModelRunner:
                  decode_batch: int = 32, packed: bool = True, status_lag: int | None = None,
                  compile_mode: str = "off"):
         param = next(model.parameters())
+        claim_device(device if device is not None else param.device)
         self.model = model
         self.codec = codec
         self.device = torch.device(device) if device is not None else param.device
@@ -149,6 +169,8 @@ class ModelRunner:
                                null_label=null_label, guided_channels=guided_channels, device=self.device,
                                dtype=self.dtype, row_buckets=row_buckets, forward=self._forward, packed=packed)
         self._model_forward = forward or compiled_forward(model, compile_mode, len(self.batch.row_buckets))
+        self.compile_mode = compile_mode
+        self.warmup_seconds: float | None = None
         # Status read-back lag in steps: 1 on CUDA (the device never waits for the host), else 0.
         self.status_lag = (1 if self.device.type == "cuda" else 0) if status_lag is None else status_lag
         self._pending: list[tuple[list[SampleKey], object]] = []
@@ -248,12 +270,10 @@ class ModelRunner:
             return Retired(keys, latents, None if pixels is None else pixels.cpu())
 
         def to_pinned(t: torch.Tensor) -> torch.Tensor:
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            return cuda_device.pinned_empty(t.shape, t.dtype, self.device).copy_(t, non_blocking=True)
 
         host_latents, host_pixels = to_pinned(latents), None if pixels is None else to_pinned(pixels)
-        event = torch.cuda.Event()
-        event.record()
-        return Retired(keys, host_latents, host_pixels, event)
+        return Retired(keys, host_latents, host_pixels, cuda_device.record_event(self.device))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -280,12 +300,20 @@ class ModelRunner:
         return torch.cat(parts)
 
     @torch.no_grad()
-    def warmup(self) -> None:
-        """Run every bucket once before traffic (allocator, kernels, autotuning); state is untouched."""
+    def warmup(self) -> float:
+        """Bring every bucket's forward and the fused step to their final form before traffic (see the
+        module docstring); state is untouched. Returns the seconds it took (also ``warmup_seconds``)."""
+        start = time.perf_counter()
+        calls = WARMUP_CALLS.get(self.compile_mode, 1)
         for bucket in self.batch.row_buckets:
-            self._forward(self.batch.model_in[:bucket], self.batch.labels[:bucket])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            for _ in range(calls):
+                self._forward(self.batch.model_in[:bucket], self.batch.labels[:bucket])
+        self.batch.warm_fused_step()
+        cuda_device.synchronize(self.device)
+        self.warmup_seconds = time.perf_counter() - start
+        log.info("warm-up on %s: %d buckets x %d calls (%s) in %.1f s", self.device, len(self.batch.row_buckets),
+                 calls, self.compile_mode, self.warmup_seconds)
+        return self.warmup_seconds
 
     # -- forward with out-of-memory fallback ----------------------------------------------------
     def _forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -293,9 +321,11 @@ class ModelRunner:
             n, limit = x.shape[0], self.forward_limit
             try:
                 if n <= limit:
-                    return self._model_forward(x, y)
-                # The model is pure, so a half-done chunked forward is simply redone.
-                return torch.cat([self._model_forward(x[i:i + limit], y[i:i + limit]) for i in range(0, n, limit)])
+                    return self._call_model(x, y)
+                # The model is pure, so a half-done chunked forward is simply redone. Each chunk is copied
+                # out before the next call, which may reuse the same output buffer (CUDA graphs).
+                return torch.cat([self._call_model(x[i:i + limit], y[i:i + limit]).clone()
+                                  for i in range(0, n, limit)])
             except RuntimeError as exc:
                 if not is_out_of_memory(exc) or limit <= 1:
                     raise
@@ -303,8 +333,15 @@ class ModelRunner:
                 self.forward_limit = smaller[-1] if smaller else max(1, min(n, limit) // 2)
                 self._after_oom(f"forward batch limited to {self.forward_limit} rows")
 
+    def _call_model(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.compile_mode == "cudagraphs":
+            # Each forward starts a new step of the CUDA-graph tree: one graph per bucket, replayed
+            # whatever bucket ran before (without it a graph is recorded per sequence of buckets),
+            # and an earlier step's output buffer may be reused.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._model_forward(x, y)
+
     def _after_oom(self, what: str) -> None:
         self.oom_events += 1
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        cuda_device.empty_cache(self.device)
         log.warning("out of memory on %s: %s", self.device, what)

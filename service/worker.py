@@ -128,8 +128,10 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     from models import resolve_checkpoint
     from models.codecs import make_codec
     from models.checkpoint import load_model
+    from models.device import claim_device
     from service.runner import ModelRunner, configure_device_math, model_dtype
 
+    claim_device(cfg.device)        # before any other CUDA call: this process owns this device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = resolve_checkpoint(cfg.checkpoint)

