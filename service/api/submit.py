@@ -241,7 +241,7 @@ async def _follow_until_final(state: ApiState, job_id: str, timeout_s: float) ->
         while (left := end - loop.time()) > 0:
             entry = await follower.next(min(left, 5.0))
             if entry is not None:
-                if entry[1].get(b"event", b"").decode() in FINAL_STATUSES:
+                if entry.name in FINAL_STATUSES:
                     return True
                 continue
             status = await state.aredis.hget(keys.job(job_id), "status")
