@@ -36,7 +36,7 @@ log = logging.getLogger("eqm.api.events")
 BLOCK_MS = 5000              # longest single XREAD BLOCK of the reader
 WAKE_INTERVAL_S = 0.02       # at most one wake-up of the reader this often
 READ_COUNT = 100             # entries per key per read
-WAKE_BATCH = 64              # followers handed an entry per turn of the event loop
+WAKE_BATCH = 16              # followers handed an entry per turn of the event loop
 
 
 @dataclass(frozen=True)
