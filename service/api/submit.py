@@ -244,6 +244,8 @@ async def _follow_until_final(state: ApiState, job_id: str, timeout_s: float) ->
                 if entry.name in FINAL_STATUSES:
                     return True
                 continue
+            if follower.released:              # the server stops (unless_stopping answers): no more reads
+                return False
             status = await state.aredis.hget(keys.job(job_id), "status")
             if status is None or status.decode() in FINAL_STATUSES:    # expired, or its events were trimmed
                 return status is not None
