@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         if no_worker_hint:
             state.no_worker_hint = no_worker_hint
-        state.events.start()
+        state.events.start(state.stopping)
         app.state.api = state
         hooks = start_webhooks(state)
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,

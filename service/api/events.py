@@ -13,6 +13,14 @@ process.
   new key joins the read at once; wake-ups are coalesced, at most one per ``WAKE_INTERVAL_S``.
 - Redis going away does not end the streams: the reader retries with back-off and resumes after the
   last id of each key, so followers see every entry once Redis is back.
+
+Fan-out: an entry is turned into its server-sent-event bytes once, by the reader, and every follower
+of its key gets that same ``bytes`` object (nothing is decoded or formatted per follower). Handing an
+entry to a follower is an append to its list and, if it is waiting, one future resolved: no task per
+wait. Followers are woken ``WAKE_BATCH`` at a time with a turn of the event loop in between, so a
+thousand streams on one hot job do not hold the loop for a whole fan-out while other requests wait.
+A follower that fell behind takes everything it has pending at once (``drain``): one write, every
+entry in order, none dropped.
 """
 from __future__ import annotations
 
@@ -28,8 +36,29 @@ log = logging.getLogger("eqm.api.events")
 BLOCK_MS = 5000              # longest single XREAD BLOCK of the reader
 WAKE_INTERVAL_S = 0.02       # at most one wake-up of the reader this often
 READ_COUNT = 100             # entries per key per read
+WAKE_BATCH = 16              # followers handed an entry per turn of the event loop
 
-Entry = tuple[str, dict[bytes, bytes]]        # (entry id, fields)
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's event stream: its id, its name and its server-sent-event bytes."""
+
+    id: str
+    name: str
+    frame: bytes
+
+
+def sse_frame(entry_id: bytes | str, event: bytes | str, data: bytes | str) -> bytes:
+    """``id: ...\nevent: ...\ndata: ...\n\n`` (``data`` is one line of JSON)."""
+    as_bytes = lambda v: v.encode() if isinstance(v, str) else v    # noqa: E731
+    return b"id: %b\nevent: %b\ndata: %b\n\n" % (as_bytes(entry_id), as_bytes(event), as_bytes(data))
+
+
+def event_of(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Event:
+    """An entry as Redis returns it (``event`` and ``data`` fields), framed once."""
+    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    name = fields.get(b"event", b"")
+    return Event(entry_id, name.decode(), sse_frame(entry_id, name, fields.get(b"data", b"")))
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -39,18 +68,42 @@ def _id(entry_id: str) -> tuple[int, int]:
 
 @dataclass(eq=False)
 class Follower:
-    """One follower of one key: entries after ``last`` arrive in ``queue``."""
+    """One follower of one key: the events after ``last``, in order, wait in ``pending``."""
 
     key: str
     last: str
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    pending: list[Event] = field(default_factory=list)
+    released: bool = False                   # the server stops: every wait returns at once
+    _waiter: asyncio.Future | None = None
 
-    async def next(self, timeout_s: float) -> Entry | None:
-        """The next entry, or None after ``timeout_s`` without one."""
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, timeout_s: float) -> None:
+        """Until an event is pending, ``timeout_s`` passed or the follower is released (one future, one timer)."""
+        if self.pending or self.released:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(timeout_s, self._wake)
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout_s)
-        except asyncio.TimeoutError:
-            return None
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def drain(self, timeout_s: float) -> list[Event]:
+        """Every pending event, in order (waiting up to ``timeout_s`` for one); [] after the timeout or once
+        released."""
+        await self._wait(timeout_s)
+        events, self.pending = self.pending, []
+        return events
+
+    async def next(self, timeout_s: float) -> Event | None:
+        """The next event, or None after ``timeout_s`` without one."""
+        await self._wait(timeout_s)
+        return self.pending.pop(0) if self.pending else None
 
 
 class EventHub:
@@ -62,26 +115,40 @@ class EventHub:
                                              socket_timeout=BLOCK_MS / 1000 + 10)
         self._waker = aredis.Redis.from_url(redis_url, single_connection_client=True, socket_connect_timeout=2,
                                             socket_timeout=5)
-        self._followers: dict[str, set[Follower]] = {}
+        self._followers: dict[str, dict[Follower, None]] = {}    # insertion-ordered sets
         self._cursor: dict[str, str] = {}            # key -> last id the reader has seen for it
         self._changed = asyncio.Event()
         self._reader_id: int | None = None
         self._reading = False
         self._wake_pending = False
         self._task: asyncio.Task | None = None
+        self._stop_task: asyncio.Task | None = None
+        self.frames_encoded = 0                      # entries framed by the reader (once each, whatever the followers)
 
     @property
     def followers(self) -> int:
         return sum(len(f) for f in self._followers.values())
 
-    def start(self) -> None:
+    def start(self, stopping: asyncio.Event | None = None) -> None:
+        """Start reading; once ``stopping`` is set, every follower's wait returns at once."""
         self._task = asyncio.create_task(self._run(), name="eqm-event-hub")
+        if stopping is not None:
+            self._stop_task = asyncio.create_task(self._release_on(stopping), name="eqm-event-hub-stop")
+
+    async def _release_on(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+        for group in self._followers.values():
+            for follower in group:
+                follower.released = True
+                follower._wake()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in (self._task, self._stop_task):
+            if task is None:
+                continue
+            task.cancel()
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
         for client in (self._reader, self._waker):
@@ -93,8 +160,9 @@ class EventHub:
     def follow(self, key: str, last: str) -> Follower:
         """Register a follower of ``key`` that has seen everything up to ``last``."""
         follower = Follower(key, last)
-        group = self._followers.setdefault(key, set())
-        group.add(follower)
+        follower.released = self._stop_task is not None and self._stop_task.done()
+        group = self._followers.setdefault(key, {})
+        group[follower] = None
         cursor = self._cursor.get(key)
         if cursor is None or _id(last) < _id(cursor):
             self._cursor[key] = last
@@ -105,7 +173,8 @@ class EventHub:
         group = self._followers.get(follower.key)
         if group is None:
             return
-        group.discard(follower)
+        group.pop(follower, None)
+        follower.released = True
         if not group:
             del self._followers[follower.key]
             self._cursor.pop(follower.key, None)
@@ -152,7 +221,7 @@ class EventHub:
                     reply = await self._reader.xread(streams, block=BLOCK_MS, count=READ_COUNT)
                 finally:
                     self._reading = False
-                self._deliver(reply or [])
+                await self._deliver(reply or [])
                 backoff = 0.0
             except asyncio.CancelledError:
                 raise
@@ -162,17 +231,28 @@ class EventHub:
                 log.warning("event reader: %s; retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)
 
-    def _deliver(self, reply) -> None:
+    async def _deliver(self, reply) -> None:
+        """Frame each new entry once and hand the same bytes to every follower of its key, ``WAKE_BATCH``
+        followers per turn of the loop (a follower that leaves meanwhile is skipped)."""
+        handed = 0
         for key, entries in reply:
             key = key.decode() if isinstance(key, bytes) else key
             group = self._followers.get(key)
             if not group or not entries:
                 continue
-            for entry_id, fields in entries:
-                entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                at = _id(entry_id)
-                for follower in group:
-                    if at > _id(follower.last):
-                        follower.last = entry_id
-                        follower.queue.put_nowait((entry_id, fields))
             self._cursor[key] = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+            events = [event_of(entry_id, fields) for entry_id, fields in entries]
+            self.frames_encoded += len(events)
+            ats = [_id(event.id) for event in events]
+            for follower in list(group):
+                if follower.released:
+                    continue
+                seen = _id(follower.last)
+                new = events if seen < ats[0] else [e for e, at in zip(events, ats) if at > seen]
+                if new:
+                    follower.pending += new
+                    follower.last = new[-1].id
+                    follower._wake()
+                handed += 1
+                if handed % WAKE_BATCH == 0:
+                    await asyncio.sleep(0)       # let other requests run between slices of the fan-out

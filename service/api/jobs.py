@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
+from service.api.events import Event, event_of
 from service.api.listing import check_owner, check_owner_async, not_found, queue_estimate
-from service.api.shutdown import unless_stopping
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
@@ -152,13 +152,23 @@ async def job_events(request: Request, job_id: str = JobId,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _sse(event: str, data: str, entry_id: str | None = None) -> str:
-    return (f"id: {entry_id}\n" if entry_id else "") + f"event: {event}\ndata: {data}\n\n"
+def _sse(event: str, data: str) -> bytes:
+    """An event the API says itself (no stream entry, so no id)."""
+    return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[str]:
-    """Replay with one plain XREAD, then follow through the process' shared reader (no connection held
-    per stream). While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
+def _through_final(events: list[Event]) -> tuple[bytes, bool]:
+    """The frames of ``events`` up to the first final one, as one chunk, and whether one was final."""
+    for k, event in enumerate(events):
+        if event.name in FINAL_STATUSES:
+            return b"".join(e.frame for e in events[:k + 1]), True
+    return b"".join(e.frame for e in events), False
+
+
+async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[bytes]:
+    """Replay with plain XREADs, then follow through the process' shared reader (no connection held
+    per stream), which frames each entry once for all its followers; whatever is pending goes out as
+    one chunk. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
     final with its final event trimmed)."""
     keys = state.store.keys
     key = keys.events(job_id)
@@ -167,42 +177,42 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
         while True:         # replay: everything after `last`, in pages
             reply = await state.aredis.xread({key: last}, count=500)
             entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                last = entry_id.decode()
-                event = fields[b"event"].decode()
-                yield _sse(event, fields[b"data"].decode(), last)
-                if event in FINAL_STATUSES:
+            if entries:
+                events = [event_of(entry_id, fields) for entry_id, fields in entries]
+                last = events[-1].id
+                chunk, final = _through_final(events)
+                yield chunk
+                if final:
                     return
             if len(entries) < 500:
                 break
         follower = state.events.follow(key, last)
         while True:
-            entry = await unless_stopping(state.stopping, follower.next(KEEPALIVE_S), default=None)
+            events = [] if state.stopping.is_set() else await follower.drain(KEEPALIVE_S)
             if state.stopping.is_set():         # the server stops: a last event, so clients know to come back
                 yield _sse("stopping", json.dumps({"id": job_id, "detail": "the server is stopping; reconnect "
                                                    "later with Last-Event-ID to follow the job on"}))
                 return
-            if entry is not None:
-                entry_id, fields = entry
-                event = fields[b"event"].decode()
-                yield _sse(event, fields[b"data"].decode(), entry_id)
-                if event in FINAL_STATUSES:
+            if events:
+                chunk, final = _through_final(events)
+                yield chunk
+                if final:
                     return
                 continue
             try:
                 status, error = await state.aredis.hmget(keys.job(job_id), "status", "error")
             except redis.ConnectionError:       # Redis restarting: the shared reader resumes after `last`
-                yield ": keep-alive (job store unreachable, retrying)\n\n"
+                yield b": keep-alive (job store unreachable, retrying)\n\n"
                 continue
             if status is None:
                 yield _sse("expired", json.dumps({"id": job_id, "detail": "the job expired after its TTL"}))
                 return
-            if status.decode() in FINAL_STATUSES and follower.queue.empty():
+            if status.decode() in FINAL_STATUSES and not follower.pending:
                 # Final, but its final event was trimmed from the stream: say it from the record.
                 data = {"id": job_id, "status": status.decode(), "error": error.decode() if error else None}
                 yield _sse(status.decode(), json.dumps(data))
                 return
-            yield ": keep-alive\n\n"
+            yield b": keep-alive\n\n"
     except redis.RedisError as exc:
         yield _sse("error", json.dumps({"id": job_id, "detail": f"lost the job store: {exc}; reconnect"}))
     finally:

@@ -241,9 +241,11 @@ async def _follow_until_final(state: ApiState, job_id: str, timeout_s: float) ->
         while (left := end - loop.time()) > 0:
             entry = await follower.next(min(left, 5.0))
             if entry is not None:
-                if entry[1].get(b"event", b"").decode() in FINAL_STATUSES:
+                if entry.name in FINAL_STATUSES:
                     return True
                 continue
+            if follower.released:              # the server stops (unless_stopping answers): no more reads
+                return False
             status = await state.aredis.hget(keys.job(job_id), "status")
             if status is None or status.decode() in FINAL_STATUSES:    # expired, or its events were trimmed
                 return status is not None
