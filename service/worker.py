@@ -367,7 +367,7 @@ class Worker:
                 return
             if reclaimed:       # it waited its turn once and lost it to a crash: ahead of the jobs waiting here
                 spec.priority += RESTART_PRIORITY_BOOST
-            upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
+            upload = self.r.get(k.input(job_id)) if spec.kind in ("denoise", "inpaint") else None
             self.engine.add_job(spec, upload)
         except (JobError, ValueError, TypeError, KeyError) as exc:
             self._fail(job_id, entry_id, f"invalid job: {exc}")
@@ -386,7 +386,8 @@ class Worker:
             self._calibration = (Calibration.load(calibration_path(resolve_checkpoint(self.cfg.checkpoint))),)
         scores = run_score_job(self.r, self.keys.prefix, spec, self.engine.runner, self.engine.null_label,
                                self._calibration[0])
-        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False)
+        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False,
+                               energy=s.get("energy"))
                    for s in scores]
         # The scores go in with the final status (one fenced write): a job cancelled, expired or taken
         # over meanwhile gets neither.

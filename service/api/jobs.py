@@ -53,6 +53,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
             ready=stored[k], steps=(result or seen).get("steps") or 0, grad_norm=(result or seen).get("grad_norm"),
             stopped_early=result.get("stopped_early") if result else None,
             deadline_exceeded=result.get("deadline_exceeded") if result else None,
+            energy=result.get("energy") if result else None,
             content_type=content_type, url=links.images[k]))
     queue_position = eta_s = None
     if rec["status"] == "queued":
