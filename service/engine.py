@@ -40,6 +40,7 @@ from service.runner import ModelRunner, Retired, SampleInput
 from service.scheduler import JobRequest, SampleKey, SampleRequest, Scheduler
 
 MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
+PREVIEW_INTERVAL_S = 0.3     # a previewed job's iterates are decoded at most this often
 
 
 class JobError(ValueError):
@@ -68,6 +69,7 @@ class Progress:
     index: int
     steps: int
     grad_norm: float | None
+    preview: str | None = None       # data:image/png;base64 URL of the current iterate (previewed jobs only)
 
 
 @dataclass
@@ -123,6 +125,11 @@ class Engine:
         self._inputs: dict[SampleKey, SampleInput] = {}
         self._unemitted: list[tuple[list[_Departure], Retired]] = []    # departures of earlier steps, in order
         self._inpaint: dict[str, tuple] = {}    # inpaint job -> (input pixels, regenerate mask): composited back
+        # Live previews: jobs some client follows with ?previews=true (the worker keeps the set current);
+        # each gets its running images' iterates at most every ``preview_interval_s``, others cost nothing.
+        self.preview_jobs: set[str] = set()
+        self.preview_interval_s = PREVIEW_INTERVAL_S
+        self._last_preview: dict[str, float] = {}
 
     # -- input ----------------------------------------------------------------------------------
     def add_job(self, spec: JobSpec, input_image: bytes | None = None) -> None:
@@ -248,6 +255,8 @@ class Engine:
         finished_keys = {f.key for f in finished}
         result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))
                            for k, st in run.statuses.items() if k not in finished_keys]
+        if self.preview_jobs:
+            self._attach_previews(result.progress)
 
         result.seconds = time.perf_counter() - t0
         m = self.metrics
@@ -257,6 +266,23 @@ class Engine:
         # Rows the forward evaluated / capacity rows; an engine left idle reads 0.
         m.batch_occupancy.set(run.rows_evaluated / self.runner.max_rows if self.has_work else 0.0)
         return result
+
+    def _attach_previews(self, progress: list[Progress]) -> None:
+        """Previews (small PNG data URLs) of the running images of previewed jobs that are due."""
+        import base64
+        now = time.monotonic()
+        due = {j for j in self.preview_jobs
+               if j in self._jobs and now - self._last_preview.get(j, -1e9) >= self.preview_interval_s}
+        wanted = [p for p in progress if p.job_id in due]
+        if not wanted:
+            return
+        pixels = self.runner.preview_pixels(SampleKey(p.job_id, p.index) for p in wanted)
+        for p in wanted:
+            image = pixels.get(SampleKey(p.job_id, p.index))
+            if image is not None:
+                p.preview = "data:image/png;base64," + base64.b64encode(encode_image(image, "png")).decode()
+        for j in due:
+            self._last_preview[j] = now
 
     def _emit(self, leaving: list[_Departure], retired: Retired, result: StepOutput) -> None:
         """Images and finished jobs out of the samples that left in one step (retired ones decoded
@@ -315,6 +341,7 @@ class Engine:
                 self.metrics.job_latency_seconds.observe(latency)
                 del self._jobs[key.job_id]
                 self._inpaint.pop(key.job_id, None)
+                self._last_preview.pop(key.job_id, None)
             self._inputs.pop(key, None)
 
     def flush(self) -> StepOutput:

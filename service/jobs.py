@@ -144,6 +144,10 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def previews(self, job_id: str) -> str:
+        """Set (with a short TTL, refreshed) while a client follows the job's events with previews."""
+        return f"{self.prefix}:job:{job_id}:previews"
+
     def input(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:input"
 

@@ -56,7 +56,7 @@ import redis
 
 from models.checkpoint import CheckpointError
 from models.codecs import CodecError
-from service.engine import Engine, JobError, StepOutput
+from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
@@ -171,6 +171,7 @@ class Worker:
         self._next_autoclaim = 0.0
         self._metrics_url = ""
         self._calibration: tuple | None = None         # (Calibration | None,) once loaded, for score jobs
+        self._previews_checked = 0.0                    # last look at which jobs clients preview
         self._lost: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()   # (job, "lost" | "expired")
         self._dropped: set[str] = set()                # jobs still in the engine that we write nothing for
         self._started: set[str] = set()                # jobs whose record says running (by us)
@@ -252,11 +253,28 @@ class Worker:
             if drain_until is None and self._wants_more():
                 self._guarded(self._fetch, 0 if engine.has_work else 500)
             if engine.has_work:
+                self._guarded(self._refresh_previews)
                 out = engine.step()
                 self._unwritten.append(out)
             # Results whose images are still being encoded wait, unless there is nothing else to do.
             if self._unwritten:
                 self._flush_unwritten(wait=not engine.has_work)
+
+    def _refresh_previews(self) -> None:
+        """Which running jobs a client follows with previews (one pipelined EXISTS per job, at most
+        every ``PREVIEW_INTERVAL_S``); the engine decodes previews for those only."""
+        now = time.monotonic()
+        if now - self._previews_checked < PREVIEW_INTERVAL_S:
+            return
+        self._previews_checked = now
+        jobs = self.engine.job_ids()
+        if not jobs:
+            self.engine.preview_jobs = set()
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.exists(self.keys.previews(job_id))
+        self.engine.preview_jobs = {j for j, on in zip(jobs, pipe.execute()) if on}
 
     def _guarded(self, fn, *args) -> None:
         """Redis calls of the loop: a lost connection or a full Redis is logged and retried, not fatal."""
@@ -584,6 +602,8 @@ class Worker:
             prog = self._progress.get(p.job_id)
             if prog is not None and prog.update(p.index, p.steps, p.grad_norm):
                 touched.add(p.job_id)
+                if p.preview is not None:
+                    prog.preview(p.index, p.preview)
         for job_id in touched:
             if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
                 self._last_progress[job_id] = now_m

@@ -151,3 +151,44 @@ def test_scores_and_models_report_the_energy(server, digit, energy_model):
     x = torch.from_numpy(np.stack([digit, noise]).astype(np.float32) / 127.5 - 1.0)[:, None]
     want = loaded.field.energy(x, torch.full((2,), 10))
     np.testing.assert_allclose([s["energy"] for s in out["scores"]], want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _events(server, job_id, previews: bool) -> list[tuple[str, dict]]:
+    url = f"{server}/v1/jobs/{job_id}/events" + ("?previews=true" if previews else "")
+    out, event = [], None
+    with httpx.stream("GET", url, timeout=120) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                out.append((event, json.loads(line[6:])))
+                if event in ("done", "failed", "cancelled"):
+                    break
+    return out
+
+
+def test_previews_only_when_asked(server):
+    import threading
+    body = {"labels": [5], "n": 2, "seed": 0, "max_steps": 1000, "grad_norm_threshold": 0, "step_size": 0.001}
+    asked = httpx.post(f"{server}/v1/generations", json=body).json()["id"]
+    plain = httpx.post(f"{server}/v1/generations", json=body).json()["id"]
+    got: dict[str, list] = {}
+    threads = [threading.Thread(target=lambda j=j, p=p: got.__setitem__(j, _events(server, j, p)))
+               for j, p in ((asked, True), (plain, False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    previews = [i["preview"] for e, d in got[asked] if e == "progress" for i in d["images"] if "preview" in i]
+    assert previews, "no preview arrived for the client that asked"
+    for url in previews[:5]:
+        assert url.startswith("data:image/png;base64,")
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert image.format == "PNG" and image.size == (8, 8)
+    assert len(set(previews)) > 1                         # the images change as they form
+    assert got[plain][-1][0] == "done" and got[asked][-1][0] == "done"
+    assert not any("preview" in i for e, d in got[plain] if e == "progress" for i in d["images"])
+    # The job's own stream without previews does not show them either, although another client asked.
+    again = _events(server, asked, False)
+    assert not any("preview" in i for e, d in again if e == "progress" for i in d["images"])
