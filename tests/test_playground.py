@@ -302,6 +302,28 @@ def test_cancel_a_long_job(server):
         clean(b)
 
 
+def test_previews_show_the_images_forming(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-n", "4")
+        page.fill("#generate-max_steps", "1000")
+        page.fill("#generate-grad_norm_threshold", "0")
+        page.fill("#generate-step_size", "0.002")
+        page.click("#panel-generate button[type=submit]")
+        # While the job runs, the frames show the iterate (a PNG from the progress events), not a black box.
+        page.wait_for_selector(".card[data-state=running] .frame img.preview", timeout=JOB_TIMEOUT_MS)
+        first = page.get_attribute(".card .frame img.preview", "src")
+        assert first.startswith("data:image/png;base64,")
+        assert server.job(page.evaluate("state.job.id"))["status"] == "running"
+        page.wait_for_function(f"document.querySelector('.card .frame img.preview').src !== {json.dumps(first)}",
+                               timeout=JOB_TIMEOUT_MS)               # and it changes as the image forms
+        shot(b, "previews")
+        page.click("#cancel")
+        page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
+        clean(b)
+
+
 def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
     with chromium_page() as b:
         page = b.page
