@@ -324,6 +324,42 @@ def test_previews_show_the_images_forming(server):
         clean(b)
 
 
+def _png_pixels(server: Server, job_id: str, k: int):
+    import numpy as np
+    resp = httpx.get(f"{server.base}/v1/jobs/{job_id}/images/{k}", headers={"Authorization": f"Bearer {API_KEY}"})
+    return np.array(Image.open(io.BytesIO(resp.content)))
+
+
+def test_inpaint_the_lower_half_of_a_generated_digit(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-label", "7")
+        page.fill("#generate-n", "1")
+        page.fill("#generate-seed", "3")
+        page.click("#panel-generate button[type=submit]")
+        first = finished_job_id(page)
+        page.click("#tab-inpaint")
+        page.click("#mask-use-result")
+        page.click("#mask-lower")
+        page.fill("#inpaint-label", "7")
+        page.fill("#inpaint-seed", "5")
+        page.click("#panel-inpaint button[type=submit]")
+        page.wait_for_function(f"state.job && state.job.id !== {json.dumps(first)} && state.job.final",
+                               timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img:not(.preview)').length === 2",
+                               timeout=JOB_TIMEOUT_MS)
+        job = server.job(page.evaluate("state.job.id"))
+        assert job["status"] == "done" and job["kind"] == "inpaint"
+        source = _png_pixels(server, first, 0)
+        for k in range(2):
+            out = _png_pixels(server, job["id"], k)
+            assert (out[:4] == source[:4]).all()            # the upper half, held exactly
+        assert "inpainted" in page.locator(".card .title").first.inner_text()
+        shot(b, "inpaint")
+        clean(b)
+
+
 def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
     with chromium_page() as b:
         page = b.page
