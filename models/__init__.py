@@ -6,7 +6,8 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Models that ship inside the package, loadable by name (e.g. ``--checkpoint digits``).
-BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors"}
+BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors",
+           "digits-e": WEIGHTS_DIR / "digits-e.safetensors"}    # EqM-E (dot energy), same architecture
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:

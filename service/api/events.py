@@ -25,6 +25,7 @@ entry in order, none dropped.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -41,11 +42,31 @@ WAKE_BATCH = 16              # followers handed an entry per turn of the event l
 
 @dataclass(frozen=True)
 class Event:
-    """One entry of a job's event stream: its id, its name and its server-sent-event bytes."""
+    """One entry of a job's event stream: its id, its name and its server-sent-event bytes.
+
+    ``frame`` is the entry as stored; ``plain_frame`` the same without live previews (a ``progress``
+    entry carries them only while some client asked), made once per entry on first use and shared by
+    every follower that did not ask."""
 
     id: str
     name: str
     frame: bytes
+    _plain: list = field(default_factory=list, compare=False, repr=False)
+
+    @property
+    def plain_frame(self) -> bytes:
+        if self.name != "progress" or b'"preview"' not in self.frame:
+            return self.frame
+        if not self._plain:
+            data = self.frame.split(b"\ndata: ", 1)[1].rstrip(b"\n")
+            body = json.loads(data)
+            for image in body.get("images", []):
+                image.pop("preview", None)
+            self._plain.append(sse_frame(self.id, self.name, json.dumps(body)))
+        return self._plain[0]
+
+    def frame_for(self, previews: bool) -> bytes:
+        return self.frame if previews else self.plain_frame
 
 
 def sse_frame(entry_id: bytes | str, event: bytes | str, data: bytes | str) -> bytes:

@@ -53,6 +53,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
             ready=stored[k], steps=(result or seen).get("steps") or 0, grad_norm=(result or seen).get("grad_norm"),
             stopped_early=result.get("stopped_early") if result else None,
             deadline_exceeded=result.get("deadline_exceeded") if result else None,
+            energy=result.get("energy") if result else None,
             content_type=content_type, url=links.images[k]))
     queue_position = eta_s = None
     if rec["status"] == "queued":
@@ -139,16 +140,21 @@ def get_image(request: Request, job_id: str = JobId,
                        **error_responses(401, 404, 422)})
 async def job_events(request: Request, job_id: str = JobId,
                      last_event_id: str | None = Header(None, description="resume after this "
-                     "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
+                     "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state),
+                     previews: bool = Query(False, description="live previews: each progress entry of a running "
+                                            "image carries `preview`, its current iterate as a small PNG "
+                                            "(data:image/png;base64 URL), at most every 0.3 s; nothing is decoded "
+                                            "for jobs no client previews")):
     """Replays the job's events from the start (or after ``Last-Event-ID``), then follows them live.
     ``progress`` carries ``images: [{index, steps, grad_norm, norms}]`` (``norms``: the gradient norms
     of the evaluations since the previous progress event); ``image`` carries one image's final steps
-    and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open."""
+    and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open.
+    With ``?previews=true`` progress entries also carry ``preview`` (see the parameter)."""
     await check_owner_async(request, state, job_id)
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
     start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
-    return StreamingResponse(_event_stream(state, job_id, start), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(state, job_id, start, previews), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -157,15 +163,16 @@ def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-def _through_final(events: list[Event]) -> tuple[bytes, bool]:
-    """The frames of ``events`` up to the first final one, as one chunk, and whether one was final."""
+def _through_final(events: list[Event], previews: bool) -> tuple[bytes, bool]:
+    """The frames of ``events`` up to the first final one, as one chunk (with live previews only for a
+    client that asked), and whether one was final."""
     for k, event in enumerate(events):
         if event.name in FINAL_STATUSES:
-            return b"".join(e.frame for e in events[:k + 1]), True
-    return b"".join(e.frame for e in events), False
+            return b"".join(e.frame_for(previews) for e in events[:k + 1]), True
+    return b"".join(e.frame_for(previews) for e in events), False
 
 
-async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[bytes]:
+async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool = False) -> AsyncIterator[bytes]:
     """Replay with plain XREADs, then follow through the process' shared reader (no connection held
     per stream), which frames each entry once for all its followers; whatever is pending goes out as
     one chunk. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
@@ -173,14 +180,17 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
     keys = state.store.keys
     key = keys.events(job_id)
     follower = None
+    asked = _PreviewAsk(state, job_id) if previews else None
     try:
+        if asked is not None:
+            await asked.refresh()
         while True:         # replay: everything after `last`, in pages
             reply = await state.aredis.xread({key: last}, count=500)
             entries = reply[0][1] if reply else []
             if entries:
                 events = [event_of(entry_id, fields) for entry_id, fields in entries]
                 last = events[-1].id
-                chunk, final = _through_final(events)
+                chunk, final = _through_final(events, previews)
                 yield chunk
                 if final:
                     return
@@ -193,8 +203,10 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
                 yield _sse("stopping", json.dumps({"id": job_id, "detail": "the server is stopping; reconnect "
                                                    "later with Last-Event-ID to follow the job on"}))
                 return
+            if asked is not None:
+                await asked.refresh()
             if events:
-                chunk, final = _through_final(events)
+                chunk, final = _through_final(events, previews)
                 yield chunk
                 if final:
                     return
@@ -218,6 +230,22 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
     finally:
         if follower is not None:
             state.events.leave(follower)
+
+
+PREVIEW_ASK_TTL_S = 20       # the worker previews a job while some follower refreshed this recently
+
+
+class _PreviewAsk:
+    """Tells the workers a client follows a job with previews: a key with a TTL, refreshed every few seconds."""
+
+    def __init__(self, state: ApiState, job_id: str):
+        self.state, self.key, self.at = state, state.store.keys.previews(job_id), 0.0
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.at >= PREVIEW_ASK_TTL_S / 4:
+            self.at = now
+            await self.state.aredis.set(self.key, 1, ex=PREVIEW_ASK_TTL_S)
 
 
 # -- cancel -----------------------------------------------------------------------------------

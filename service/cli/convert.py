@@ -14,12 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--weights", choices=["ema", "model"], default="ema")
     c.add_argument("--guidance-channels", choices=["official", "all"], default="official",
                    help="guidance mode to record (official = first 3 channels, as the released weights were evaluated)")
+    c.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
+                   help="energy form of a bare state dict (an official checkpoint records its own --ebm)")
     c.set_defaults(handler=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> int:
     from models.checkpoint import convert, describe
-    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels)
+    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels,
+                     ebm=args.ebm)
     print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
-          f"guidance on {loaded.spec.guided_channels} channels")
+          f"guidance on {loaded.spec.guided_channels} channels, energy form {loaded.spec.energy_form}")
     return 0
