@@ -270,7 +270,7 @@ def section(cfg: dict, t0runs: dict, poisson: list[tuple[float, float, dict]], m
               f"Packed / unpacked continuous: images/s {ratio(t0runs, 'images_per_s', 'packed', 'unpacked')} "
               f"(per CPU-second {ratio(t0runs, 'images_per_cpu_s', 'packed', 'unpacked')}), "
               f"rows evaluated {ratio(t0runs, 'rows_evaluated', 'packed', 'unpacked', invert=True)} fewer. "
-              (f"Every mode gave every sample the same number of updates and latents equal to within "
+              + (f"Every mode gave every sample the same number of updates and latents equal to within "
                f"{max_diff:.1e}." if not cfg["device"].startswith("cuda") else
                f"Latents of the modes differ by at most {max_diff:.1e} (on a GPU a forward's rounding depends "
                f"on its batch size, so modes agree to rounding, not bit for bit)."), ""]
