@@ -39,7 +39,7 @@ from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
 from service.api.conventions import absolute, reject_unknown_query
 from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
-from service.api.uploads import LimitedBodyRoute, UploadError, prepare_image
+from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload
 from service.jobs import ImageSpec, JobSpec
 
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -284,8 +284,7 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         opts = opts.model_copy(update={"format": opts.output_format})
     data = await files[0].read()
     try:
-        png = await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
-                                      state.settings.max_upload_pixels)
+        png = await decode_upload(state, data)
     except UploadError as exc:
         if exc.status_code == 422:
             raise field_error(("body", "image"), exc.detail) from None

@@ -25,6 +25,7 @@ import warnings
 from typing import Callable
 
 from fastapi import HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.types import Message, Receive
@@ -101,6 +102,26 @@ def _to_model_png(image: Image.Image, size: int, channels: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+DECODE_WAIT_S = 30.0          # an upload waits this long for a decoding turn before a 503
+
+
+async def decode_upload(state, data: bytes) -> bytes:
+    """The one way every route decodes an upload: ``prepare_image`` with the model's pixel limit
+    (``upload_pixel_limit``) in the thread pool, at most ``upload_decodes`` at once per process: each decode
+    may take ~180 MB, so a burst of large uploads waits its turn instead of taking the memory."""
+    model = state.model
+    try:
+        await asyncio.wait_for(state.decodes.acquire(), DECODE_WAIT_S)
+    except asyncio.TimeoutError:
+        raise HTTPException(503, f"busy decoding other uploads for {DECODE_WAIT_S:.0f}s; retry shortly",
+                            headers={"Retry-After": "5"}) from None
+    try:
+        return await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
+                                       upload_pixel_limit(model.image_size, state.settings.max_upload_pixels))
+    finally:
+        state.decodes.release()
 
 
 # -- body size --------------------------------------------------------------------------------
