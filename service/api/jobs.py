@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRout
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
 KEEPALIVE_S = 15.0
-_ENTRY_ID = re.compile(r"^\d+-\d+$")
+_ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")       # a Redis stream id: two unsigned 64-bit integers
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -131,6 +131,11 @@ def get_image(request: Request, job_id: str = JobId,
 
 # -- events -----------------------------------------------------------------------------------
 
+def _stream_id(text: str) -> bool:
+    """True for an id Redis accepts as a stream position (ASCII digits, each part below 2^64)."""
+    return bool(_ENTRY_ID.match(text)) and all(int(part) < 2**64 for part in text.split("-"))
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse, summary="Server-sent events of a job",
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                              "description": "events queued, started, progress, image, then done | failed | "
@@ -147,7 +152,7 @@ async def job_events(request: Request, job_id: str = JobId,
     await check_owner_async(request, state, job_id)
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
-    start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
+    start = last_event_id if last_event_id and _stream_id(last_event_id) else "0"     # else: replay from the start
     return StreamingResponse(_event_stream(state, job_id, start), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

@@ -4,7 +4,8 @@ Size: a declared ``Content-Length`` over the limit is refused before a byte is r
 body is counted chunk by chunk as the server receives it and refused (413) the moment it passes the
 limit, so an oversized or endless (chunked) upload is never spooled to memory or disk.
 
-Time: each chunk of a body must arrive within ``body_timeout_s`` of the previous one (else 408).
+Time: each chunk of a body must arrive within ``body_timeout_s`` of the previous one, and the whole body
+within ``body_deadline_s`` of the headers (else 408 and the connection is closed).
 
 Images (``prepare_image``), in this order, each step refusing before any pixel is decoded:
 1. the first bytes must be PNG, JPEG or WebP (else 415);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import warnings
 from typing import Callable
 
@@ -148,16 +150,21 @@ def upload_pixel_limit(image_size: int, max_pixels: int) -> int:
     return min(max_pixels, max(1024 * 1024, (16 * image_size) ** 2))
 
 
-def _counting_receive(receive: Receive, limit: int, timeout_s: float) -> Callable[[], Message]:
+def _counting_receive(receive: Receive, limit: int, timeout_s: float, deadline_s: float) -> Callable[[], Message]:
     seen = 0
+    deadline = time.monotonic() + deadline_s
 
     async def counted() -> Message:
         nonlocal seen
+        left = deadline - time.monotonic()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            message = await asyncio.wait_for(receive(), max(0.0, min(timeout_s, left)))
         except asyncio.TimeoutError:
-            raise HTTPException(408, f"the request body stopped arriving for {timeout_s:.0f}s; send it at once "
-                                     f"(EQM_BODY_TIMEOUT_S on the server)", headers={"Connection": "close"}) from None
+            if left <= timeout_s:
+                why = f"the request body did not arrive whole within {deadline_s:.0f}s (EQM_BODY_DEADLINE_S)"
+            else:
+                why = f"the request body stopped arriving for {timeout_s:.0f}s (EQM_BODY_TIMEOUT_S)"
+            raise HTTPException(408, f"{why}; send it at once", headers={"Connection": "close"}) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -180,8 +187,9 @@ class LimitedBodyRoute(APIRoute):
                 declared = request.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limit:
                     raise too_large(limit)
-                request = Request(request.scope, _counting_receive(request.receive, limit,
-                                                                   request.app.state.api.settings.body_timeout_s))
+                settings = request.app.state.api.settings
+                request = Request(request.scope, _counting_receive(request.receive, limit, settings.body_timeout_s,
+                                                                   settings.body_deadline_s))
             return await handler(request)
 
         return limited
