@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
+from service.api.openapi_schema import finish_openapi, operation_id
 from service.jobs import is_oom
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
@@ -116,7 +117,9 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
             await state.close()
 
     app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
-                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
+                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         generate_unique_id_function=operation_id)
+    finish_openapi(app, api_keys_required=bool(settings.api_keys or settings.admin_keys))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)

@@ -9,6 +9,7 @@ import redis
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.metrics import worker_label
@@ -59,8 +60,14 @@ def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
     return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Vary": "Accept-Encoding"})
 
 
+class TargetGroup(BaseModel):
+    """One group of Prometheus' HTTP service discovery format."""
+    targets: list[str] = Field(description="host:port of a worker's metrics endpoint", examples=[["worker-1:9400"]])
+    labels: dict[str, str] = Field(description="worker (host:port), device, and __metrics_path__ when not /metrics")
+
+
 @router.get("/sd/workers", summary="Prometheus HTTP service discovery of the workers' metrics endpoints",
-            dependencies=[Depends(require_api_key)],
+            dependencies=[Depends(require_api_key)], response_model=list[TargetGroup],
             responses={200: {"description": "a list of {targets, labels} groups (Prometheus http_sd format)"},
                        **error_responses(401)})
 def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:

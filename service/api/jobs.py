@@ -96,7 +96,11 @@ def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get
 
 # -- images -----------------------------------------------------------------------------------
 
-_IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_FORMATS.values()}
+# The job's own format, or raw bytes for a client that asks only for application/octet-stream (client
+# generators type that one as bytes; they know no image/* type).
+OCTET_STREAM = "application/octet-stream"
+_IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}}
+                  for ct in (*IMAGE_FORMATS.values(), OCTET_STREAM)}
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response, summary="Download image k of a job",
@@ -105,8 +109,9 @@ _IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct 
 def get_image(request: Request, job_id: str = JobId,
               index: int = Path(..., ge=0, le=100_000, description="image index k"),
               state: ApiState = Depends(get_state)) -> Response:
-    """The image bytes, in the job's format (PNG, JPEG or WebP). Images become available one by one
-    as they finish, before the job as a whole is done."""
+    """The image bytes, in the job's format (PNG, JPEG or WebP; as ``application/octet-stream`` when the
+    Accept header asks for that and no image type). Images become available one by one as they finish,
+    before the job as a whole is done."""
     check_owner(request, state, job_id)
     keys = state.store.keys
     pipe = state.redis.pipeline(transaction=False)
@@ -120,8 +125,11 @@ def get_image(request: Request, job_id: str = JobId,
     if index >= n:
         raise HTTPException(404, f"job {job_id} has {n} image(s): indices 0..{n - 1}")
     if data is not None:
-        return Response(content=data, media_type=IMAGE_FORMATS.get(spec["format"], "application/octet-stream"),
-                        headers={"Cache-Control": "private, max-age=3600"})
+        accept = request.headers.get("accept", "")
+        raw = OCTET_STREAM in accept and "image/" not in accept
+        media_type = OCTET_STREAM if raw else IMAGE_FORMATS.get(spec["format"], OCTET_STREAM)
+        return Response(content=data, media_type=media_type,
+                        headers={"Cache-Control": "private, max-age=3600", "Vary": "Accept"})
     status = status.decode() if status else "unknown"
     if status in FINAL_STATUSES:
         raise HTTPException(404, f"image {index} of job {job_id} was not produced: the job is {status}")
