@@ -112,6 +112,7 @@ def prometheus(served, tmp_path_factory):
     config = config.replace("scrape_interval: 5s", "scrape_interval: 1s").replace("refresh_interval: 15s",
                                                                                    "refresh_interval: 1s")
     (folder / "prometheus.yml").write_text(config)
+    shutil.copy(ROOT / "docker" / "prometheus-api-key", folder / "prometheus-api-key")    # empty: no keys here
     port = free_port()
     with open(folder / "prometheus.log", "wb") as out:
         proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}",
@@ -163,6 +164,10 @@ def test_a_real_prometheus_sees_the_first_images_once(served, prometheus):
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
     assert [t["labels"]["job"] for t in targets] == ["eqm-api"] and targets[0]["health"] == "up"
     assert not _query(prometheus, '{exported_model!=""}')
+    # Discovery itself worked (with the shipped, empty key file): it found nothing to scrape twice.
+    own = httpx.get(f"{prometheus}/metrics", timeout=10).text
+    assert _value(own, "prometheus_sd_http_failures_total") == 0
+    assert (_value(own, "prometheus_sd_discovered_targets", config="eqm-workers") or 0) == 0
 
 
 @needs_digits
