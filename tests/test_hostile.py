@@ -157,3 +157,32 @@ def test_a_bad_last_event_id_replays_from_the_start(api, last_id):
         assert resp.status_code == 200
         text = "".join(resp.iter_text())
     assert "event: error" not in text and "event: queued" in text and "event: done" in text, text[-500:]
+
+
+def test_small_hostile_inputs_get_plain_refusals(redis_url):
+    """A key with a trailing U+00A0 is another key; non-ASCII digits are not class indices; a JSON body
+    over its fixed cap names no setting that would not raise it; edits and scores say why a multipart body
+    was unreadable; the playground page may not be framed and loads nothing from elsewhere."""
+    from fastapi.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(redis_url=redis_url, api_keys=("key-one",)))) as c:
+        assert c.get("/v1/models", headers={"Authorization": "Bearer key-one"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer key-one\u00a0".encode("latin-1")}).status_code == 401
+    with TestClient(create_app(Settings(redis_url=redis_url))) as c:
+        for label in ("３", "٣"):
+            resp = c.post("/v1/generations", json={"labels": [label]})
+            assert resp.status_code == 422 and "unknown class" in resp.json()["message"], resp.text
+        resp = c.post("/v1/generations", content=b'{"labels": [1], "x": "' + b"a" * 70_000 + b'"}',
+                      headers={"Content-Type": "application/json"})
+        assert resp.status_code == 413 and "EQM_MAX_UPLOAD_BYTES" not in resp.text, resp.text
+        for route in ("/v1/scores", "/v1/images/edits"):
+            resp = c.post(route, content=b"--b\r\nbroken header line\r\n\r\nx\r\n--b--\r\n",
+                          headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert resp.status_code == 400, resp.text
+            assert "Invalid multipart data" in resp.text and "field 'image'" in resp.text
+        page = c.get("/")
+        assert page.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]

@@ -71,6 +71,12 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
             "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
 
 
+# The playground page: its own script and style only, requests to this server only, never in a frame.
+PLAYGROUND_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+                                                 "frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
+                      "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
+
+
 class DocsPolicyMiddleware:
     """Adds ``DOCS_CSP`` to the answers of the docs pages (nothing else is touched)."""
 
@@ -136,7 +142,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
 
     @app.get("/", include_in_schema=False)
     def root() -> FileResponse:
-        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache", **PLAYGROUND_HEADERS})
 
     return app
 

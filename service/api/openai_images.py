@@ -39,7 +39,7 @@ from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
 from service.api.conventions import absolute, reject_unknown_query
 from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
-from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload
+from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload, unreadable_form
 from service.jobs import ImageSpec, JobSpec
 
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -265,7 +265,7 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
     except HTTPException:
         raise
     except Exception as exc:        # malformed multipart
-        raise HTTPException(400, f"the body is not a readable multipart form ({type(exc).__name__})") from None
+        raise unreadable_form(exc) from None
     for name in form.keys():
         if name not in _EDIT_FIELDS:
             if name == "mask":

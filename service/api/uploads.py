@@ -137,7 +137,19 @@ def body_limit(request: Request) -> int:
     return JSON_BODY_LIMIT
 
 
+def unreadable_form(exc: Exception) -> HTTPException:
+    """400 for a multipart body the parser refused, with the parser's reason."""
+    inner = exc.__cause__ or exc.__context__          # Starlette wraps the parser's own message
+    text = str(inner) if inner is not None and str(inner) else str(getattr(exc, "detail", "") or exc)
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return HTTPException(400, f"the body is not a readable multipart form ({reason}); send multipart/form-data "
+                              f"with the image in the field 'image'")
+
+
 def too_large(limit: int) -> HTTPException:
+    if limit == JSON_BODY_LIMIT:              # a JSON request: a fixed cap, no setting raises it
+        return HTTPException(413, f"the JSON body is over {limit} bytes; a request is a few hundred bytes: "
+                                  f"send images as a multipart upload")
     return HTTPException(413, f"request body is over the limit of {limit} bytes; send a smaller image "
                               f"(EQM_MAX_UPLOAD_BYTES on the server)")
 
