@@ -71,8 +71,8 @@ DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 's
             "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
 
 
-# The playground page: its own script and style only, requests to this server only, never in a frame.
-PLAYGROUND_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+# The playground page: requests and images from this server only, never in a frame.
+PLAYGROUND_HEADERS = {"Content-Security-Policy": "connect-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
                                                  "frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
                       "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
 
