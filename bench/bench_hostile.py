@@ -214,8 +214,9 @@ were checked), the API's dispatcher running for {args.poison_s:.0f} s; baseline:
 | {args.poison} poisoned deliveries | {hooks["poisoned"]["cpu_s"]:.2f} | {hooks["poisoned"]["left"]} | {hooks["poisoned"]["log_lines"]} | {hooks["poisoned"]["refused"]} of 20 |
 | none (baseline) | {hooks["clean"]["cpu_s"]:.2f} | {hooks["clean"]["left"]} | {hooks["clean"]["log_lines"]} | {hooks["clean"]["refused"]} of 20 |
 
-Each poisoned delivery is dropped at its first attempt with one warning line (no traceback, no retry);
-before, each was retried and logged a traceback at every pass for the message's lifetime (hours).
+Every poisoned delivery is gone after its first attempt (dropped as final, no retry, no traceback; the log
+lines are everything the API wrote in the window); before, each was retried with a traceback at every pass
+for the message's lifetime (hours).
 """
     publish(TITLE, text, write=not args.quick)
 
