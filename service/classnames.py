@@ -50,7 +50,7 @@ class ClassIndex:
             if hits:
                 listed = ", ".join(f"{h} ({self.names[h]})" for h in hits[:5])
                 raise LabelError(f"class name {text!r} fits several classes: {listed}; pass the index instead")
-        if text.isdecimal():
+        if text.isascii() and text.isdecimal():       # "３" or "٣" are not indices (int() would take them)
             return self.resolve(int(text))
         hint = f"e.g. {self.names[0]!r} or 0" if self.names else "this model has no class names"
         raise LabelError(f"unknown class {text!r}: give an index 0..{self.num_classes - 1} or a class name ({hint})")

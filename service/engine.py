@@ -114,6 +114,7 @@ class Engine:
         self.scheduler = scheduler or Scheduler(runner.capacity, runner.max_rows)
         self.model_name = model_name
         self.metrics = metrics or Metrics()
+        self.metrics.precreate(model_name)
         self.clock = clock
         self.encode_images = encode_images
         # With a pool, images are encoded (PNG/JPEG/WebP, milliseconds each at 256 px) off the step loop.

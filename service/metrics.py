@@ -7,7 +7,12 @@ once at start-up and use the same names (``jobs_total``, ``job_latency_seconds``
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+from service.jobs import JOB_KINDS
+
+# Counters and histograms would each add a ``*_created`` series (a timestamp no dashboard reads): off, once.
+disable_created_metrics()
 
 # Gradient updates per sample: the paper's samplers run 1..~1000 updates (250 = the headline setting).
 STEP_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000)
@@ -38,7 +43,7 @@ class Metrics:
         self.jobs_total = Counter(
             "eqm_jobs_total", "Jobs that reached a final status.", ["outcome"], registry=r)
         self.batch_occupancy = Gauge(
-            "eqm_batch_occupancy", "Active model rows / capacity rows at the last engine step.", registry=r)
+            "eqm_batch_occupancy_ratio", "Active model rows / capacity rows at the last engine step.", registry=r)
         self.step_seconds = Histogram(
             "eqm_step_seconds", "Wall time of one engine step (schedule, forward, fused step, retire).",
             buckets=STEP_SECONDS_BUCKETS, registry=r)
@@ -49,6 +54,18 @@ class Metrics:
             "eqm_nfe_total", "Model rows evaluated (function evaluations), padding excluded.", registry=r)
         self.queue_depth = Gauge(
             "eqm_queue_depth", "Jobs submitted and not yet started (the queued set).", registry=r)
+
+
+    def precreate(self, model: str) -> None:
+        """Create every known label combination at 0 when the engine starts, so the first image of a task
+        shows in rate() / increase() (a series born at 1 shows no increase). Tasks are the job kinds."""
+        for task in JOB_KINDS:
+            self.steps_per_sample.labels(model, task)
+            self.final_grad_norm.labels(model, task)
+            for outcome in IMAGE_OUTCOMES:
+                self.images_total.labels(model, task, outcome)
+        for outcome in JOB_OUTCOMES:
+            self.jobs_total.labels(outcome)
 
 
 def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> None:

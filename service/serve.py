@@ -139,7 +139,7 @@ def _interrupt(signum, frame):
 def bind_port(host: str, port: int, flag: str) -> socket.socket:
     """The API's socket, bound now (not listening yet): a busy port is an error before anything starts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)    # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -23,6 +23,9 @@ process; a lease (``P:hooks:lease``, renewed every second, 5 s long) lets exactl
 time and hands over when that process stops or dies. Message ids are derived from the event's
 stream id, so a delivery created twice (a crash between the two writes) is the same message.
 
+A URL that the sender cannot use (control characters, a bad host) is refused at submission; a record
+from before that check is dropped at its first attempt, never retried.
+
 SSRF: a URL is accepted only if its host (``host`` or ``host:port``) is in
 ``EQM_WEBHOOK_ALLOWED_HOSTS``; empty allows nothing. It is checked at submission (422) and again
 before every attempt.
@@ -124,6 +127,10 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
 # -- submission side -----------------------------------------------------------------------------
 
 def _host_port(url: str) -> tuple[str, str, int]:
+    try:
+        httpx.URL(url)        # the sender's own parser: urlsplit silently drops tabs and newlines, httpx refuses them
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"webhook is not a URL the sender can use ({exc}); remove control characters and spaces") from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"webhook must be an http or https URL, not {parts.scheme or 'a relative URL'!r}")
@@ -162,6 +169,15 @@ def register_webhook(r: redis.Redis, prefix: str, job_id: str, target: WebhookTa
                                        "base": base, "last_progress": "0"})
     pipe.expire(k.hook(job_id), ttl_s)
     pipe.sadd(k.follow, job_id)
+    pipe.execute()
+
+
+def unregister_webhook(r: redis.Redis, prefix: str, job_id: str) -> None:
+    """Stop following a job whose submission was refused after its webhook was registered."""
+    k = HookKeys(prefix)
+    pipe = r.pipeline(transaction=True)
+    pipe.delete(k.hook(job_id))
+    pipe.srem(k.follow, job_id)
     pipe.execute()
 
 
@@ -239,15 +255,13 @@ class WebhookDispatcher:
         for job_id, hook in live:
             start = f"({hook['cursor']}" if hook["cursor"] != "0" else "-"
             pipe.xrange(self.k.events(job_id), start, "+", count=BATCH)
-            pipe.exists(self.k.job(job_id))
-        replies = pipe.execute()
         read_any = False
-        for (job_id, hook), entries, exists in zip(live, replies[0::2], replies[1::2]):
+        # A hook is registered before its job record is written, so a job not (yet) in Redis proves nothing:
+        # only the hook's own expiry (the job's TTL) ends the following.
+        for (job_id, hook), entries in zip(live, pipe.execute()):
             if entries:
                 read_any = True
                 self._collect_entries(job_id, hook, entries)
-            elif not exists:
-                gone.append(job_id)
         if gone:
             self.r.srem(self.k.follow, *gone)
         return read_any
@@ -354,8 +368,14 @@ class WebhookDispatcher:
         msg = {k.decode(): v.decode() for k, v in raw.items()}
         url, body = msg["url"], msg["body"]
         attempts, first = int(msg["attempts"]) + 1, float(msg["first"])
-        if not host_allowed(url, self.settings.webhook_allowed_hosts):
-            log.warning("webhook %s to %s dropped: the host is no longer allowed", mid, url)
+        try:
+            allowed = host_allowed(url, self.settings.webhook_allowed_hosts)
+        except ValueError as exc:                      # a record written before the URL was checked by httpx
+            log.warning("webhook %s dropped: %s", mid, exc)
+            self._done(mid)
+            return
+        if not allowed:
+            log.warning("webhook %s to %r dropped: the host is no longer allowed", mid, url)
             self._done(mid)
             return
         timestamp = int(time.time())
@@ -364,6 +384,10 @@ class WebhookDispatcher:
         try:
             resp = self._http.post(url, content=body.encode(), headers=headers)
             ok, why = 200 <= resp.status_code < 300, f"HTTP {resp.status_code}"
+        except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:   # permanent: retrying cannot help
+            log.warning("webhook %s to %r dropped: %s", mid, url, exc)
+            self._done(mid)
+            return
         except httpx.HTTPError as exc:
             ok, why = False, type(exc).__name__
         if ok:

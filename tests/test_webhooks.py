@@ -254,3 +254,77 @@ def test_a_slow_receiver_holds_up_only_its_own_job(redis_client):
         slow.down()
         fast.down()
         dispatcher.stop()
+
+
+def test_a_url_with_a_control_character_is_refused_at_submission(redis_url):
+    """``urlsplit`` drops tabs and newlines, so the host check alone passes such a URL; the sender's own
+    parser refuses it, and so does the submission (422), instead of a delivery that can never be sent."""
+    settings = Settings(redis_url=redis_url, webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1:9000",))
+    with TestClient(create_app(settings)) as client:
+        for url in ("http://127.0.0.1:9000/poison\n", "http://127.0.0.1:9000/a\tb", "http://127.0.0.1:9000/\r"):
+            resp = client.post("/v1/generations", json={"labels": [1], "webhook": url})
+            assert resp.status_code == 422, resp.text
+            assert "control characters" in resp.json()["message"]
+
+
+def test_a_poisoned_delivery_is_dropped_not_retried(redis_client, caplog):
+    """A delivery record whose URL httpx cannot send (written before submissions were checked) is final
+    at its first attempt: dropped with one warning, not rescheduled forever."""
+    from service.webhooks import HookKeys, WebhookDispatcher
+
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1:9000",))
+    keys = HookKeys("eqm")
+    mids = []
+    for k, url in enumerate(("http://127.0.0.1:9000/poison\n", "http://127.0.0.1:9000/a b\x00")):
+        mid = f"job{k}-1-0"
+        redis_client.hset(keys.msg(mid), mapping={"url": url, "body": "{}", "first": time.time(), "attempts": 0})
+        redis_client.zadd(keys.due, {mid: 0})
+        mids.append(mid)
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        with caplog.at_level("WARNING", logger="eqm.webhooks"):
+            assert dispatcher.deliver_due()
+            assert dispatcher.wait_idle(10)
+        for mid in mids:
+            assert not redis_client.exists(keys.msg(mid)) and redis_client.zscore(keys.due, mid) is None
+        assert not any(r.exc_info for r in caplog.records)                     # no traceback
+        assert sum("dropped" in r.getMessage() for r in caplog.records) == 2
+        assert not dispatcher.deliver_due()                                    # nothing left to attempt
+    finally:
+        dispatcher.stop()
+
+
+def test_a_hook_registered_before_its_job_exists_is_not_dropped(redis_client):
+    """The hook is written before the job record; a dispatcher pass in that gap must keep following the
+    job, so its events are delivered once the record and its events appear."""
+    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.webhooks import HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
+
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))
+    keys = HookKeys("eqm")
+    store = JobStore(redis_client)
+    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
+    register_webhook(redis_client, "eqm", spec.id, WebhookTarget("http://127.0.0.1:9/hook", ("completed",)),
+                     "http://api", 60)
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        assert not dispatcher.collect()                         # a pass in the gap: no job record yet
+        assert redis_client.sismember(keys.follow, spec.id)     # still followed
+        store.submit(spec)
+        store.cancel(spec.id)
+        assert dispatcher.collect()
+        bodies = [json.loads(redis_client.hget(keys.msg(m.decode()), "body")) for m in redis_client.zrange(keys.due, 0, -1)]
+        assert [(b["data"]["id"], b["type"]) for b in bodies] == [(spec.id, "job.completed")]
+    finally:
+        dispatcher.stop()
+
+
+def test_a_refused_submission_leaves_no_hook_behind(redis_url, redis_client):
+    """A submission refused after its webhook was registered (no worker: 503) stops following the job."""
+    from service.webhooks import HookKeys
+
+    settings = Settings(redis_url=redis_url, webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))
+    with TestClient(create_app(settings)) as client:
+        resp = client.post("/v1/generations", json={"labels": [1], "webhook": "http://127.0.0.1:9/hook"})
+    assert resp.status_code == 503, resp.text
+    assert redis_client.scard(HookKeys("eqm").follow) == 0

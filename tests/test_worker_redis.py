@@ -213,7 +213,7 @@ def test_two_workers_share_the_stream(store, procs, redis_client):
     assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'eqm_images_total{model="tiny",outcome="step_cap",task=' in metrics
-    assert "eqm_batch_occupancy" in metrics and "eqm_step_seconds_bucket" in metrics
+    assert "eqm_batch_occupancy_ratio" in metrics and "eqm_step_seconds_bucket" in metrics
 
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0

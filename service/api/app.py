@@ -30,6 +30,7 @@ from service.api.errors import body_fields, unknown_field_message, validation_me
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.api.redoc_script import serve_local_redoc_script
+from service.api.openapi_schema import finish_openapi, operation_id
 from service.jobs import is_oom
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
@@ -71,6 +72,12 @@ DOCS_PAGES = ("/docs", "/redoc")
 # Everything from this server; inline scripts and styles are how both pages start; ReDoc runs a blob: worker.
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
+
+
+# The playground page: requests and images from this server only, never in a frame.
+PLAYGROUND_HEADERS = {"Content-Security-Policy": "connect-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                                                 "frame-ancestors 'none'; base-uri 'self'; form-action 'self'",
+                      "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff"}
 
 
 class DocsPolicyMiddleware:
@@ -119,8 +126,10 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
             await state.close()
 
     app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
-                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS)
+                         openapi_tags=TAGS, lifespan=lifespan, static_url=DOCS_ASSETS,
+                         generate_unique_id_function=operation_id)
     serve_local_redoc_script(app, DOCS_ASSETS)
+    finish_openapi(app, api_keys_required=bool(settings.api_keys or settings.admin_keys))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -137,7 +146,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
 
     @app.get("/", include_in_schema=False)
     def root() -> FileResponse:
-        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache", **PLAYGROUND_HEADERS})
 
     return app
 

@@ -1,12 +1,10 @@
 """``POST /v1/denoise``: start the descent from an uploaded (partially noised) image instead of noise."""
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.concurrency import run_in_threadpool
 
 from service.api.conventions import client_options
 from service.api.deps import ApiState, get_state, require_api_key
@@ -14,7 +12,7 @@ from service.api.generations import WAIT_DOC
 from service.api.schemas import DenoiseForm, JobCreated, JobStatus, error_responses
 from service.api.submit import (check_image_count, check_model, deadline, field_error, first_seed, resolve_labels,
                                 sampler_spec, submit)
-from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, prepare_image, upload_pixel_limit
+from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, decode_upload
 from service.jobs import ImageSpec, JobSpec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, dependencies=[Depends(require_api_key)])
@@ -22,25 +20,6 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, de
 IMAGE_DOC = ("PNG, JPEG or WebP (detected from its bytes). At most EQM_MAX_UPLOAD_BYTES bytes and "
              "(16 x the model's image size)^2 pixels (at least 1024 x 1024, at most EQM_MAX_UPLOAD_PIXELS). "
              "Preprocessing: " + PREPROCESSING + ".")
-DECODE_WAIT_S = 30.0          # an upload waits this long for a decoding turn before a 503
-
-
-async def decode_upload(state: ApiState, data: bytes) -> bytes:
-    """``prepare_image`` in the thread pool, at most ``upload_decodes`` at once per process: each decode
-    may take ~180 MB, so a burst of large uploads waits its turn instead of taking the memory."""
-    model = state.model
-    try:
-        await asyncio.wait_for(state.decodes.acquire(), DECODE_WAIT_S)
-    except asyncio.TimeoutError:
-        raise HTTPException(503, f"busy decoding other uploads for {DECODE_WAIT_S:.0f}s; retry shortly",
-                            headers={"Retry-After": "5"}) from None
-    try:
-        return await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
-                                       upload_pixel_limit(model.image_size, state.settings.max_upload_pixels))
-    finally:
-        state.decodes.release()
-
-
 @router.post("/denoise", status_code=202, response_model=JobCreated,
              summary="Denoise an uploaded image (multipart form)",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},

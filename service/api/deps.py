@@ -84,7 +84,7 @@ def check_api_key(request: Request) -> None:
     if not keys and not admins:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip().encode()
+    token = token.strip(" \t").encode()          # HTTP whitespace only: a key + U+00A0 is another key
     # compare_digest against every key (no early exit): the time taken does not tell which key nearly matched
     matched = admin = False
     for key in keys:

@@ -2,14 +2,17 @@
 metrics targets (behind the API key when keys are on: they name internal hosts and ports)."""
 from __future__ import annotations
 
+import gzip
 from urllib.parse import urlsplit
 
 import redis
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 from service.api.deps import ApiState, get_state, require_api_key
+from service.api.metrics import worker_label
 from service.api.schemas import Health, Readiness, error_responses
 
 router = APIRouter(tags=["operations"])
@@ -46,28 +49,42 @@ def readyz(state: ApiState = Depends(get_state)):
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API and its live workers",
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
-def metrics(state: ApiState = Depends(get_state)) -> Response:
+def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
     """Requests, submissions and the queue depth (refreshed from Redis at each scrape), and the live
     workers' engine metrics (label ``worker``) unless the server sets ``EQM_METRICS_FROM_WORKERS=false``;
     each worker also serves them on its own port: see ``/sd/workers``."""
     body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    if "gzip" in request.headers.get("accept-encoding", ""):        # Prometheus asks for it: ~10x fewer bytes
+        return Response(gzip.compress(body, compresslevel=1), media_type=CONTENT_TYPE_LATEST,
+                        headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return Response(body, media_type=CONTENT_TYPE_LATEST, headers={"Vary": "Accept-Encoding"})
+
+
+class TargetGroup(BaseModel):
+    """One group of Prometheus' HTTP service discovery format."""
+    targets: list[str] = Field(description="host:port of a worker's metrics endpoint", examples=[["worker-1:9400"]])
+    labels: dict[str, str] = Field(description="worker (host:port), device, and __metrics_path__ when not /metrics")
 
 
 @router.get("/sd/workers", summary="Prometheus HTTP service discovery of the workers' metrics endpoints",
-            dependencies=[Depends(require_api_key)],
+            dependencies=[Depends(require_api_key)], response_model=list[TargetGroup],
             responses={200: {"description": "a list of {targets, labels} groups (Prometheus http_sd format)"},
                        **error_responses(401)})
 def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:
-    """Each live worker that serves metrics, as ``host:port`` with its name, device and model as labels:
-    point Prometheus' ``http_sd_configs`` here to scrape every worker on every machine."""
+    """Each live worker that serves metrics, as ``host:port`` with its device as a label and ``worker`` =
+    ``host:port`` (stable across restarts): point Prometheus' ``http_sd_configs`` here to scrape every
+    worker on every machine. No ``model`` label: the workers' series carry their own. Empty while this
+    API's ``/metrics`` includes the workers' series (``EQM_METRICS_FROM_WORKERS``, on by default, as with
+    ``eqm serve``): then scraping them again would count every series twice."""
+    if state.settings.metrics_from_workers:
+        return JSONResponse([])
     groups = []
     for name, info in sorted(state.store.live_workers(state.settings.heartbeat_s).items()):
         url = info.get("metrics_url") or ""
         if not url:
             continue
         parts = urlsplit(url)
-        labels = {"worker": name, "device": str(info.get("device", "")), "model": str(info.get("model", ""))}
+        labels = {"worker": worker_label(url), "device": str(info.get("device", ""))}
         if parts.path and parts.path != "/metrics":
             labels["__metrics_path__"] = parts.path
         groups.append({"targets": [parts.netloc], "labels": labels})

@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRout
 JobId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the id returned at submission",
              examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
 KEEPALIVE_S = 15.0
-_ENTRY_ID = re.compile(r"^\d+-\d+$")
+_ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")       # a Redis stream id: two unsigned 64-bit integers
 
 
 # -- status -----------------------------------------------------------------------------------
@@ -97,7 +97,11 @@ def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get
 
 # -- images -----------------------------------------------------------------------------------
 
-_IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct in IMAGE_FORMATS.values()}
+# The job's own format, or raw bytes for a client that asks only for application/octet-stream (client
+# generators type that one as bytes; they know no image/* type).
+OCTET_STREAM = "application/octet-stream"
+_IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}}
+                  for ct in (*IMAGE_FORMATS.values(), OCTET_STREAM)}
 
 
 @router.get("/{job_id}/images/{index}", response_class=Response, summary="Download image k of a job",
@@ -106,8 +110,9 @@ _IMAGE_CONTENT = {ct: {"schema": {"type": "string", "format": "binary"}} for ct 
 def get_image(request: Request, job_id: str = JobId,
               index: int = Path(..., ge=0, le=100_000, description="image index k"),
               state: ApiState = Depends(get_state)) -> Response:
-    """The image bytes, in the job's format (PNG, JPEG or WebP). Images become available one by one
-    as they finish, before the job as a whole is done."""
+    """The image bytes, in the job's format (PNG, JPEG or WebP; as ``application/octet-stream`` when the
+    Accept header asks for that and no image type). Images become available one by one as they finish,
+    before the job as a whole is done."""
     check_owner(request, state, job_id)
     keys = state.store.keys
     pipe = state.redis.pipeline(transaction=False)
@@ -121,8 +126,11 @@ def get_image(request: Request, job_id: str = JobId,
     if index >= n:
         raise HTTPException(404, f"job {job_id} has {n} image(s): indices 0..{n - 1}")
     if data is not None:
-        return Response(content=data, media_type=IMAGE_FORMATS.get(spec["format"], "application/octet-stream"),
-                        headers={"Cache-Control": "private, max-age=3600"})
+        accept = request.headers.get("accept", "")
+        raw = OCTET_STREAM in accept and "image/" not in accept
+        media_type = OCTET_STREAM if raw else IMAGE_FORMATS.get(spec["format"], OCTET_STREAM)
+        return Response(content=data, media_type=media_type,
+                        headers={"Cache-Control": "private, max-age=3600", "Vary": "Accept"})
     status = status.decode() if status else "unknown"
     if status in FINAL_STATUSES:
         raise HTTPException(404, f"image {index} of job {job_id} was not produced: the job is {status}")
@@ -131,6 +139,11 @@ def get_image(request: Request, job_id: str = JobId,
 
 
 # -- events -----------------------------------------------------------------------------------
+
+def _stream_id(text: str) -> bool:
+    """True for an id Redis accepts as a stream position (ASCII digits, each part below 2^64)."""
+    return bool(_ENTRY_ID.match(text)) and all(int(part) < 2**64 for part in text.split("-"))
+
 
 @router.get("/{job_id}/events", response_class=StreamingResponse, summary="Server-sent events of a job",
             responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -153,7 +166,7 @@ async def job_events(request: Request, job_id: str = JobId,
     await check_owner_async(request, state, job_id)
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
-    start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
+    start = last_event_id if last_event_id and _stream_id(last_event_id) else "0"     # else: replay from the start
     return StreamingResponse(_event_stream(state, job_id, start, previews), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

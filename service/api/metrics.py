@@ -4,26 +4,44 @@ One page for a user: the engine's metrics (steps per sample, gradient norms, bat
 time, job latency) live in each worker's own registry and endpoint (``service.metrics``), and the
 API's ``/metrics`` includes them too: at each scrape it reads every live worker's endpoint (from the
 worker registry in Redis, 1 s timeout each) and adds its ``eqm_*`` series with a ``worker`` label,
-plus ``eqm_worker_metrics_up{worker}`` (0 when an endpoint did not answer). Series the API has itself
+plus ``eqm_worker_metrics_up{worker}`` (0 when an endpoint did not answer); ``worker`` is the endpoint's
+``host:port``. Series the API has itself
 (``eqm_queue_depth``, process metrics) are not repeated. ``EQM_METRICS_FROM_WORKERS=0`` turns this
-off, for a Prometheus that scrapes the workers directly (the compose setup, through ``/sd/workers``),
-so no series is counted twice. The queue depth is refreshed from Redis at every scrape, so it is
+off, for a Prometheus that scrapes the workers directly (the compose setup, through ``/sd/workers``).
+One source per deployment: ``/sd/workers`` lists the workers only when this page does not include them,
+so the shipped Prometheus config counts no series twice whichever way the API runs. The queue depth is refreshed from Redis at every scrape, so it is
 current even when no worker runs.
 """
 from __future__ import annotations
 
+import gzip
 import time
 import urllib.request
+from urllib.parse import urlsplit
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.jobs import JOB_KINDS
+
+disable_created_metrics()          # no ``*_created`` series beside each counter and histogram
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WORKER_SCRAPE_TIMEOUT_S = 1.0
+# The ``method`` label takes these values and "other": a client's made-up method must not create series.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+REJECT_REASONS = ("queue_full", "no_worker", "redis_down", "redis_full", "busy")
+SUBMITTED_KINDS = (*JOB_KINDS, "score")
+
+
+def worker_label(metrics_url: str) -> str:
+    """A worker's ``worker`` label: its metrics endpoint ``host:port``, stable across restarts (the
+    worker's name carries its PID, which would start new series at every restart)."""
+    return urlsplit(metrics_url).netloc or metrics_url
 
 
 class WorkerMetrics:
@@ -79,6 +97,11 @@ class ApiMetrics:
             ["reason"], registry=r)
         self.queue_depth = Gauge(
             "eqm_queue_depth", "Jobs submitted and not yet started (the queued set).", registry=r)
+        for reason in REJECT_REASONS:           # at 0 from the start: the first refusal shows in increase()
+            self.rejected_total.labels(reason)
+        for kind in SUBMITTED_KINDS:
+            self.jobs_submitted_total.labels(kind)
+            self.images_requested_total.labels(kind)
         self.live_workers = Gauge(
             "eqm_live_workers", "Workers whose heartbeat is recent, by model.", ["model"], registry=r)
         self.redis_up = Gauge(
@@ -99,7 +122,8 @@ class ApiMetrics:
             self.redis_up.set(0)
             workers = {}
         if self.workers is not None:
-            self.workers.targets = {name: w["metrics_url"] for name, w in workers.items() if w.get("metrics_url")}
+            self.workers.targets = {worker_label(w["metrics_url"]): w["metrics_url"] for w in workers.values()
+                                    if w.get("metrics_url")}
         return generate_latest(self.registry)
 
 
@@ -127,8 +151,9 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             template = _route_template(dict(scope, root_path=root_path))
-            self.metrics.requests_total.labels(scope["method"], template, str(status)).inc()
-            self.metrics.request_seconds.labels(scope["method"], template).observe(time.perf_counter() - start)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests_total.labels(method, template, str(status)).inc()
+            self.metrics.request_seconds.labels(method, template).observe(time.perf_counter() - start)
 
 
 def _route_template(scope: Scope) -> str:

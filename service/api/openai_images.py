@@ -41,7 +41,7 @@ from service.api.conventions import absolute, reject_unknown_query
 from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
 from service.api.errors import validation_message
-from service.api.uploads import LimitedBodyRoute, UploadError, prepare_image
+from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload, unreadable_form
 from service.jobs import ImageSpec, JobSpec
 
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -266,7 +266,7 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
     except HTTPException:
         raise
     except Exception as exc:        # malformed multipart
-        raise HTTPException(400, f"the body is not a readable multipart form ({type(exc).__name__})") from None
+        raise unreadable_form(exc) from None
     for name in form.keys():
         if name not in _EDIT_FIELDS:
             raise field_error(("body", name), f"unknown form field {name!r}")
@@ -292,8 +292,7 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         spec.kind, spec.mask = "inpaint", pack_mask(regen)
         return await _run(request, state, spec, png, labels, opts.response_format or "b64_json", opts)
     try:
-        png = await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
-                                      state.settings.max_upload_pixels)
+        png = await decode_upload(state, data)
     except UploadError as exc:
         if exc.status_code == 422:
             raise field_error(("body", "image"), exc.detail) from None

@@ -23,7 +23,7 @@ from service.api.jobs import JobId
 from service.api.listing import not_found, require_owner
 from service.api.schemas import error_responses
 from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
-from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, prepare_image
+from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, decode_upload, unreadable_form
 from service.jobs import ImageSpec, JobSpec
 from service.scoring import SCORE_KIND, score_input_key
 
@@ -92,7 +92,7 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     except HTTPException:
         raise
     except Exception as exc:
-        raise HTTPException(400, f"the body is not a readable multipart form ({type(exc).__name__})") from None
+        raise unreadable_form(exc) from None
     for name in form.keys():
         if name not in ("image", "label", "model"):
             raise field_error(("body", name), f"unknown form field {name!r}; the fields are: image, label, model")
@@ -109,8 +109,7 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     for k, upload in enumerate(files):
         data = await upload.read()
         try:
-            png = await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
-                                          state.settings.max_upload_pixels)
+            png = await decode_upload(state, data)
         except UploadError as exc:
             if exc.status_code == 422:
                 raise field_error(("body", "image", k), exc.detail) from None

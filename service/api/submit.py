@@ -25,7 +25,7 @@ from service.api.schemas import JobCreated, SamplingOptions
 from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
 from service.jobs import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
-from service.webhooks import WebhookTarget, register_webhook, webhook_target
+from service.webhooks import WebhookTarget, register_webhook, unregister_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5
 RETRY_NO_WORKER_S = 10
@@ -211,7 +211,12 @@ def _store_job(state: ApiState, spec: JobSpec, input_png: bytes | None, inputs: 
         pipe.execute()
     if hook is not None:
         register_webhook(state.redis, store.keys.prefix, spec.id, hook, base, store.ttl_s)
-    _submit(state, spec, input_png, who if state.settings.api_keys or state.settings.admin_keys else None)
+    try:
+        _submit(state, spec, input_png, who if state.settings.api_keys or state.settings.admin_keys else None)
+    except BaseException:
+        if hook is not None:           # refused: nothing to follow (the dispatcher keeps a hook until it expires)
+            unregister_webhook(state.redis, store.keys.prefix, spec.id)
+        raise
     store.record_owner(who, spec.id, spec.submitted)
 
 

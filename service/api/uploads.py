@@ -4,7 +4,8 @@ Size: a declared ``Content-Length`` over the limit is refused before a byte is r
 body is counted chunk by chunk as the server receives it and refused (413) the moment it passes the
 limit, so an oversized or endless (chunked) upload is never spooled to memory or disk.
 
-Time: each chunk of a body must arrive within ``body_timeout_s`` of the previous one (else 408).
+Time: each chunk of a body must arrive within ``body_timeout_s`` of the previous one, and the whole body
+within ``body_deadline_s`` of the headers (else 408 and the connection is closed).
 
 Images (``prepare_image``), in this order, each step refusing before any pixel is decoded:
 1. the first bytes must be PNG, JPEG or WebP (else 415);
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import warnings
 from typing import Callable
 
 from fastapi import HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from PIL import Image, ImageOps, UnidentifiedImageError
 from starlette.types import Message, Receive
@@ -103,6 +106,26 @@ def _to_model_png(image: Image.Image, size: int, channels: int) -> bytes:
     return buf.getvalue()
 
 
+DECODE_WAIT_S = 30.0          # an upload waits this long for a decoding turn before a 503
+
+
+async def decode_upload(state, data: bytes) -> bytes:
+    """The one way every route decodes an upload: ``prepare_image`` with the model's pixel limit
+    (``upload_pixel_limit``) in the thread pool, at most ``upload_decodes`` at once per process: each decode
+    may take ~180 MB, so a burst of large uploads waits its turn instead of taking the memory."""
+    model = state.model
+    try:
+        await asyncio.wait_for(state.decodes.acquire(), DECODE_WAIT_S)
+    except asyncio.TimeoutError:
+        raise HTTPException(503, f"busy decoding other uploads for {DECODE_WAIT_S:.0f}s; retry shortly",
+                            headers={"Retry-After": "5"}) from None
+    try:
+        return await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
+                                       upload_pixel_limit(model.image_size, state.settings.max_upload_pixels))
+    finally:
+        state.decodes.release()
+
+
 # -- body size --------------------------------------------------------------------------------
 
 def body_limit(request: Request) -> int:
@@ -114,7 +137,19 @@ def body_limit(request: Request) -> int:
     return JSON_BODY_LIMIT
 
 
+def unreadable_form(exc: Exception) -> HTTPException:
+    """400 for a multipart body the parser refused, with the parser's reason."""
+    inner = exc.__cause__ or exc.__context__          # Starlette wraps the parser's own message
+    text = str(inner) if inner is not None and str(inner) else str(getattr(exc, "detail", "") or exc)
+    reason = text.splitlines()[0] if text else type(exc).__name__
+    return HTTPException(400, f"the body is not a readable multipart form ({reason}); send multipart/form-data "
+                              f"with the image in the field 'image'")
+
+
 def too_large(limit: int) -> HTTPException:
+    if limit == JSON_BODY_LIMIT:              # a JSON request: a fixed cap, no setting raises it
+        return HTTPException(413, f"the JSON body is over {limit} bytes; a request is a few hundred bytes: "
+                                  f"send images as a multipart upload")
     return HTTPException(413, f"request body is over the limit of {limit} bytes; send a smaller image "
                               f"(EQM_MAX_UPLOAD_BYTES on the server)")
 
@@ -127,16 +162,21 @@ def upload_pixel_limit(image_size: int, max_pixels: int) -> int:
     return min(max_pixels, max(1024 * 1024, (16 * image_size) ** 2))
 
 
-def _counting_receive(receive: Receive, limit: int, timeout_s: float) -> Callable[[], Message]:
+def _counting_receive(receive: Receive, limit: int, timeout_s: float, deadline_s: float) -> Callable[[], Message]:
     seen = 0
+    deadline = time.monotonic() + deadline_s
 
     async def counted() -> Message:
         nonlocal seen
+        left = deadline - time.monotonic()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            message = await asyncio.wait_for(receive(), max(0.0, min(timeout_s, left)))
         except asyncio.TimeoutError:
-            raise HTTPException(408, f"the request body stopped arriving for {timeout_s:.0f}s; send it at once "
-                                     f"(EQM_BODY_TIMEOUT_S on the server)", headers={"Connection": "close"}) from None
+            if left <= timeout_s:
+                why = f"the request body did not arrive whole within {deadline_s:.0f}s (EQM_BODY_DEADLINE_S)"
+            else:
+                why = f"the request body stopped arriving for {timeout_s:.0f}s (EQM_BODY_TIMEOUT_S)"
+            raise HTTPException(408, f"{why}; send it at once", headers={"Connection": "close"}) from None
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -159,8 +199,9 @@ class LimitedBodyRoute(APIRoute):
                 declared = request.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limit:
                     raise too_large(limit)
-                request = Request(request.scope, _counting_receive(request.receive, limit,
-                                                                   request.app.state.api.settings.body_timeout_s))
+                settings = request.app.state.api.settings
+                request = Request(request.scope, _counting_receive(request.receive, limit, settings.body_timeout_s,
+                                                                   settings.body_deadline_s))
             return await handler(request)
 
         return limited
