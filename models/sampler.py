@@ -29,8 +29,10 @@ from typing import Callable, Sequence
 import torch
 
 from kernels.nag_step import nag_step
+from models.heun_sde import HeunSDEParams
+from models.heun_slots import HeunSlots
 
-SAMPLERS = ("nag", "gd")
+SAMPLERS = ("nag", "gd", "heun-sde")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class SamplerParams:
     mu: float = 0.3
     max_steps: int = 249
     grad_norm_threshold: float = 0.0     # 0 = never stop early
+    # "heun-sde" (models/heun_sde.py): step_size is the SDE time step dt, max_steps counts Heun steps
+    # (2 evaluations each), and the temperature rises from 0 at time_cutoff to epsilon_max at t = 1.
+    epsilon_max: float = 0.0
+    time_cutoff: float = 1.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -54,11 +60,17 @@ class SamplerParams:
             raise ValueError(f"max steps must be >= 0, got {self.max_steps}")
         if not self.grad_norm_threshold >= 0:
             raise ValueError(f"gradient-norm threshold must be >= 0, got {self.grad_norm_threshold}")
+        if self.sampler == "heun-sde":
+            self.heun_params()           # validates the SDE settings
 
     @property
     def momentum(self) -> float:
         """The look-ahead factor actually used: GD evaluates at x itself."""
         return self.mu if self.sampler == "nag" else 0.0
+
+    def heun_params(self) -> HeunSDEParams:
+        return HeunSDEParams(dt=self.step_size, max_steps=self.max_steps, epsilon_max=self.epsilon_max,
+                             time_cutoff=self.time_cutoff, grad_norm_threshold=self.grad_norm_threshold)
 
 
 @dataclass(frozen=True)
@@ -238,6 +250,7 @@ class SlotBatch:
         self.plan_weights = torch.zeros(capacity, k, **f32)
         self._plan_dirty = False
         self._upload = _Uploader(self.device)
+        self.heun = HeunSlots(capacity, self.sample_shape, self.device)   # slots on the Euler-Heun SDE
         self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -252,8 +265,9 @@ class SlotBatch:
         free = self.max_rows - self.n_rows if self.packed else len(self.free_rows)
         return bool(self.free_slots) and free >= n_rows
 
-    def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams) -> int:
-        """Put one sample in a free slot, starting at ``x0``; returns the slot index."""
+    def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams, seed: int = 0) -> int:
+        """Put one sample in a free slot, starting at ``x0``; returns the slot index. ``seed``: the
+        sample's noise stream (the Heun SDE sampler draws its increments from it)."""
         if not self.can_admit(len(rows)):
             raise RuntimeError("no free slot or not enough free rows")
         if len(rows) > MAX_ROWS_PER_SAMPLE:
@@ -296,6 +310,8 @@ class SlotBatch:
         self._position[slot] = len(self.order)
         self.order.append(slot)
         self._write_plan(slot)
+        if params.sampler == "heun-sde":
+            self.heun.admit(slot, params.heun_params(), seed)
         return slot
 
     def release(self, slot: int) -> None:
@@ -308,6 +324,7 @@ class SlotBatch:
         for slot in slots:
             rows = self.slot_rows.pop(slot)
             self.slot_weights.pop(slot)
+            self.heun.release(slot)
             for r in rows:
                 self.row_owner[r] = -1
             holes += rows
@@ -372,6 +389,8 @@ class SlotBatch:
             return self._step_subset(list(slots))
         if not self.order:
             return 0
+        if self.heun:
+            return self._step_subset(list(self.order))
         a = len(self.order)
         if self._plan_dirty:
             self._upload.copy(self.plan_slots[:a], self._slots_host[:a])
@@ -386,6 +405,8 @@ class SlotBatch:
     def _step_subset(self, slots: list[int]) -> int:
         if not slots:
             return 0
+        if self.heun:
+            return self._step_with_heun(slots)
         k = max(len(self.slot_rows[s]) for s in slots)
         rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in slots]
         weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in slots]
@@ -393,6 +414,25 @@ class SlotBatch:
         self._run(bucket, self.to_device(torch.tensor(slots, dtype=torch.int32)),
                   self.to_device(torch.tensor(rows, dtype=torch.int32)),
                   self.to_device(torch.tensor(weights, dtype=torch.float32)), k)
+        return bucket
+
+    def _step_with_heun(self, slots: list[int]) -> int:
+        """One forward for every listed slot; descent slots take the fused step, Heun slots one phase."""
+        bucket = self.bucket_for(self.n_rows if self.packed else 1 + max(max(self.slot_rows[s]) for s in slots))
+        out = self.forward(self.model_in[:bucket], self.labels[:bucket]).contiguous()
+        descent = [s for s in slots if s not in self.heun]
+        if descent:
+            k = max(len(self.slot_rows[s]) for s in descent)
+            rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in descent]
+            weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in descent]
+            nag_step(out, self.x, self.m, self.model_in[:bucket], self.to_device(torch.tensor(descent, dtype=torch.int32)),
+                     self.to_device(torch.tensor(rows, dtype=torch.int32)),
+                     self.to_device(torch.tensor(weights, dtype=torch.float32)), self.eta, self.mu, self.threshold,
+                     self.max_steps, self.steps, self.norm, self.finished, self.guided_channels, freeze_finished=True)
+        heun = [s for s in slots if s in self.heun]
+        if heun:
+            self.heun.update(self, out, heun)
+        self.rows_evaluated += bucket
         return bucket
 
     def _run(self, bucket: int, slot_ids, rows, weights, k: int) -> None:
@@ -450,13 +490,15 @@ class SampleResult:
 def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Condition],
            params: SamplerParams | Sequence[SamplerParams], *, null_label: int, guided_channels: int,
            dtype: torch.dtype | None = None, progress: Callable[[int, int], None] | None = None,
-           stats: dict | None = None, status_lag: int | None = None) -> SampleResult:
+           stats: dict | None = None, status_lag: int | None = None,
+           seeds: Sequence[int] | None = None) -> SampleResult:
     """Run every sample from ``start`` (N, C, H, W) until it stops, in one packed ``SlotBatch``.
 
     A sample that stops (below its threshold or at its cap) leaves the batch at once, so the
     forward shrinks as samples finish: adaptive stopping saves time, not only evaluations.
     ``stats``, when given, receives ``rows_evaluated`` (forward rows, padding included) and ``nfe``.
     ``status_lag``: steps the status read-back lags (default 1 on CUDA, 0 elsewhere; same results).
+    ``seeds``: each sample's noise stream for the Heun SDE sampler (default 0, 1, 2, ...).
     """
     n = start.shape[0]
     if len(conditions) != n:
@@ -475,8 +517,9 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
     owner: dict[int, int] = {}              # slot -> sample index
     for i in range(n):
         if per_sample[i].max_steps > 0:     # a zero budget keeps its start
-            owner[batch.admit(start[i], row_sets[i], per_sample[i])] = i
-    total = max((p.max_steps for p in per_sample), default=0)
+            owner[batch.admit(start[i], row_sets[i], per_sample[i], seed=seeds[i] if seeds is not None else i)] = i
+    # Engine steps: a Heun step takes two forwards.
+    total = max((p.max_steps * (2 if p.sampler == "heun-sde" else 1) for p in per_sample), default=0)
     # On CUDA the status of step k is read after step k+1 is queued (the device never waits for the
     # host); a sample that finished in step k is frozen by the fused step in k+1, so nothing changes.
     lag = (1 if batch.device.type == "cuda" else 0) if status_lag is None else status_lag
@@ -509,7 +552,8 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
             progress(min(step, total), total)
     stopped = [k < p.max_steps for k, p in zip(steps, per_sample)]
     if stats is not None:
-        # Evaluations: one per update, plus the one that found the norm below the threshold.
-        nfe = sum(len(r) * (k + int(e)) for r, k, e in zip(row_sets, steps, stopped))
+        # Evaluations: one per update (two per Heun step), plus the one that found the norm below the threshold.
+        nfe = sum(len(r) * (k * (2 if p.sampler == "heun-sde" else 1) + int(e))
+                  for r, k, e, p in zip(row_sets, steps, stopped, per_sample))
         stats.update(rows_evaluated=batch.rows_evaluated, nfe=nfe)
     return SampleResult(latents=latents, steps=steps, grad_norms=norms, stopped_early=stopped)
