@@ -35,6 +35,25 @@ def looks_like_energy_matching(obj: dict, meta: dict[str, str] | None = None) ->
     return all(k in obj for k in _MARKER_KEYS)
 
 
+def is_energy_matching_file(path) -> bool:
+    """Whether the file holds an Energy Matching model (read lazily: tensors are not loaded)."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False                       # the regular loader reports the problem
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return looks_like_energy_matching({k: None for k in fh.keys()}, dict(fh.metadata() or {}))
+        except (SafetensorError, OSError, ValueError):
+            return False
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:                       # not loadable lazily: the regular loader reports why
+        return False
+    return isinstance(obj, dict) and looks_like_energy_matching(obj)
+
+
 def read_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """(the raw checkpoint dict, safetensors metadata or {}); one-line errors for unreadable files."""
     path = Path(path)

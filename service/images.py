@@ -81,7 +81,9 @@ def provenance_record(spec, index: int, steps: int, grad_norm: float | None) -> 
             "seed": image.seed, "guidance_scale": spec.cfg_scale, "noise_level": spec.noise_level,
             "sampler": sampler.sampler, "step_size": sampler.step_size, "mu": sampler.mu,
             "max_steps": sampler.max_steps, "grad_norm_threshold": sampler.grad_norm_threshold,
-            "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}")}
+            "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}"),
+            **({"epsilon_max": sampler.epsilon_max, "time_cutoff": sampler.time_cutoff}
+               if sampler.sampler == "heun-sde" else {})}
 
 
 def provenance_line(p: dict) -> str:

@@ -63,7 +63,8 @@ def sampler_spec(opts: SamplingOptions, model: ModelInfo, denoise: bool = False)
     return SamplerSpec(sampler=pick(opts.sampler, d.sampler), step_size=pick(opts.step_size, d.step_size),
                        mu=pick(opts.mu, d.mu),
                        max_steps=pick(opts.max_steps, d.denoise_max_steps if denoise else d.max_steps),
-                       grad_norm_threshold=pick(opts.grad_norm_threshold, d.grad_norm_threshold))
+                       grad_norm_threshold=pick(opts.grad_norm_threshold, d.grad_norm_threshold),
+                       epsilon_max=pick(opts.epsilon_max, d.epsilon_max), time_cutoff=pick(opts.time_cutoff, d.time_cutoff))
 
 
 def first_seed(opts: SamplingOptions) -> int:

@@ -6,31 +6,11 @@ import sys
 import time
 from pathlib import Path
 
-HEUN_FLAGS = ("dt", "t_end", "epsilon_max", "time_cutoff")
+from models.em_checkpoint import is_energy_matching_file as is_energy_checkpoint  # noqa: F401  (handlers only)
+
 GD_FLAGS = {"labels": "--labels", "sampler": "--sampler", "step_size": "--step-size", "mu": "--mu",
             "cfg_scale": "--cfg-scale", "guidance_channels": "--guidance-channels", "start": "--start",
             "noise_level": "--noise-level"}
-
-
-def is_energy_checkpoint(path) -> bool:
-    """Whether the file holds an Energy Matching model (read lazily: tensors are not loaded)."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        return False                       # the regular loader reports the problem
-    from models.em_checkpoint import looks_like_energy_matching
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                return looks_like_energy_matching({k: None for k in fh.keys()}, dict(fh.metadata() or {}))
-        except (SafetensorError, OSError, ValueError):
-            return False
-    import torch
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:                       # not loadable lazily: the regular loader reports why
-        return False
-    return isinstance(obj, dict) and looks_like_energy_matching(obj)
 
 
 def parse_model_flags(items: list[str]) -> dict[str, str]:
