@@ -42,6 +42,8 @@ def check_model(requested: str | None, model: ModelInfo, loc: Sequence[str | int
 
 
 def resolve_labels(labels: Sequence[int | str], model: ModelInfo, loc: Sequence[str | int]) -> list[int]:
+    if labels and model.num_classes == 0:
+        raise field_error(loc, f"model {model.name} is unconditional (it has no classes): leave the labels out")
     out = []
     for i, label in enumerate(labels):
         try:
