@@ -1,4 +1,4 @@
-"""EqM networks, checkpoints, latent codecs and the gradient-descent sampler."""
+"""EqM and Energy Matching networks, checkpoints, latent codecs and samplers."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 # Models that ship inside the package, loadable by name (e.g. ``--checkpoint digits``).
-BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors"}
+BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors",
+           "em-digits": WEIGHTS_DIR / "em-digits.safetensors"}     # Energy Matching (models/em_digits.py)
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
