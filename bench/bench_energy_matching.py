@@ -52,7 +52,7 @@ def run(quick: bool, write: bool) -> str:
     test_accuracy = float((clf.predict(_features(split.x_test)) == split.y_test.numpy()).mean())
     em = load_model(resolve_checkpoint("em-digits"))
     eqm = load_model(resolve_checkpoint("digits"))
-    field = em.model
+    field = em.field
     n = 40 if quick else 200
     rounds = 1 if quick else 3
     shape = (1, 8, 8)

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .eqm import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
+from .family import ENERGY_FORMS, GradientField, field_for
 
 METADATA_FORMAT = "eqm-safetensors/1"
 GUIDANCE_MODES = ("all", "official")   # CFG on all latent channels, or the official first-3-channels quirk
@@ -37,6 +38,7 @@ class ModelSpec:
     class_names: tuple[str, ...] = ()    # optional, index = label
     # Recommended sampler settings of this model (SamplerParams fields + "cfg_scale"); empty = paper's XL/2 ones.
     sampler_defaults: dict = field(default_factory=dict, compare=False)
+    energy_form: str = "none"            # "none" = implicit EqM; "dot" | "l2" | "mean" = EqM-E (official --ebm)
 
     @property
     def guided_channels(self) -> int:
@@ -47,9 +49,14 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    model: EqM
+    model: EqM                 # the network (weights, config)
     spec: ModelSpec
     source: str
+    field: GradientField | None = None   # the model seam: what samplers call (set by load_model)
+
+    def __post_init__(self):
+        if self.field is None:
+            self.field = field_for(self.model, self.spec.energy_form)
 
 
 def _torch_load(path: Path) -> object:
@@ -103,6 +110,10 @@ def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict of tensors)")
+    metadata = {}
+    ebm = getattr(obj.get("args"), "ebm", None)
+    if ebm is not None:                 # official train.py records --ebm in its args
+        metadata["ebm"] = str(ebm)
     if "ema" in obj or "model" in obj:
         if weights not in obj:
             raise CheckpointError(f"{path}: has no {weights!r} weights (it holds {', '.join(sorted(k for k in obj if isinstance(k, str)))})")
@@ -112,7 +123,7 @@ def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: not a checkpoint (no tensors found)")
-    return tensors, {}
+    return tensors, metadata
 
 
 def infer_config(state: dict[str, torch.Tensor], source: str = "checkpoint") -> EqMConfig:
@@ -166,19 +177,31 @@ def describe(config: EqMConfig) -> str:
 def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = "ema", *,
                input_size: int | None = None, num_classes: int | None = None,
                guidance_mode: str | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, ebm: str | None = None) -> LoadedModel:
     """Build the network a checkpoint describes and load its weights with ``strict=True``.
 
     ``arch`` (e.g. ``"EqM-XL/2"``) is checked against the file: a checkpoint of another size is a
     one-line error naming what the file really is. Safetensors files written by ``eqm convert``
     carry their own config, guidance mode and codec.
+
+    The energy form (``none`` = implicit EqM, ``dot``/``l2``/``mean`` = EqM-E) comes from the official
+    checkpoint's ``args.ebm``, the safetensors metadata ``ebm``, or ``ebm`` for a file that records none;
+    an ``ebm`` that contradicts the file is an error.
     """
     if guidance_mode is not None and guidance_mode not in GUIDANCE_MODES:
         raise CheckpointError(f"guidance mode must be one of {', '.join(GUIDANCE_MODES)}, not {guidance_mode!r}")
+    if ebm is not None and ebm not in ENERGY_FORMS:
+        raise CheckpointError(f"unknown energy form --ebm {ebm!r}; choose one of {', '.join(ENERGY_FORMS)}")
     energy = _load_energy_matching(path, weights, device, dtype)
     if energy is not None:
         return energy
     state, meta = read_state_dict(path, weights)
+    recorded = meta.get("ebm")
+    if recorded is not None and recorded not in ENERGY_FORMS:
+        raise CheckpointError(f"{path}: records an unknown energy form {recorded!r} (known: {', '.join(ENERGY_FORMS)})")
+    if ebm is not None and recorded is not None and ebm != recorded:
+        raise CheckpointError(f"{path}: was trained with --ebm {recorded}, not {ebm}; drop --ebm to use the recorded form")
+    energy_form = recorded or ebm or "none"
     found = _config_from_metadata(meta) or infer_config(state, str(path))
     if arch is not None:
         if arch not in ARCHITECTURES:
@@ -200,6 +223,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         codec=meta.get("codec", "sd-vae" if found.in_channels == 4 else "identity"),
         class_names=tuple(json.loads(meta["class_names"])) if "class_names" in meta else (),
         sampler_defaults=json.loads(meta["sampler_defaults"]) if "sampler_defaults" in meta else {},
+        energy_form=energy_form,
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model=model, spec=spec, source=str(path))
@@ -218,7 +242,7 @@ def _load_energy_matching(path, weights: str, device, dtype) -> LoadedModel | No
                 "epsilon_max": rec["epsilon_max"], "time_cutoff": rec["time_cutoff"],
                 "grad_norm_threshold": rec["grad_norm_threshold"], "cfg_scale": 1.0}
     spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults)
-    return LoadedModel(model=EnergyMatchingField(loaded.network), spec=spec, source=str(path))
+    return LoadedModel(model=loaded.network, spec=spec, source=str(path), field=EnergyMatchingField(loaded.network))
 
 
 def _load_strict(model: EqM, state: dict[str, torch.Tensor], source: str, config: EqMConfig) -> None:
@@ -255,6 +279,7 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
         meta["class_names"] = json.dumps(list(spec.class_names))
     if spec.sampler_defaults:
         meta["sampler_defaults"] = json.dumps(spec.sampler_defaults)
+    meta["ebm"] = spec.energy_form
     meta.update(extra or {})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -268,13 +293,13 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None, weights: str = "ema",
-            guidance_mode: str = "official") -> LoadedModel:
-    """Official ``.pt`` checkpoint -> safetensors with metadata. Returns the loaded model."""
+            guidance_mode: str = "official", ebm: str | None = None) -> LoadedModel:
+    """Official ``.pt`` checkpoint -> safetensors with metadata (the energy form included). Returns the loaded model."""
     dst = Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: the output name must end in .safetensors")
     if not dst.parent.exists():
         raise CheckpointError(f"{dst.parent}: output folder does not exist")
-    loaded = load_model(src, arch=arch, weights=weights, guidance_mode=guidance_mode)
+    loaded = load_model(src, arch=arch, weights=weights, guidance_mode=guidance_mode, ebm=ebm)
     save_safetensors(loaded.model, loaded.spec, dst, extra={"source_weights": weights})
     return loaded

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .em_unet import UNet
+from .family import ExplicitEnergyField
 
 FAMILY = "energy-matching"
 UNET_TIME = 0.5          # the fixed dummy time the official potential feeds its UNet
@@ -134,66 +135,14 @@ class EnergyMatchingNet(UNet):
         return self.potential(x)
 
 
-class EnergyMatchingField:
-    """The model seam's view of the network: rows -> direction ``-dV/dx`` and energy ``V`` (lower on data)."""
+class EnergyMatchingField(ExplicitEnergyField):
+    """The model seam's view of the network: rows -> energy ``V`` (lower on data), direction ``-dV/dx``.
+    The potential is unconditional: the rows' labels are ignored."""
 
-    has_energy = True
     energy_form = "potential"
 
-    def __init__(self, network: EnergyMatchingNet):
-        self.network = network
-        self._forward = network
-
-    @property
-    def config(self) -> EnergyMatchingConfig:
-        return self.network.config
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        c = self.network.config
-        return (c.in_channels, c.input_size, c.input_size)
-
-    @property
-    def null_label(self) -> int:
-        return 0
-
-    @property
-    def num_classes(self) -> int:
-        return 0
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.network.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.network.parameters()).dtype
-
-    def parameters(self):
-        return self.network.parameters()
-
-    def use_forward(self, forward) -> None:
-        self._forward = forward
-
     def row_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, y)
-
-    def direction_and_energy(self, x: torch.Tensor, y: torch.Tensor, want_energy: bool = True):
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            energy = self.row_energy(x_in, y)                                   # (N,)
-            (grad,) = torch.autograd.grad(energy.sum(), x_in)                   # rows independent
-        return (-grad).detach(), energy.detach().float() if want_energy else None
-
-    def direction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.direction_and_energy(x, y, want_energy=False)[0]
-
-    @torch.no_grad()
-    def energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.row_energy(x, y).float()
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.direction(x, y)
+        return self._forward(x, y)                                              # (N,) = V(x)
 
 
 def config_metadata(config: EnergyMatchingConfig) -> dict[str, str]:

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from kernels.nag_step import nag_step
+from models.family import GradientField, as_field
 from models.heun_sde import HeunSDEParams
 from models.heun_slots import HeunSlots
 
@@ -202,15 +203,17 @@ class SlotBatch:
     the bucket covering the highest row in use: the former behaviour, kept as a benchmark baseline.
     """
 
-    def __init__(self, model: torch.nn.Module, capacity: int, max_rows: int, sample_shape: Sequence[int],
-                 null_label: int, guided_channels: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, row_buckets: Sequence[int] | None = None,
+    def __init__(self, model: torch.nn.Module | GradientField, capacity: int, max_rows: int,
+                 sample_shape: Sequence[int], null_label: int, guided_channels: int,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 row_buckets: Sequence[int] | None = None,
                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  packed: bool = True):
         if capacity < 1 or max_rows < 1:
             raise ValueError("capacity and max_rows must be >= 1")
-        self.model = model
-        self.forward = forward or model
+        self.field = as_field(model)     # the model seam: directions (and energies) of rows
+        self.model = self.field.network
+        self.forward = forward or self.field.direction
         self.capacity, self.max_rows = capacity, max_rows
         self.sample_shape = tuple(sample_shape)
         self.null_label, self.guided_channels = null_label, guided_channels
@@ -250,6 +253,8 @@ class SlotBatch:
         self.plan_weights = torch.zeros(capacity, k, **f32)
         self._plan_dirty = False
         self._upload = _Uploader(self.device)
+        # Inpainting: slot -> (known values, keep mask) held fixed through the descent (see ``hold``).
+        self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.heun = HeunSlots(capacity, self.sample_shape, self.device)   # slots on the Euler-Heun SDE
         self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
@@ -265,9 +270,14 @@ class SlotBatch:
         free = self.max_rows - self.n_rows if self.packed else len(self.free_rows)
         return bool(self.free_slots) and free >= n_rows
 
-    def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams, seed: int = 0) -> int:
-        """Put one sample in a free slot, starting at ``x0``; returns the slot index. ``seed``: the
-        sample's noise stream (the Heun SDE sampler draws its increments from it)."""
+    def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams,
+              hold: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> int:
+        """Put one sample in a free slot, starting at ``x0``; returns the slot index.
+
+        ``hold = (known, keep)``: inpainting. Where ``keep`` (broadcastable to the sample, 1 = keep,
+        0 = regenerate) is set, the iterate is ``known`` from the start and stays exactly that.
+        ``seed``: the sample's noise stream (the Heun SDE sampler draws its increments from it).
+        """
         if not self.can_admit(len(rows)):
             raise RuntimeError("no free slot or not enough free rows")
         if len(rows) > MAX_ROWS_PER_SAMPLE:
@@ -284,6 +294,11 @@ class SlotBatch:
             row_ids = [self.free_rows.pop(0) for _ in rows]
             self.n_rows = max(self.n_rows, row_ids[-1] + 1)
         x0 = self.to_device(x0.to(torch.float32))
+        if hold is not None:
+            known = self.to_device(hold[0].to(torch.float32)).expand(self.sample_shape)
+            keep = self.to_device(hold[1].to(torch.float32)).expand(self.sample_shape) > 0.5
+            x0 = torch.where(keep, known, x0)
+            self.held[slot] = (known, keep)
         self.x[slot] = x0
         self.m[slot] = 0.0
         self.eta[slot] = params.step_size
@@ -324,6 +339,7 @@ class SlotBatch:
         for slot in slots:
             rows = self.slot_rows.pop(slot)
             self.slot_weights.pop(slot)
+            self.held.pop(slot, None)
             self.heun.release(slot)
             for r in rows:
                 self.row_owner[r] = -1
@@ -445,7 +461,38 @@ class SlotBatch:
         nag_step(out, self.x, self.m, self.model_in[:bucket], slot_ids, rows, weights, self.eta, self.mu,
                  self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels,
                  freeze_finished=True)
+        if self.held:
+            self._apply_holds()
         self.rows_evaluated += bucket
+
+    def _apply_holds(self) -> None:
+        """Put the known values back (iterate and look-ahead rows) and zero their momentum, so a held
+        entry never moves: with ``m = 0`` there, the next look-ahead is the known value too."""
+        for slot, (known, keep) in self.held.items():
+            self.x[slot] = torch.where(keep, known, self.x[slot])
+            self.m[slot] = torch.where(keep, torch.zeros_like(known), self.m[slot])
+            for r in self.slot_rows[slot]:
+                self.model_in[r] = torch.where(keep, known.to(self.dtype), self.model_in[r])
+
+    # -- energies -------------------------------------------------------------------------------
+    def energies(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """Each slot's energy at its current iterate, on the device: the weighted sum of its rows' energies
+        (the energy whose gradient the sample descends); None when the field has no energy."""
+        if not self.field.has_energy or not slots:
+            return None
+        owner, rows, weights = [], [], []
+        for i, slot in enumerate(slots):
+            for r, w in zip(self.slot_rows[slot], self.slot_weights[slot]):
+                owner.append(i)
+                rows.append(r)
+                weights.append(w)
+        owner_idx = self.to_device(torch.tensor(owner, dtype=torch.long))
+        slot_idx = self.to_device(torch.tensor(list(slots), dtype=torch.long))
+        x = self.x.index_select(0, slot_idx).index_select(0, owner_idx).to(self.dtype)
+        y = self.labels.index_select(0, self.to_device(torch.tensor(rows, dtype=torch.long)))
+        row_energy = self.field.energy(x, y)                                   # (rows,) float32
+        w = self.to_device(torch.tensor(weights, dtype=torch.float32))
+        return torch.zeros(len(slots), device=self.device).index_add_(0, owner_idx, w * row_energy)
 
     # -- status read-back -----------------------------------------------------------------------
     def post_status(self) -> StatusRead:
@@ -484,13 +531,15 @@ class SampleResult:
     steps: list[int]                      # gradient updates taken by each sample
     grad_norms: list[float]               # last ||g|| of each sample
     stopped_early: list[bool] = field(default_factory=list)   # stopped below its threshold
+    energies: list[float] | None = None   # each sample's final energy (lower on data); None: no energy
 
 
 @torch.no_grad()
-def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Condition],
+def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditions: Sequence[Condition],
            params: SamplerParams | Sequence[SamplerParams], *, null_label: int, guided_channels: int,
            dtype: torch.dtype | None = None, progress: Callable[[int, int], None] | None = None,
            stats: dict | None = None, status_lag: int | None = None,
+           holds: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
            seeds: Sequence[int] | None = None) -> SampleResult:
     """Run every sample from ``start`` (N, C, H, W) until it stops, in one packed ``SlotBatch``.
 
@@ -498,6 +547,8 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
     forward shrinks as samples finish: adaptive stopping saves time, not only evaluations.
     ``stats``, when given, receives ``rows_evaluated`` (forward rows, padding included) and ``nfe``.
     ``status_lag``: steps the status read-back lags (default 1 on CUDA, 0 elsewhere; same results).
+    ``model``: a ``GradientField`` (the model seam) or a bare network (its implicit field).
+    ``holds``: per sample, ``(known, keep)`` to inpaint (see ``SlotBatch.admit``) or None.
     ``seeds``: each sample's noise stream for the Heun SDE sampler (default 0, 1, 2, ...).
     """
     n = start.shape[0]
@@ -507,17 +558,24 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
     if len(per_sample) != n:
         raise ValueError(f"{len(per_sample)} sampler settings given for {n} start latents")
     row_sets = [condition_rows(c, null_label) for c in conditions]
-    param = next(model.parameters())
-    batch = SlotBatch(model, capacity=n, max_rows=sum(len(r) for r in row_sets), sample_shape=start.shape[1:],
-                      null_label=null_label, guided_channels=guided_channels, device=param.device,
-                      dtype=dtype or param.dtype)
+    field_ = as_field(model)
+    holds = list(holds) if holds is not None else [None] * n
+    batch = SlotBatch(field_, capacity=n, max_rows=sum(len(r) for r in row_sets), sample_shape=start.shape[1:],
+                      null_label=null_label, guided_channels=guided_channels, device=field_.device,
+                      dtype=dtype or field_.dtype)
     latents = start.detach().to(torch.float32).cpu().clone()
+    for i, hold in enumerate(holds):
+        if hold is not None:
+            keep = hold[1].to(torch.float32).expand(latents.shape[1:]) > 0.5
+            latents[i] = torch.where(keep, hold[0].to(torch.float32).cpu().expand(latents.shape[1:]), latents[i])
+    energies: list[float] | None = [float("nan")] * n if field_.has_energy else None
     steps = [0] * n
     norms = [float("nan")] * n
     owner: dict[int, int] = {}              # slot -> sample index
     for i in range(n):
         if per_sample[i].max_steps > 0:     # a zero budget keeps its start
-            owner[batch.admit(start[i], row_sets[i], per_sample[i], seed=seeds[i] if seeds is not None else i)] = i
+            owner[batch.admit(start[i], row_sets[i], per_sample[i], hold=holds[i],
+                              seed=seeds[i] if seeds is not None else i)] = i
     # Engine steps: a Heun step takes two forwards.
     total = max((p.max_steps * (2 if p.sampler == "heun-sde" else 1) for p in per_sample), default=0)
     # On CUDA the status of step k is read after step k+1 is queued (the device never waits for the
@@ -533,6 +591,10 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
         done = [s for s, _, _, f in live if f]
         if done:
             latents[[owner[s] for s in done]] = batch.x[done].cpu()
+            found = batch.energies(done)
+            if found is not None:
+                for s, e in zip(done, found.tolist()):
+                    energies[owner[s]] = e
             batch.release_many(done)
             for s in done:
                 owner.pop(s)
@@ -556,4 +618,13 @@ def sample(model: torch.nn.Module, start: torch.Tensor, conditions: Sequence[Con
         nfe = sum(len(r) * (k * (2 if p.sampler == "heun-sde" else 1) + int(e))
                   for r, k, e, p in zip(row_sets, steps, stopped, per_sample))
         stats.update(rows_evaluated=batch.rows_evaluated, nfe=nfe)
-    return SampleResult(latents=latents, steps=steps, grad_norms=norms, stopped_early=stopped)
+    if energies is not None and any(p.max_steps == 0 for p in per_sample):
+        # A zero step budget never entered the batch: its energy is that of its start.
+        zero = [i for i, p in enumerate(per_sample) if p.max_steps == 0]
+        for i in zero:
+            rows = row_sets[i]
+            x = latents[i:i + 1].expand(len(rows), *latents.shape[1:]).to(field_.device, dtype or field_.dtype)
+            y = torch.tensor([r for r, _ in rows], device=field_.device)
+            e = field_.energy(x, y).cpu()
+            energies[i] = float(sum(w * float(v) for (_, w), v in zip(rows, e)))
+    return SampleResult(latents=latents, steps=steps, grad_norms=norms, stopped_early=stopped, energies=energies)

@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from models.family import GradientField, as_field
 from models.sampler import SamplerParams, SlotBatch, noise_for_seed, partially_noised
 from service.scheduler import SampleKey, SampleStatus, SchedulerOutput
 
@@ -81,6 +82,7 @@ class SampleInput:
     params: SamplerParams
     base: torch.Tensor | None = None       # denoise: the encoded upload (C, H, W); None: start from noise
     noise_level: float | None = None       # denoise: g in g*base + (1-g)*noise_for_seed(seed)
+    hold: tuple[torch.Tensor, torch.Tensor] | None = None   # inpaint: (known, keep) on the latent grid
 
 
 @dataclass
@@ -100,8 +102,9 @@ class Retired:
     """
 
     def __init__(self, keys: list[SampleKey], latents: torch.Tensor | None, pixels: torch.Tensor | None,
-                 event=None):
+                 event=None, energies: torch.Tensor | None = None):
         self.keys, self._latents, self._pixels, self._event = keys, latents, pixels, event
+        self._energies = energies
 
     def result(self) -> tuple[dict[SampleKey, torch.Tensor], dict[SampleKey, np.ndarray] | None]:
         """(latent (C, H, W) float32 on CPU by key, uint8 (H, W, C) pixels by key, or None if not decoded)."""
@@ -112,6 +115,12 @@ class Retired:
         latents = {k: self._latents[i].clone() for i, k in enumerate(self.keys)}
         pixels = None if self._pixels is None else {k: self._pixels[i].numpy() for i, k in enumerate(self.keys)}
         return latents, pixels
+
+    def energies(self) -> dict[SampleKey, float]:
+        """Final energy by key (lower on data); empty when the model has no energy. After ``result()``."""
+        if self._energies is None:
+            return {}
+        return {k: float(e) for k, e in zip(self.keys, self._energies.tolist())}
 
 
 @dataclass
@@ -128,27 +137,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 class ModelRunner:
-    """Owns the network, the ``SlotBatch`` and the codec of one device."""
+    """Owns the model (through the family seam), the ``SlotBatch`` and the codec of one device."""
 
-    def __init__(self, model: torch.nn.Module, *, codec, null_label: int, guided_channels: int,
+    def __init__(self, model: torch.nn.Module | GradientField, *, codec, null_label: int, guided_channels: int,
                  capacity: int, max_rows: int, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, row_buckets: Sequence[int] | None = None,
                  forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  decode_batch: int = 32, packed: bool = True, status_lag: int | None = None,
                  compile_mode: str = "off"):
-        param = next(model.parameters())
-        self.model = model
+        self.field = as_field(model)
+        self.model = self.field.network
         self.codec = codec
-        self.device = torch.device(device) if device is not None else param.device
-        self.dtype = dtype or param.dtype
-        cfg = model.config
-        self.sample_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        self.device = torch.device(device) if device is not None else self.field.device
+        self.dtype = dtype or self.field.dtype
+        self.sample_shape = tuple(self.field.sample_shape)
         self.channels = getattr(codec, "channels", 3) if codec.name == "identity" else 3
-        self.image_size = cfg.input_size * getattr(codec, "downsample", 1)
-        self.batch = SlotBatch(model, capacity=capacity, max_rows=max_rows, sample_shape=self.sample_shape,
+        self.image_size = self.sample_shape[-1] * getattr(codec, "downsample", 1)
+        self.batch = SlotBatch(self.field, capacity=capacity, max_rows=max_rows, sample_shape=self.sample_shape,
                                null_label=null_label, guided_channels=guided_channels, device=self.device,
                                dtype=self.dtype, row_buckets=row_buckets, forward=self._forward, packed=packed)
-        self._model_forward = forward or compiled_forward(model, compile_mode, len(self.batch.row_buckets))
+        # The network call (eager or compiled) sits under the family: an explicit family differentiates it.
+        self.field.use_forward(forward or compiled_forward(self.model, compile_mode, len(self.batch.row_buckets)))
+        self._model_forward = self.field.direction
         # Status read-back lag in steps: 1 on CUDA (the device never waits for the host), else 0.
         self.status_lag = (1 if self.device.type == "cuda" else 0) if status_lag is None else status_lag
         self._pending: list[tuple[list[SampleKey], object]] = []
@@ -165,7 +175,7 @@ class ModelRunner:
     @classmethod
     def from_loaded(cls, loaded, codec, capacity: int, max_rows: int, **kwargs) -> "ModelRunner":
         """From ``models.checkpoint.load_model``'s result (model already on its device and dtype)."""
-        return cls(loaded.model, codec=codec, null_label=loaded.spec.config.null_label,
+        return cls(loaded.field, codec=codec, null_label=loaded.spec.config.null_label,
                    guided_channels=loaded.spec.guided_channels, capacity=capacity, max_rows=max_rows, **kwargs)
 
     @property
@@ -194,7 +204,8 @@ class ModelRunner:
         stopped = self._stop(output, inputs)
         for key in output.admit:
             inp = inputs[key]
-            self._slot[key] = self.batch.admit(self.start_latent(inp), inp.rows, inp.params, seed=inp.seed)
+            self._slot[key] = self.batch.admit(self.start_latent(inp), inp.rows, inp.params, hold=inp.hold,
+                                               seed=inp.seed)
         statuses: dict[SampleKey, SampleStatus] = {}
         bucket = 0
         if not output.run:
@@ -242,18 +253,21 @@ class ModelRunner:
         slots = [self._slot.pop(k) for k in keys]
         # Gathered before the slots are freed, so ahead of any later write to them.
         latents = self.batch.x.index_select(0, self.batch.to_device(torch.tensor(slots, dtype=torch.long)))
+        energies = self.batch.energies(slots)          # None for a family without an energy
         pixels = self.decode_tensor(latents) if decode else None
         self.batch.release_many(slots)
         if self.device.type != "cuda":
-            return Retired(keys, latents, None if pixels is None else pixels.cpu())
+            return Retired(keys, latents, None if pixels is None else pixels.cpu(),
+                           energies=None if energies is None else energies.cpu())
 
         def to_pinned(t: torch.Tensor) -> torch.Tensor:
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
         host_latents, host_pixels = to_pinned(latents), None if pixels is None else to_pinned(pixels)
+        host_energies = None if energies is None else to_pinned(energies)
         event = torch.cuda.Event()
         event.record()
-        return Retired(keys, host_latents, host_pixels, event)
+        return Retired(keys, host_latents, host_pixels, event, energies=host_energies)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -47,7 +47,7 @@ def test_generation_gives_the_offline_integrators_pixels(base):
     job = httpx.post(f"{base}/v1/generations", json=body, headers={"Prefer": "wait=60"}, timeout=90).json()
     assert job["status"] == "done", job
     assert job["sampler"]["sampler"] == "heun-sde" and job["sampler"]["epsilon_max"] == 0.02
-    field = load_model(resolve_checkpoint("em-digits")).model
+    field = load_model(resolve_checkpoint("em-digits")).field
     field_params = HeunSDEParams(dt=0.02, max_steps=30, epsilon_max=0.02, time_cutoff=0.5)
     start = torch.stack([noise_for_seed(s, (1, 8, 8)) for s in (11, 12)])
     want = sample_heun(lambda x: field.direction(x, torch.zeros(len(x), dtype=torch.long)), start, field_params,
