@@ -448,6 +448,8 @@ class SlotBatch:
         heun = [s for s in slots if s in self.heun]
         if heun:
             self.heun.update(self, out, heun)
+        if self.held:                 # inpainting: held entries stay known in x and in every evaluated point
+            self._apply_holds()
         self.rows_evaluated += bucket
         return bucket
 

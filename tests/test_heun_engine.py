@@ -78,3 +78,15 @@ def test_gradient_norm_threshold_stops_a_sample_early(field):
     got = sample(field, x0, [Condition()] * 3, p, null_label=0, guided_channels=1, stats=stats)
     assert got.steps == [0, 0, 0] and got.stopped_early == [True] * 3 and stats["nfe"] == 3
     assert torch.allclose(got.latents, x0.clamp(-1, 1))
+
+
+def test_inpainting_holds_known_entries_through_heun_steps(field):
+    x0 = torch.randn(1, *SHAPE, generator=torch.Generator().manual_seed(5))
+    known = torch.linspace(-0.9, 0.9, 64).reshape(SHAPE)
+    keep = torch.zeros(SHAPE)
+    keep[..., :4] = 1.0                                                # the left half is known
+    p = heun()
+    held = sample(field, x0, [Condition()], p, null_label=0, guided_channels=1, seeds=[7], holds=[(known, keep)])
+    free = sample(field, x0, [Condition()], p, null_label=0, guided_channels=1, seeds=[7])
+    assert torch.equal(held.latents[0][..., :4], known[..., :4])
+    assert held.steps == [6] and not torch.allclose(held.latents[0][..., 4:], free.latents[0][..., 4:])
