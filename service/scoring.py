@@ -63,7 +63,8 @@ def run_score_job(r, prefix: str, spec, runner, null_label: int, calibration: Ca
         raise ValueError("a score job's uploads were not found (expired?)")
     x = torch.stack([runner.encode_pixels(decode_image(b, runner.image_size, runner.channels)) for b in blobs])
     labels = spec.images[0].labels if spec.images else []
-    return score_latents(runner.model, x, labels[0] if labels else None, null_label, calibration)
+    return score_latents(getattr(runner, "field", runner.model), x, labels[0] if labels else None, null_label,
+                         calibration)
 
 
 def calibration_path(checkpoint: Path) -> Path:
@@ -71,21 +72,30 @@ def calibration_path(checkpoint: Path) -> Path:
 
 
 @torch.no_grad()
-def gradient_norms(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``||f(x, y)||_2`` per image, in float32; ``x`` (N, C, H, W) float32, ``labels`` (N,) long."""
-    param = next(model.parameters())
-    out = model(x.to(param.device, param.dtype), labels.to(param.device))     # (N, C, H, W)
-    return out.float().flatten(1).norm(dim=1).cpu()
+def directions_and_energies(model, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``||f(x, y)||_2`` per image in float32, and the energy per image where the family has one (else None);
+    ``model`` a network or its field (the model seam); ``x`` (N, C, H, W) float32, ``labels`` (N,) long."""
+    from models.family import as_field
+    field = as_field(model)
+    out, energy = field.direction_and_energy(x.to(field.device, field.dtype), labels.to(field.device),
+                                             want_energy=field.has_energy)                  # (N, C, H, W), (N,)
+    return out.float().flatten(1).norm(dim=1).cpu(), None if energy is None else energy.float().cpu()
 
 
-def score_latents(model: torch.nn.Module, x: torch.Tensor, label: int | None, null_label: int,
+def gradient_norms(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``||f(x, y)||_2`` per image, in float32 (see ``directions_and_energies``)."""
+    return directions_and_energies(model, x, labels)[0]
+
+
+def score_latents(model, x: torch.Tensor, label: int | None, null_label: int,
                   calibration: Calibration | None) -> list[dict]:
-    """Per image ``{"index", "grad_norm", "in_distribution"}`` (one batched forward)."""
+    """Per image ``{"index", "grad_norm", "in_distribution", "energy"}`` (one batched evaluation)."""
     y = torch.full((x.shape[0],), null_label if label is None else label, dtype=torch.long)
-    norms = gradient_norms(model, x, y).tolist()
+    norms, energies = directions_and_energies(model, x, y)
     return [{"index": k, "grad_norm": float(n),
-             "in_distribution": calibration.in_distribution(float(n), label) if calibration else None}
-            for k, n in enumerate(norms)]
+             "in_distribution": calibration.in_distribution(float(n), label) if calibration else None,
+             "energy": None if energies is None else float(energies[k])}
+            for k, n in enumerate(norms.tolist())]
 
 
 def calibrate_digits(checkpoint: str = "digits") -> dict:

@@ -90,3 +90,14 @@ def test_inpainting_holds_known_entries_through_heun_steps(field):
     free = sample(field, x0, [Condition()], p, null_label=0, guided_channels=1, seeds=[7])
     assert torch.equal(held.latents[0][..., :4], known[..., :4])
     assert held.steps == [6] and not torch.allclose(held.latents[0][..., 4:], free.latents[0][..., 4:])
+
+
+def test_energy_score_reports_v_and_the_gradient_norm(field):
+    from service.scoring import score_latents
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(6))
+    scores = score_latents(field, x, None, 0, None)
+    y = torch.zeros(3, dtype=torch.long)
+    assert [s["energy"] for s in scores] == pytest.approx(field.energy(x, y).tolist(), rel=1e-5)
+    assert [s["grad_norm"] for s in scores] == pytest.approx(field.direction(x, y).flatten(1).norm(dim=1).tolist(),
+                                                             rel=1e-5)
+    assert all(s["in_distribution"] is None for s in scores)

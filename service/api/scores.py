@@ -39,6 +39,8 @@ class ImageScore(BaseModel):
     index: int
     grad_norm: float = Field(description="||f(x, y)||_2 at the input: 0 at equilibrium, larger = farther from the data")
     in_distribution: float | None = Field(None, ge=0, le=1, description=CALIBRATION_DOC)
+    energy: float | None = Field(None, description="models with a scalar energy (Energy Matching, EqM-E): the "
+                                 "energy at the input, lower on data; null otherwise")
 
 
 class ScoreResult(BaseModel):
