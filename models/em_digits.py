@@ -30,7 +30,7 @@ from .energy_matching import ARCHITECTURES, EnergyMatchingNet
 # Sampler settings recorded in the weights file: the deterministic flow to t = 1 (where flow matching
 # put the data), the time a warm-up-only landscape is trained for.
 EM_DIGITS_SAMPLER = {"dt": 0.02, "max_steps": 50, "epsilon_max": 0.0, "time_cutoff": 1.0, "grad_norm_threshold": 0.0}
-EM_TRAIN = replace(TrainConfig(), steps=1500, batch_size=64, lr=1.2e-3, warmup_steps=100, weight_decay=0.0,
+EM_TRAIN = replace(TrainConfig(), steps=700, batch_size=64, lr=1.2e-3, warmup_steps=100, weight_decay=0.0,
                    ema_decay=0.999, threads=1)
 
 

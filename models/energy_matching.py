@@ -12,7 +12,6 @@ training flags, whose defaults (``config_multigpu.py``) are ``EnergyMatchingConf
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -143,7 +142,3 @@ class EnergyMatchingField(ExplicitEnergyField):
 
     def row_energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._forward(x, y)                                              # (N,) = V(x)
-
-
-def config_metadata(config: EnergyMatchingConfig) -> dict[str, str]:
-    return {"family": FAMILY, "arch": config.arch, "config": json.dumps(config.to_dict())}

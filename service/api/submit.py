@@ -61,6 +61,9 @@ def check_image_count(count: int, state: ApiState, loc: Sequence[str | int], wha
 
 def sampler_spec(opts: SamplingOptions, model: ModelInfo, denoise: bool = False) -> SamplerSpec:
     d = model.defaults
+    if opts.sampler == "heun-sde" and model.codec != "identity":
+        raise field_error(("body", "sampler"), "heun-sde clamps its result to [-1, 1], the range of pixel-space "
+                          f"models; model {model.name} works in {model.codec} latents: use nag or gd")
     pick = lambda value, default: default if value is None else value     # noqa: E731
     return SamplerSpec(sampler=pick(opts.sampler, d.sampler), step_size=pick(opts.step_size, d.step_size),
                        mu=pick(opts.mu, d.mu),
