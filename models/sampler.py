@@ -16,6 +16,8 @@ With ``m = 0`` at the start this is exactly the official ``sample_gd.py`` loop (
   ``y_k`` with weight ``s * w_k`` and a null row with weight ``1 - s * sum_k w_k`` (dropped when 0).
   One label with ``s`` is classifier-free guidance; ``s = 1`` is plain conditional sampling; two or
   more labels are a composition (default weights ``1/K``: the mean of the conditional fields).
+- ``mode="sum"`` (the paper's composition, Fig. 11): ``g = sum_k w_k * c_k``, rows ``y_k`` with weight
+  ``w_k`` (default 1 each) and no null row; the guidance scale does not enter.
 
 The per-sample state lives in a ``SlotBatch`` of fixed capacity: samples join and leave at any
 step (EqM has no timestep), which the worker engine uses for continuous batching and the offline
@@ -34,6 +36,7 @@ from models.heun_sde import HeunSDEParams
 from models.heun_slots import HeunSlots
 
 SAMPLERS = ("nag", "gd", "heun-sde")
+COMPOSITION_MODES = ("guided", "sum")
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,17 @@ class Condition:
     """What a sample is conditioned on: no label, one label, or a weighted composition of labels."""
 
     labels: tuple[int, ...] = ()
-    weights: tuple[float, ...] | None = None   # per label; default 1/K each
+    weights: tuple[float, ...] | None = None   # per label; default 1/K each (guided), 1 each (sum)
     cfg_scale: float = 1.0
+    mode: str = "guided"                       # "guided": u + s*sum_k w_k (c_k - u); "sum": sum_k w_k c_k
+
+    def __post_init__(self):
+        if self.mode not in COMPOSITION_MODES:
+            raise ValueError(f"composition mode must be one of {', '.join(COMPOSITION_MODES)}, not {self.mode!r}")
 
     def label_weights(self) -> tuple[float, ...]:
         if self.weights is None:
-            return tuple(1.0 / len(self.labels) for _ in self.labels)
+            return tuple((1.0 if self.mode == "sum" else 1.0 / len(self.labels)) for _ in self.labels)
         if len(self.weights) != len(self.labels):
             raise ValueError(f"{len(self.weights)} weights given for {len(self.labels)} labels")
         return tuple(float(w) for w in self.weights)
@@ -95,6 +103,8 @@ def condition_rows(cond: Condition, null_label: int) -> list[tuple[int, float]]:
     if not cond.labels:
         return [(null_label, 1.0)]
     weights = cond.label_weights()
+    if cond.mode == "sum":
+        return [(int(y), w) for y, w in zip(cond.labels, weights)]
     rows = [(int(y), cond.cfg_scale * w) for y, w in zip(cond.labels, weights)]
     null_weight = 1.0 - cond.cfg_scale * sum(weights)
     if abs(null_weight) > 1e-12:

@@ -83,6 +83,8 @@ class Stack:
         argv = [sys.executable, "-m", "service.cli", "worker", "--devices", device, "--redis-url", redis_url,
                 "--checkpoint", s.checkpoint, "--prefix", s.key_prefix, "--metrics-port", str(metrics_port),
                 "--metrics-host", s.host, "--grace-s", str(WORKER_GRACE_S)]
+        if s.ebm:
+            argv += ["--ebm", s.ebm]
         if s.vae:
             argv += ["--vae", s.vae]
         if s.model_name:

@@ -40,6 +40,7 @@ class Settings:
     checkpoint: str = "digits"               # bundled name or path of the model to serve
     model_name: str = ""                     # public name of the model (default: derived from the checkpoint)
     vae: str = ""                            # SD-VAE folder for latent models
+    ebm: str = ""                            # energy form of a checkpoint that records none ("" = what it records)
     device: str = ""                         # worker device ("" = cuda if available else cpu)
     dtype: str = "auto"                      # model dtype on the worker: auto = bfloat16 on CUDA, float32 elsewhere
     compile: str = "off"                     # worker forward per bucket: off | compile (torch.compile) | cudagraphs

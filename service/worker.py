@@ -81,6 +81,7 @@ class WorkerConfig:
     key_prefix: str = "eqm"
     model_name: str = ""
     vae: str = ""
+    ebm: str = ""                       # energy form for a checkpoint that records none ("" = recorded / none)
     dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 elsewhere (service.runner.model_dtype)
     compile: str = "off"                # off | compile | cudagraphs (service.runner.COMPILE_MODES)
     capacity: int = 64
@@ -106,7 +107,7 @@ class WorkerConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
         base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
-                    model_name=settings.model_name, vae=settings.vae, dtype=settings.dtype, compile=settings.compile,
+                    model_name=settings.model_name, vae=settings.vae, ebm=settings.ebm, dtype=settings.dtype, compile=settings.compile,
                     device=settings.device or _default_device(), capacity=settings.capacity,
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
@@ -135,7 +136,7 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     path = resolve_checkpoint(cfg.checkpoint)
     dtype = model_dtype(cfg.dtype, cfg.device)
     configure_device_math(cfg.device, dtype)
-    loaded = load_model(path, device=cfg.device, dtype=dtype)
+    loaded = load_model(path, device=cfg.device, dtype=dtype, ebm=cfg.ebm or None)
     mc = loaded.spec.config
     codec = make_codec(loaded.spec.codec, channels=mc.in_channels, latent_size=mc.input_size,
                        vae_dir=cfg.vae or None, device=cfg.device)
@@ -632,7 +633,7 @@ def _ready(data) -> bool:
 
 def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
     settings = Settings.from_env()
-    names = ("redis_url", "checkpoint", "model_name", "vae", "dtype", "compile", "capacity", "max_rows", "key_prefix",
+    names = ("redis_url", "checkpoint", "model_name", "vae", "ebm", "dtype", "compile", "capacity", "max_rows", "key_prefix",
              "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
     overrides = {n: getattr(args, n, None) for n in names}
     overrides.update(extra)

@@ -19,6 +19,7 @@ def list_models(state: ApiState = Depends(get_state)) -> ModelList:
     card = ModelCard(
         name=m.name, arch=m.config.arch, image_size=m.image_size, channels=m.channels,
         latent_shape=list(m.latent_shape), codec=m.codec, guidance_mode=m.guidance_mode,
+        energy_form=m.energy_form,
         num_classes=m.num_classes, class_names=list(m.classes.names),
         defaults=ModelDefaults(**vars(m.defaults)),
         limits=ModelLimits(max_images_per_job=s.max_images_per_job, max_upload_bytes=s.max_upload_bytes,

@@ -14,6 +14,7 @@ from pathlib import Path
 from models import resolve_checkpoint
 from models.checkpoint import CheckpointError, infer_config, read_state_dict
 from models.eqm import EqMConfig
+from models.family import ENERGY_FORMS
 from models.sampler import SamplerParams
 from service.classnames import ClassIndex
 from service.settings import Settings
@@ -49,6 +50,11 @@ class ModelInfo:
     channels: int                 # 1 = grey, 3 = RGB
     classes: ClassIndex
     defaults: SamplingDefaults
+    energy_form: str = "none"     # "none" = implicit EqM (gradient-norm score); dot | l2 | mean = EqM-E (energy)
+
+    @property
+    def has_energy(self) -> bool:
+        return self.energy_form != "none"
 
     @property
     def num_classes(self) -> int:
@@ -89,11 +95,17 @@ def load_model_info(settings: Settings) -> ModelInfo:
     else:
         image_size, channels = config.input_size, config.in_channels
     names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else ()
+    recorded = meta.get("ebm")
+    if settings.ebm and recorded and settings.ebm != recorded:
+        raise CheckpointError(f"{path}: was trained with --ebm {recorded}, not {settings.ebm}; unset EQM_EBM / --ebm")
+    if settings.ebm and settings.ebm not in ENERGY_FORMS:
+        raise CheckpointError(f"unknown energy form EQM_EBM={settings.ebm!r}; choose one of {', '.join(ENERGY_FORMS)}")
     return ModelInfo(
         name=model_name(settings), source=str(path), config=config, codec=codec,
         guidance_mode=meta.get("guidance_mode", "official"), image_size=image_size, channels=channels,
         classes=ClassIndex.for_model(config.num_classes, names),
-        defaults=_defaults_for(config, json.loads(meta.get("sampler_defaults", "{}"))))
+        defaults=_defaults_for(config, json.loads(meta.get("sampler_defaults", "{}"))),
+        energy_form=recorded or settings.ebm or "none")
 
 
 def _energy_matching_info(settings: Settings, path: Path, meta: dict[str, str]) -> ModelInfo | None:

@@ -232,6 +232,8 @@ class ModelCard(BaseModel):
     latent_shape: list[int]
     codec: str
     guidance_mode: str
+    energy_form: str = Field("none", description="none = implicit EqM (images scored by gradient norm); dot, l2 "
+                             "or mean = EqM-E, an explicit energy (images carry their energy, lower on data)")
     num_classes: int
     class_names: list[str] = Field(description="index = label; empty when the model has no names")
     defaults: ModelDefaults

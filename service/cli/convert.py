@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model-flag", action="append", default=[], metavar="NAME=VALUE",
                    help="Energy Matching checkpoints: a training flag the file does not record (official names, "
                         "e.g. num_heads=4, output_scale=1000); the official defaults otherwise")
+    c.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
+                   help="energy form of a bare state dict (an official checkpoint records its own --ebm)")
     c.set_defaults(handler=run_convert)
 
 
@@ -25,9 +27,10 @@ def run_convert(args: argparse.Namespace) -> int:
     if is_energy_checkpoint(args.src):
         return run_convert_energy(args)
     from models.checkpoint import convert, describe
-    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels)
+    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels,
+                     ebm=args.ebm)
     print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
-          f"guidance on {loaded.spec.guided_channels} channels")
+          f"guidance on {loaded.spec.guided_channels} channels, energy form {loaded.spec.energy_form}")
     return 0
 
 

@@ -47,21 +47,27 @@ def heun_settings(args: argparse.Namespace, model_defaults: dict):
 
 
 def run_energy_sample(args: argparse.Namespace) -> int:
+    """Sampling goes through the engine's slot batch (``models.sampler.sample``) with the heun-sde sampler."""
     import numpy as np
     import torch
 
     from models import resolve_checkpoint
     from models.codecs import make_codec
     from models.em_checkpoint import load_energy_matching
-    from models.heun_sde import NFE_PER_STEP, sample_heun
-    from models.sampler import noise_for_seed
+    from models.energy_matching import EnergyMatchingField
+    from models.heun_sde import NFE_PER_STEP
+    from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
-    from service.cli.sample import DTYPES, _load_npy, _progress_bar, _save_npy
+    from service.cli.sample import DTYPES, _inpaint_inputs, _load_npy, _progress_bar, _save_npy
 
     given = [flag for name, flag in GD_FLAGS.items() if getattr(args, name, None) is not None]
     if given:
         raise UsageError(f"{', '.join(given)}: not used by Energy Matching models (unconditional, sampled by the "
                          "Euler-Heun SDE: --dt, --steps or --t-end, --epsilon-max, --time-cutoff)")
+    if getattr(args, "ebm", None) not in (None, "none"):
+        raise UsageError("--ebm: an Energy Matching model has its own energy, the potential V(x)")
+    if bool(args.inpaint) != bool(args.mask):
+        raise UsageError("--inpaint IMAGE and --mask MASK go together")
     dtype = getattr(torch, DTYPES[args.dtype])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_energy_matching(resolve_checkpoint(args.checkpoint), weights=args.weights,
@@ -76,23 +82,35 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--noise has shape {noise.shape}, expected ({n}, {', '.join(map(str, shape))})")
     if not (args.out or args.images_out or args.latents_out or args.energies_out):
         raise UsageError("nothing to write: give --out DIR, --images-out, --latents-out or --energies-out FILE.npy")
-    params = heun_settings(args, loaded.sampler_defaults)
+    heun = heun_settings(args, loaded.sampler_defaults)
+    params = SamplerParams(sampler="heun-sde", step_size=heun.dt, max_steps=heun.max_steps,
+                           epsilon_max=heun.epsilon_max, time_cutoff=heun.time_cutoff,
+                           grad_norm_threshold=heun.grad_norm_threshold)
     seeds = [args.seed + i for i in range(n)]
     x0 = torch.from_numpy(noise) if noise is not None else torch.stack([noise_for_seed(s, shape) for s in seeds])
-    net = loaded.network
+    codec = make_codec("identity", channels=cfg.in_channels, latent_size=cfg.input_size)
+    holds, inpaint = None, None
+    if args.inpaint:
+        inpaint = _inpaint_inputs(args, codec, cfg.input_size)
+        holds = [inpaint[2]] * n
+    stats: dict = {}
     t0 = time.perf_counter()
-    result = sample_heun(net.velocity, x0, params, seeds, energy=net.potential, device=device, dtype=dtype,
-                         progress=_progress_bar(params.max_steps))
+    result = sample(EnergyMatchingField(loaded.network), x0, [Condition()] * n, params, null_label=0,
+                    guided_channels=cfg.in_channels, progress=_progress_bar(2 * params.max_steps), stats=stats,
+                    seeds=seeds, holds=holds)
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; Heun steps per sample: mean {np.mean(result.steps):.1f} "
-          f"(t_end {params.t_end:g}, {NFE_PER_STEP} evaluations each), evaluations {result.nfe}; "
+          f"(t_end {heun.t_end:g}, {NFE_PER_STEP} evaluations each), evaluations {stats['nfe']}; "
           f"V mean {np.mean(result.energies):.4g}", file=sys.stderr)
     if args.latents_out:
         _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
     if args.energies_out:
         _save_npy(args.energies_out, np.asarray(result.energies, dtype=np.float32))
     if args.out or args.images_out:
-        images = make_codec("identity", channels=cfg.in_channels, latent_size=cfg.input_size).decode(result.latents)
+        images = codec.decode(result.latents)
+        if inpaint is not None:
+            from models.inpaint import composite
+            images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
             _save_npy(args.images_out, images)
         if args.out:

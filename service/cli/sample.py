@@ -46,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=os.environ.get("EQM_VAE"), help="SD-VAE folder (diffusers) for latent models")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
+    add_energy_arguments(p)
     em = p.add_argument_group("Energy Matching models (Euler-Heun SDE; --steps counts Heun steps, 2 evaluations each)")
     em.add_argument("--dt", type=float, default=None, help="SDE time step; default 0.01")
     em.add_argument("--t-end", type=float, default=None,
@@ -53,11 +54,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     em.add_argument("--epsilon-max", type=float, default=None,
                     help="temperature reached at t = 1 (0 = deterministic Heun flow); default 0.01")
     em.add_argument("--time-cutoff", type=float, default=None, help="temperature is 0 before this time; default 1.0")
-    em.add_argument("--energies-out", help="write V(x) of each final image, .npy float32 (n,)")
     em.add_argument("--model-flag", action="append", default=[], metavar="NAME=VALUE",
                     help="architecture flag of an official checkpoint (official names, e.g. num_heads=4, "
                          "channel_mult=1,2,2,2, output_scale=1000); repeat for several")
     p.set_defaults(handler=run_sample)
+
+
+def add_energy_arguments(p: argparse.ArgumentParser) -> None:
+    """Energy forms, energies, composition mode and inpainting options of ``eqm sample``."""
+    p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"], default=None,
+                   help="energy form of a checkpoint that records none (official train.py --ebm; default: "
+                        "what the file records, else none = implicit EqM)")
+    p.add_argument("--energies-out", help="write each image's final energy (lower on data), .npy float32 (n,), "
+                   "in label order; EqM-E and Energy Matching models (V(x)) only")
+    p.add_argument("--compose-mode", choices=["guided", "sum"], default="guided",
+                   help="'a+b' labels: guided (u + s*sum w_k (c_k - u), weights 1/K) or sum (the paper's "
+                        "sum_k c_k, no null row)")
+    p.add_argument("--inpaint", help="image to complete (PNG of the model's size); needs --mask")
+    p.add_argument("--mask", help="with --inpaint: PNG mask, white = regenerate, black = keep")
 
 
 def parse_labels(text: str) -> list[tuple[int, ...]]:
@@ -109,8 +123,14 @@ def run_sample(args: argparse.Namespace) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(resolve_checkpoint(args.checkpoint), arch=args.arch, weights=args.weights,
-                        guidance_mode=args.guidance_channels, device=args.device, dtype=dtype)
+                        guidance_mode=args.guidance_channels, device=args.device, dtype=dtype,
+                        ebm=getattr(args, "ebm", None))
     cfg, spec = loaded.model.config, loaded.spec
+    if args.energies_out and not loaded.field.has_energy:
+        raise UsageError("--energies-out: this model has no energy (implicit EqM); an EqM-E checkpoint "
+                         "(--ebm dot|l2|mean) has one")
+    if bool(args.inpaint) != bool(args.mask):
+        raise UsageError("--inpaint IMAGE and --mask MASK go together")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     label_sets = parse_labels(args.labels) if args.labels else None
     noise = _load_npy(args.noise, "--noise") if args.noise else None
@@ -130,7 +150,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if not (args.out or args.images_out or args.latents_out):
         raise UsageError("nothing to write: give --out DIR, --images-out FILE.npy or --latents-out FILE.npy")
     codec = None
-    if args.out or args.images_out:
+    if args.out or args.images_out or args.inpaint:
         codec = make_codec(spec.codec, channels=cfg.in_channels, latent_size=cfg.input_size, vae_dir=args.vae,
                            device=args.device)
 
@@ -138,18 +158,28 @@ def run_sample(args: argparse.Namespace) -> int:
     x0 = eps if start is None else (torch.from_numpy(start) if args.noise_level is None
                                     else partially_noised(torch.from_numpy(start), args.noise_level, eps))
     params, cfg_scale = sampler_settings(args, spec.sampler_defaults)
-    conditions = [Condition(labels=labels, cfg_scale=cfg_scale if labels else 1.0) for labels in label_sets]
+    conditions = [Condition(labels=labels, cfg_scale=cfg_scale if labels else 1.0, mode=args.compose_mode)
+                  for labels in label_sets]
+    holds, inpaint = None, None
+    if args.inpaint:
+        inpaint = _inpaint_inputs(args, codec, cfg.input_size * getattr(codec, "downsample", 1))
+        holds = [inpaint[2]] * n
     t0 = time.perf_counter()
-    result = sample(loaded.model, x0, conditions, params, null_label=cfg.null_label,
-                    guided_channels=spec.guided_channels, progress=_progress_bar(params.max_steps))
+    result = sample(loaded.field, x0, conditions, params, null_label=cfg.null_label,
+                    guided_channels=spec.guided_channels, progress=_progress_bar(params.max_steps), holds=holds)
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; steps per sample: mean {np.mean(result.steps):.1f}, "
           f"min {min(result.steps)}, max {max(result.steps)}", file=sys.stderr)
 
     if args.latents_out:
         _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
-    if codec is not None:
+    if args.energies_out:
+        _save_npy(args.energies_out, np.asarray(result.energies, dtype=np.float32))
+    if codec is not None and (args.out or args.images_out):
         images = codec.decode(result.latents)
+        if inpaint is not None:
+            from models.inpaint import composite
+            images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
             _save_npy(args.images_out, images)
         if args.out:
@@ -159,6 +189,22 @@ def run_sample(args: argparse.Namespace) -> int:
             for i, img in enumerate(images):
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
     return 0
+
+
+def _inpaint_inputs(args: argparse.Namespace, codec, size: int):
+    """(pixels (H, W, C) uint8, regenerate (H, W) bool, (known, keep) on the latent grid) of --inpaint/--mask."""
+    from models.inpaint import MaskError, latent_hold, mask_from_png
+    from service.cli import UsageError
+    from service.images import ImageError, decode_image
+    channels = getattr(codec, "channels", 3) if codec.name == "identity" else 3
+    try:
+        pixels = decode_image(Path(args.inpaint).read_bytes(), size, channels)
+        regenerate = mask_from_png(Path(args.mask).read_bytes(), size)
+    except OSError as exc:
+        raise UsageError(f"--inpaint/--mask: {exc}") from None
+    except (ImageError, MaskError) as exc:
+        raise UsageError(f"--inpaint/--mask: {exc}") from None
+    return pixels, regenerate, latent_hold(codec, pixels, regenerate)
 
 
 def run_from_png(args: argparse.Namespace) -> int:

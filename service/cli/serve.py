@@ -31,12 +31,14 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default EQM_PORT, 8000)")
     p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
+    p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
+                   help="energy form of a checkpoint that records none (official --ebm; default EQM_EBM)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
 def settings_from_args(args: argparse.Namespace):
     from service.settings import Settings
-    overrides = {name: getattr(args, name, None) for name in ("host", "port", "checkpoint", "vae", "redis_url")}
+    overrides = {name: getattr(args, name, None) for name in ("host", "port", "checkpoint", "vae", "redis_url", "ebm")}
     return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 

@@ -49,6 +49,9 @@ def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
     p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
+    p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
+                   help="energy form of a checkpoint that records none (official --ebm; default EQM_EBM, else "
+                        "what the file records, else none)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (default EQM_DTYPE, auto: bfloat16 on CUDA, float32 elsewhere; float32 on CUDA "
                         "turns TF32 on; the iterate stays float32)")
@@ -193,6 +196,8 @@ def run_worker(args: argparse.Namespace) -> int:
                 "--metrics-host", cfg.metrics_host]
         if device == "cpu":
             argv += ["--threads", str(cfg.threads)]
+        if cfg.ebm:
+            argv += ["--ebm", cfg.ebm]
         if cfg.vae:
             argv += ["--vae", cfg.vae]
         if cfg.model_name:
