@@ -241,7 +241,8 @@ def _load_energy_matching(path, weights: str, device, dtype) -> LoadedModel | No
     defaults = {"sampler": "heun-sde", "step_size": rec["dt"], "max_steps": rec["max_steps"],
                 "epsilon_max": rec["epsilon_max"], "time_cutoff": rec["time_cutoff"],
                 "grad_norm_threshold": rec["grad_norm_threshold"], "cfg_scale": 1.0}
-    spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults)
+    spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults,
+                     energy_form="potential")
     return LoadedModel(model=loaded.network, spec=spec, source=str(path), field=EnergyMatchingField(loaded.network))
 
 

@@ -40,6 +40,7 @@ def test_models_lists_an_unconditional_model_with_the_heun_sampler(base):
     (m,) = httpx.get(f"{base}/v1/models").json()["models"]
     assert m["name"] == "em-digits" and m["num_classes"] == 0 and m["class_names"] == []
     assert m["defaults"]["sampler"] == "heun-sde" and m["image_size"] == 8 and m["channels"] == 1
+    assert m["energy_form"] == "potential"
 
 
 def test_generation_gives_the_offline_integrators_pixels(base):

@@ -131,7 +131,7 @@ def _energy_matching_info(settings: Settings, path: Path, meta: dict[str, str]) 
                                 epsilon_max=float(rec["epsilon_max"]), time_cutoff=float(rec["time_cutoff"]))
     return ModelInfo(name=model_name(settings), source=str(path), config=config, codec="identity", guidance_mode="all",
                      image_size=config.input_size, channels=config.in_channels, classes=ClassIndex.for_model(0, ()),
-                     defaults=defaults)
+                     defaults=defaults, energy_form="potential")
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

@@ -233,7 +233,8 @@ class ModelCard(BaseModel):
     codec: str
     guidance_mode: str
     energy_form: str = Field("none", description="none = implicit EqM (images scored by gradient norm); dot, l2 "
-                             "or mean = EqM-E, an explicit energy (images carry their energy, lower on data)")
+                             "or mean = EqM-E, an explicit energy (images carry their energy, lower on data); "
+                             "potential = Energy Matching, the scalar potential V(x)")
     num_classes: int
     class_names: list[str] = Field(description="index = label; empty when the model has no names")
     defaults: ModelDefaults
