@@ -53,7 +53,7 @@ def run(quick: bool, write: bool) -> str:
     em = load_model(resolve_checkpoint("em-digits"))
     eqm = load_model(resolve_checkpoint("digits"))
     field = em.field
-    n = 40 if quick else 200
+    n = 40 if quick else 120
     rounds = 1 if quick else 3
     shape = (1, 8, 8)
     start = torch.stack([noise_for_seed(SEED + i, shape) for i in range(n)])
