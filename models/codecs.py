@@ -15,6 +15,14 @@ import torch
 SD_VAE_SCALE = 0.18215
 
 
+# Approximate RGB of an SD-VAE latent cell: a linear least-squares fit of decoded colour on the 4 scaled
+# latent channels (the coefficients image UIs use for their cheap previews); rows = latent channels.
+SD_LATENT_TO_RGB = torch.tensor([[0.298, 0.207, 0.208],
+                                 [0.187, 0.286, 0.173],
+                                 [-0.158, 0.189, 0.264],
+                                 [-0.184, -0.271, -0.473]])
+
+
 class CodecError(Exception):
     """The codec could not be loaded or the input does not fit it (one-line message)."""
 
@@ -46,6 +54,10 @@ class IdentityCodec:
         """``decode`` without leaving the latents' device: (N, H, W, C) uint8 where ``latents`` are."""
         x = (latents.detach().float() + 1.0) * 127.5
         return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    def preview_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """A live preview of an iterate: in pixel space it is the image itself."""
+        return self.decode_tensor(latents)
 
 
 class SDVAECodec:
@@ -91,6 +103,13 @@ class SDVAECodec:
         """``decode`` without the copy to the host: (N, 8h, 8w, 3) uint8 on the VAE's device."""
         x = self.vae.decode(latents.to(self.device, self.dtype) / SD_VAE_SCALE).sample
         return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def preview_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """A cheap approximate decode for live previews: ``SD_LATENT_TO_RGB`` maps the 4 scaled latent
+        channels of each cell to RGB in [-1, 1], one pixel per latent cell (32x32 at 256 px); no VAE runs."""
+        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), SD_LATENT_TO_RGB.to(latents.device))
+        return torch.clamp(127.5 * rgb + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
 def _check_images(images: np.ndarray, size: int | None, channels: int) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The bundled digits model: scikit-learn's 8x8 digits, a small pixel-space EqM, its training and sampler defaults."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 
 from .checkpoint import ModelSpec, save_safetensors
 from .eqm import EqM, EqMConfig
+from .family import field_for
 from .sampler import SamplerParams
 
 # The one split every digits figure uses: stratified 80/20, seed 0 (training never sees the test part).
@@ -87,6 +89,7 @@ class TrainConfig:
     loss_lambda: float = 4.0         # gradient magnitude multiplier (the paper's lambda)
     log_every: int = 50
     threads: int = 0                 # 0 = all cores; 1 on a shared machine (busy cores stall every op otherwise)
+    ebm: str = "none"                # energy form: none = implicit EqM; dot | l2 | mean = EqM-E (direction = dE/dx)
 
 
 def target_scale(g: torch.Tensor, a: float, lam: float) -> torch.Tensor:
@@ -105,7 +108,12 @@ def eqm_loss(model: EqM, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen
     eps = torch.randn(x.shape, generator=gen)
     x_g = g * x + (1.0 - g) * eps
     target = (x - eps) * target_scale(g, cfg.loss_a, cfg.loss_lambda)
-    return (model(x_g, y) - target).pow(2).mean()
+    if cfg.ebm != "none":
+        # EqM-E: the same target on the gradient of the energy the network defines (double backward).
+        pred = field_for(model, cfg.ebm).training_direction(x_g, y)
+    else:
+        pred = model(x_g, y)
+    return (pred - target).pow(2).mean()
 
 
 @dataclass
@@ -124,6 +132,15 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def attention_for(cfg: TrainConfig):
+    """EqM-E trains through a double backward, which only the math attention kernel supports
+    (the official trainer turns the fused kernels off for the same reason)."""
+    if cfg.ebm == "none":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def train_digits(cfg: TrainConfig, *, progress: bool = True, log=print) -> TrainResult:
@@ -151,9 +168,10 @@ def train_digits(cfg: TrainConfig, *, progress: bool = True, log=print) -> Train
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
-        loss = eqm_loss(model, split.x_train[idx], split.y_train[idx], cfg, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with attention_for(cfg):
+            loss = eqm_loss(model, split.x_train[idx], split.y_train[idx], cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         # EMA warm-up: early on a 0.999 average would mostly remember the random initialisation.
@@ -216,7 +234,7 @@ def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path,
     """Write the EMA weights (safetensors with metadata) and the training record (json)."""
     config = result.ema.config
     spec = ModelSpec(config=config, guidance_mode="all", codec="identity", class_names=CLASS_NAMES,
-                     sampler_defaults=DIGITS_DEFAULTS.for_checkpoint())
+                     sampler_defaults=DIGITS_DEFAULTS.for_checkpoint(), energy_form=cfg.ebm)
     extra = {"training_command": command, "training_seed": str(cfg.seed), "split_seed": str(SPLIT_SEED),
              "train_steps": str(cfg.steps), "final_loss": f"{result.final_loss:.5f}", "weights": "ema"}
     weights_path.parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,12 @@ class ExplicitEnergyField(GradientField):
     def energy(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.row_energy(x, y).float()
 
+    def training_direction(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The direction with its graph kept (``create_graph``), for a loss on it; training only."""
+        x_in = x if x.requires_grad else x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.row_energy(x_in, y).sum(), x_in, create_graph=True)
+        return -grad
+
 
 class EqMEnergyField(ExplicitEnergyField):
     """EqM-E (official ``--ebm``): the network output ``o`` defines the energy ``-E`` with

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from models.inpaint import MaskError, composite, latent_hold
 from models.sampler import Condition, SamplerParams, condition_rows
 from service.images import ImageError, content_type, decode_image, encode_image, provenance_record
 from service.jobs import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
@@ -39,6 +40,7 @@ from service.runner import ModelRunner, Retired, SampleInput
 from service.scheduler import JobRequest, SampleKey, SampleRequest, Scheduler
 
 MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
+PREVIEW_INTERVAL_S = 0.3     # a previewed job's iterates are decoded at most this often
 
 
 class JobError(ValueError):
@@ -67,6 +69,7 @@ class Progress:
     index: int
     steps: int
     grad_norm: float | None
+    preview: str | None = None       # data:image/png;base64 URL of the current iterate (previewed jobs only)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class _Departure:
     steps: int
     grad_norm: float
     latent: torch.Tensor | None      # None when cancelled
+    energy: float | None = None      # final energy where the model has one (retired samples)
 
 
 @dataclass
@@ -120,6 +124,12 @@ class Engine:
         self._jobs: dict[str, _Job] = {}
         self._inputs: dict[SampleKey, SampleInput] = {}
         self._unemitted: list[tuple[list[_Departure], Retired]] = []    # departures of earlier steps, in order
+        self._inpaint: dict[str, tuple] = {}    # inpaint job -> (input pixels, regenerate mask): composited back
+        # Live previews: jobs some client follows with ?previews=true (the worker keeps the set current);
+        # each gets its running images' iterates at most every ``preview_interval_s``, others cost nothing.
+        self.preview_jobs: set[str] = set()
+        self.preview_interval_s = PREVIEW_INTERVAL_S
+        self._last_preview: dict[str, float] = {}
 
     # -- input ----------------------------------------------------------------------------------
     def add_job(self, spec: JobSpec, input_image: bytes | None = None) -> None:
@@ -132,6 +142,7 @@ class Engine:
         try:
             self.scheduler.add_job(JobRequest(spec.id, samples, priority=spec.priority, deadline=spec.deadline))
         except ValueError as exc:
+            self._inpaint.pop(spec.id, None)
             raise JobError(str(exc)) from None
         self._jobs[spec.id] = _Job(spec, submitted=spec.submitted)
         self._inputs.update((i.key, i) for i in inputs)
@@ -147,10 +158,10 @@ class Engine:
             params = SamplerParams(**asdict(spec.sampler))
         except (TypeError, ValueError) as exc:
             raise JobError(f"sampler settings: {exc}") from None
-        base = None
-        if spec.kind == "denoise":
+        base, hold = None, None
+        if spec.kind in ("denoise", "inpaint"):
             if input_image is None:
-                raise JobError("a denoise job needs an input image and none was stored")
+                raise JobError(f"a {spec.kind} job needs an input image and none was stored")
             if spec.noise_level is not None and not 0.0 <= spec.noise_level <= 1.0:
                 raise JobError(f"noise level must be in [0, 1], got {spec.noise_level}")
             try:
@@ -158,7 +169,15 @@ class Engine:
                                       self.max_upload_pixels)
             except ImageError as exc:
                 raise JobError(str(exc)) from None
-            base = self.runner.encode_pixels(pixels)
+            if spec.kind == "inpaint":
+                regenerate = self._mask(spec, pixels)
+                try:
+                    hold = latent_hold(self.runner.codec, pixels, regenerate)
+                except MaskError as exc:
+                    raise JobError(str(exc)) from None
+                self._inpaint[spec.id] = (pixels, regenerate)
+            else:
+                base = self.runner.encode_pixels(pixels)
         inputs = []
         for index, image in enumerate(spec.images):
             for y in image.labels:
@@ -167,15 +186,35 @@ class Engine:
             weights = tuple(image.weights) if image.weights is not None else None
             if weights is not None and len(weights) != len(image.labels):
                 raise JobError(f"image {index}: {len(weights)} weights given for {len(image.labels)} labels")
-            cond = Condition(tuple(int(y) for y in image.labels), weights,
-                             spec.cfg_scale if image.labels else 1.0)
+            try:
+                cond = Condition(tuple(int(y) for y in image.labels), weights,
+                                 spec.cfg_scale if image.labels else 1.0, spec.compose_mode)
+            except ValueError as exc:
+                raise JobError(str(exc)) from None
             rows = condition_rows(cond, self.null_label)
             if len(rows) > MAX_ROWS_PER_SAMPLE:
                 raise JobError(f"image {index}: {len(rows)} model rows, at most {MAX_ROWS_PER_SAMPLE} per image "
                                f"(compose fewer labels)")
             inputs.append(SampleInput(SampleKey(spec.id, index), int(image.seed), rows, params, base,
-                                      spec.noise_level if spec.kind == "denoise" else None))
+                                      spec.noise_level if spec.kind == "denoise" else None, hold))
         return inputs
+
+    @staticmethod
+    def _mask(spec: JobSpec, pixels) -> "np.ndarray":
+        """The (H, W) bool mask of an inpaint job (True = regenerate), unpacked from its spec."""
+        import base64
+
+        import numpy as np
+        if not spec.mask:
+            raise JobError("an inpaint job needs a mask and none was given")
+        h, w = pixels.shape[:2]
+        try:
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(spec.mask), dtype=np.uint8))
+        except ValueError:
+            raise JobError("the inpaint mask is not base64 of packed bits") from None
+        if bits.size < h * w:
+            raise JobError(f"the inpaint mask holds {bits.size} pixels, the image has {h * w}")
+        return bits[:h * w].reshape(h, w).astype(bool)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job held here; its samples leave at the next step. False when it is not here."""
@@ -216,6 +255,8 @@ class Engine:
         finished_keys = {f.key for f in finished}
         result.progress = [Progress(k.job_id, k.index, st.steps, _finite(st.grad_norm))
                            for k, st in run.statuses.items() if k not in finished_keys]
+        if self.preview_jobs:
+            self._attach_previews(result.progress)
 
         result.seconds = time.perf_counter() - t0
         m = self.metrics
@@ -226,13 +267,32 @@ class Engine:
         m.batch_occupancy.set(run.rows_evaluated / self.runner.max_rows if self.has_work else 0.0)
         return result
 
+    def _attach_previews(self, progress: list[Progress]) -> None:
+        """Previews (small PNG data URLs) of the running images of previewed jobs that are due."""
+        import base64
+        now = time.monotonic()
+        due = {j for j in self.preview_jobs
+               if j in self._jobs and now - self._last_preview.get(j, -1e9) >= self.preview_interval_s}
+        wanted = [p for p in progress if p.job_id in due]
+        if not wanted:
+            return
+        pixels = self.runner.preview_pixels(SampleKey(p.job_id, p.index) for p in wanted)
+        for p in wanted:
+            image = pixels.get(SampleKey(p.job_id, p.index))
+            if image is not None:
+                p.preview = "data:image/png;base64," + base64.b64encode(encode_image(image, "png")).decode()
+        for j in due:
+            self._last_preview[j] = now
+
     def _emit(self, leaving: list[_Departure], retired: Retired, result: StepOutput) -> None:
         """Images and finished jobs out of the samples that left in one step (retired ones decoded
         by the runner, those stopped before the step here, in one batch)."""
         latents, retired_pixels = retired.result()
+        energies = retired.energies()
         for d in leaving:
             if d.key in latents:
                 d.latent = latents[d.key]
+                d.energy = energies.get(d.key)
         kept = [d for d in leaving if d.latent is not None]      # cancelled samples leave no image
         pixels: dict[SampleKey, object] = {}
         if self.encode_images:
@@ -245,11 +305,16 @@ class Engine:
             job = self._jobs[d.key.job_id]
             res = ImageResult(index=d.key.index, steps=d.steps, grad_norm=_finite(d.grad_norm),
                               stopped_early=d.reason == "converged", deadline_exceeded=d.reason == "deadline",
-                              content_type=content_type(job.spec.format))
+                              content_type=content_type(job.spec.format),
+                              energy=None if d.energy is None else _finite(d.energy))
+            if d.key.job_id in self._inpaint and d.key in pixels:
+                # The known pixels come back exactly (a latent model's decode only approximates them).
+                original, regenerate = self._inpaint[d.key.job_id]
+                pixels[d.key] = composite(pixels[d.key], original, regenerate)
             if not self.encode_images:
                 data = None
             else:
-                provenance = provenance_record(job.spec, d.key.index, res.steps, res.grad_norm)
+                provenance = provenance_record(job.spec, d.key.index, res.steps, res.grad_norm, res.energy)
                 if self.encode_pool is not None:
                     data = self.encode_pool.submit(encode_image, pixels[d.key], job.spec.format, provenance=provenance)
                 else:
@@ -275,6 +340,8 @@ class Engine:
                 self.metrics.jobs_total.labels(status).inc()
                 self.metrics.job_latency_seconds.observe(latency)
                 del self._jobs[key.job_id]
+                self._inpaint.pop(key.job_id, None)
+                self._last_preview.pop(key.job_id, None)
             self._inputs.pop(key, None)
 
     def flush(self) -> StepOutput:

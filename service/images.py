@@ -71,7 +71,7 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = 16_000
     return pixels[..., None] if channels == 1 else pixels
 
 
-def provenance_record(spec, index: int, steps: int, grad_norm: float | None) -> dict:
+def provenance_record(spec, index: int, steps: int, grad_norm: float | None, energy: float | None = None) -> dict:
     """What a PNG records about image ``index`` of a job (``spec``: a ``service.jobs.JobSpec``)."""
     image = spec.images[index]
     sampler = spec.sampler
@@ -82,6 +82,8 @@ def provenance_record(spec, index: int, steps: int, grad_norm: float | None) -> 
             "sampler": sampler.sampler, "step_size": sampler.step_size, "mu": sampler.mu,
             "max_steps": sampler.max_steps, "grad_norm_threshold": sampler.grad_norm_threshold,
             "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}"),
+            "compose_mode": getattr(spec, "compose_mode", "guided"),
+            "energy": None if energy is None else float(f"{energy:.6g}"),
             **({"epsilon_max": sampler.epsilon_max, "time_cutoff": sampler.time_cutoff}
                if sampler.sampler == "heun-sde" else {})}
 
@@ -93,7 +95,8 @@ def provenance_line(p: dict) -> str:
     return (f"EqM {p['kind']} of {labels}{weights}; model: {p['model']}, seed: {p['seed']}, "
             f"guidance: {p['guidance_scale']:g}, sampler: {p['sampler']}, step size: {p['step_size']:g}, "
             f"mu: {p['mu']:g}, max steps: {p['max_steps']}, threshold: {p['grad_norm_threshold']:g}, "
-            f"steps: {p['steps']}, final grad norm: {norm}")
+            f"steps: {p['steps']}, final grad norm: {norm}"
+            + (f", energy: {p['energy']:.6g}" if p.get("energy") is not None else ""))
 
 
 def read_provenance(data: bytes) -> dict | None:

@@ -66,7 +66,7 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 
-JOB_KINDS = ("generate", "denoise", "compose")
+JOB_KINDS = ("generate", "denoise", "compose", "inpaint")
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
 RECENT_JOBS = 200
@@ -104,6 +104,8 @@ class JobSpec:
     format: str = "png"
     noise_level: float | None = None       # denoise: g in g*x + (1-g)*eps before the descent (None = no extra noise)
     priority: int = 0                      # higher first
+    compose_mode: str = "guided"           # guided: u + s*sum w_k (c_k - u); sum: sum w_k c_k (no null row)
+    mask: str | None = None                # inpaint: base64 of np.packbits of the (H, W) bool mask, True = regenerate
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted: float = field(default_factory=time.time)
 
@@ -126,6 +128,7 @@ class ImageResult:
     stopped_early: bool          # below its gradient-norm threshold before the step cap
     deadline_exceeded: bool = False
     content_type: str = "image/png"
+    energy: float | None = None  # final energy (lower on data) where the model has one (EqM-E)
 
 
 class Keys:
@@ -142,6 +145,10 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def previews(self, job_id: str) -> str:
+        """Set (with a short TTL, refreshed) while a client follows the job's events with previews."""
+        return f"{self.prefix}:job:{job_id}:previews"
 
     def input(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:input"

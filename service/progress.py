@@ -28,6 +28,7 @@ class JobProgress:
         self.images = [{"index": k, "steps": 0, "grad_norm": None} for k in range(num_images)]
         self._unsent: list[list[float]] = [[] for _ in range(num_images)]
         self._finished: set[int] = set()
+        self._previews: dict[int, str] = {}      # newest unpublished preview per running image
 
     def update(self, index: int, steps: int, grad_norm: float | None) -> bool:
         """A running image's state after a step; False for an index this job does not have (or finished)."""
@@ -38,6 +39,11 @@ class JobProgress:
             self._unsent[index].append(_rounded(grad_norm))
         entry["steps"], entry["grad_norm"] = steps, grad_norm
         return True
+
+    def preview(self, index: int, data_url: str) -> None:
+        """The newest preview of a running image (published with the next progress event)."""
+        if 0 <= index < len(self.images) and index not in self._finished:
+            self._previews[index] = data_url
 
     def finish(self, index: int, steps: int, grad_norm: float | None, stopped_early: bool) -> list[float]:
         """A finished image's final state; returns the norms of its ``image`` event, ending with the final one.
@@ -57,13 +63,19 @@ class JobProgress:
     def event_images(self) -> list[dict]:
         """The ``images`` of a ``progress`` event: each entry with its norms not yet published (a
         finished image's go in its ``image`` event only)."""
-        return [{**entry, "norms": [] if k in self._finished else list(unsent)}
-                for k, (entry, unsent) in enumerate(zip(self.images, self._unsent))]
+        out = [{**entry, "norms": [] if k in self._finished else list(unsent)}
+               for k, (entry, unsent) in enumerate(zip(self.images, self._unsent))]
+        for k, url in self._previews.items():
+            if k not in self._finished:
+                out[k]["preview"] = url
+        return out
 
     def sent(self, index: int | None = None) -> None:
         """The norms of image ``index`` (None: of every image, a progress event) are written."""
         for k in range(len(self.images)) if index is None else (index,):
             self._unsent[k] = []
+            if index is None:
+                self._previews.pop(k, None)
 
     def summary(self) -> list[dict]:
         """The job record's ``progress`` field: ``{"index", "steps", "grad_norm"}`` per image."""

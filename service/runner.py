@@ -270,6 +270,16 @@ class ModelRunner:
         return Retired(keys, host_latents, host_pixels, event, energies=host_energies)
 
     @torch.no_grad()
+    def preview_pixels(self, keys: Iterable[SampleKey]) -> dict[SampleKey, np.ndarray]:
+        """The current iterate of running samples as (H, W, C) uint8 previews (the codec's cheap decode)."""
+        keys = [k for k in keys if k in self._slot]
+        if not keys:
+            return {}
+        idx = self.batch.to_device(torch.tensor([self._slot[k] for k in keys], dtype=torch.long))
+        pixels = self.codec.preview_tensor(self.batch.x.index_select(0, idx)).cpu().numpy()
+        return dict(zip(keys, pixels))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """(N, C, H, W) latents -> (N, H, W, C) uint8 pixels on the host."""
         if latents.shape[0] == 0:

@@ -14,6 +14,10 @@ with every held-out digit's unconditional norm; a score conditional on label ``c
 digits of class ``c`` under label ``c``. The sorted reference norms are written next to the weights
 (``<checkpoint stem>.scores.json``) by ``python -m service.scoring digits``; a model without that file
 gets ``in_distribution: null`` (the norm alone still ranks images).
+
+Models with an energy (EqM-E, through the model seam's ``energy``) are scored by that energy instead
+(the paper's OOD score, lower on data), reported beside the gradient norm, and calibrated the same way
+on held-out energies; each result says which score it used (``score``: ``energy`` or ``grad_norm``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.family import as_field
 
 SCORE_KIND = "score"
 
@@ -63,8 +69,7 @@ def run_score_job(r, prefix: str, spec, runner, null_label: int, calibration: Ca
         raise ValueError("a score job's uploads were not found (expired?)")
     x = torch.stack([runner.encode_pixels(decode_image(b, runner.image_size, runner.channels)) for b in blobs])
     labels = spec.images[0].labels if spec.images else []
-    return score_latents(getattr(runner, "field", runner.model), x, labels[0] if labels else None, null_label,
-                         calibration)
+    return score_latents(runner.field, x, labels[0] if labels else None, null_label, calibration)
 
 
 def calibration_path(checkpoint: Path) -> Path:
@@ -72,30 +77,34 @@ def calibration_path(checkpoint: Path) -> Path:
 
 
 @torch.no_grad()
-def directions_and_energies(model, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``||f(x, y)||_2`` per image in float32, and the energy per image where the family has one (else None);
-    ``model`` a network or its field (the model seam); ``x`` (N, C, H, W) float32, ``labels`` (N,) long."""
-    from models.family import as_field
+def field_scores(model, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(``||direction||_2``, energy or None) per image, float32 on the CPU; ``x`` (N, C, H, W) float32,
+    ``labels`` (N,) long; ``model`` a ``GradientField`` or a bare (implicit) network."""
     field = as_field(model)
-    out, energy = field.direction_and_energy(x.to(field.device, field.dtype), labels.to(field.device),
-                                             want_energy=field.has_energy)                  # (N, C, H, W), (N,)
-    return out.float().flatten(1).norm(dim=1).cpu(), None if energy is None else energy.float().cpu()
+    direction, energy = field.direction_and_energy(x.to(field.device, field.dtype), labels.to(field.device))
+    norms = direction.float().flatten(1).norm(dim=1).cpu()
+    return norms, None if energy is None else energy.cpu()
 
 
 def gradient_norms(model, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``||f(x, y)||_2`` per image, in float32 (see ``directions_and_energies``)."""
-    return directions_and_energies(model, x, labels)[0]
+    """``||f(x, y)||_2`` per image (the update direction's norm), in float32."""
+    return field_scores(model, x, labels)[0]
 
 
 def score_latents(model, x: torch.Tensor, label: int | None, null_label: int,
                   calibration: Calibration | None) -> list[dict]:
-    """Per image ``{"index", "grad_norm", "in_distribution", "energy"}`` (one batched evaluation)."""
+    """Per image ``{"index", "grad_norm", "energy", "score", "in_distribution"}`` (one batched evaluation);
+    ``score`` names what ``in_distribution`` calibrates: the energy where the model has one, else the norm."""
     y = torch.full((x.shape[0],), null_label if label is None else label, dtype=torch.long)
-    norms, energies = directions_and_energies(model, x, y)
-    return [{"index": k, "grad_norm": float(n),
-             "in_distribution": calibration.in_distribution(float(n), label) if calibration else None,
-             "energy": None if energies is None else float(energies[k])}
-            for k, n in enumerate(norms.tolist())]
+    norms, energies = field_scores(model, x, y)
+    out = []
+    for k, n in enumerate(norms.tolist()):
+        energy = None if energies is None else float(energies[k])
+        value = float(n) if energy is None else energy
+        out.append({"index": k, "grad_norm": float(n), "energy": energy,
+                    "score": "grad_norm" if energy is None else "energy",
+                    "in_distribution": calibration.in_distribution(value, label) if calibration else None})
+    return out
 
 
 def calibrate_digits(checkpoint: str = "digits") -> dict:
@@ -104,15 +113,20 @@ def calibrate_digits(checkpoint: str = "digits") -> dict:
     from models.checkpoint import load_model
     from models.digits import load_digits_split
     loaded = load_model(resolve_checkpoint(checkpoint), device="cpu")
-    model, null = loaded.model, loaded.model.config.null_label
+    model, null = loaded.field, loaded.model.config.null_label
     from models.codecs import IdentityCodec
     split = load_digits_split()
     codec = IdentityCodec(1, split.x_test.shape[-1])
     x, y = codec.encode(codec.decode(split.x_test)).float(), split.y_test     # as uploads arrive: uint8 pixels
-    uncond = gradient_norms(model, x, torch.full_like(y, null))
-    cond = gradient_norms(model, x, y)
+    def score(labels):      # the energy where the model has one (what score jobs calibrate), else the norm
+        norms, energies = field_scores(model, x, labels)
+        return norms if energies is None else energies
+
+    uncond = score(torch.full_like(y, null))
+    cond = score(y)
     per_class = {int(c): sorted(cond[y == c].tolist()) for c in torch.unique(y)}
     return {"source": "digits test split (20%, stratified, seed 0), never used in training; uint8 pixels",
+            "score": "energy" if model.has_energy else "grad_norm",
             "count": int(x.shape[0]), "unconditional": [round(v, 5) for v in sorted(uncond.tolist())],
             "per_class": {str(c): [round(n, 5) for n in v] for c, v in per_class.items()},
             "median_unconditional": float(np.median(uncond.numpy()))}

@@ -56,7 +56,7 @@ import redis
 
 from models.checkpoint import CheckpointError
 from models.codecs import CodecError
-from service.engine import Engine, JobError, StepOutput
+from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
@@ -171,6 +171,7 @@ class Worker:
         self._next_autoclaim = 0.0
         self._metrics_url = ""
         self._calibration: tuple | None = None         # (Calibration | None,) once loaded, for score jobs
+        self._previews_checked = 0.0                    # last look at which jobs clients preview
         self._lost: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()   # (job, "lost" | "expired")
         self._dropped: set[str] = set()                # jobs still in the engine that we write nothing for
         self._started: set[str] = set()                # jobs whose record says running (by us)
@@ -252,11 +253,28 @@ class Worker:
             if drain_until is None and self._wants_more():
                 self._guarded(self._fetch, 0 if engine.has_work else 500)
             if engine.has_work:
+                self._guarded(self._refresh_previews)
                 out = engine.step()
                 self._unwritten.append(out)
             # Results whose images are still being encoded wait, unless there is nothing else to do.
             if self._unwritten:
                 self._flush_unwritten(wait=not engine.has_work)
+
+    def _refresh_previews(self) -> None:
+        """Which running jobs a client follows with previews (one pipelined EXISTS per job, at most
+        every ``PREVIEW_INTERVAL_S``); the engine decodes previews for those only."""
+        now = time.monotonic()
+        if now - self._previews_checked < PREVIEW_INTERVAL_S:
+            return
+        self._previews_checked = now
+        jobs = self.engine.job_ids()
+        if not jobs:
+            self.engine.preview_jobs = set()
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in jobs:
+            pipe.exists(self.keys.previews(job_id))
+        self.engine.preview_jobs = {j for j, on in zip(jobs, pipe.execute()) if on}
 
     def _guarded(self, fn, *args) -> None:
         """Redis calls of the loop: a lost connection or a full Redis is logged and retried, not fatal."""
@@ -367,7 +385,7 @@ class Worker:
                 return
             if reclaimed:       # it waited its turn once and lost it to a crash: ahead of the jobs waiting here
                 spec.priority += RESTART_PRIORITY_BOOST
-            upload = self.r.get(k.input(job_id)) if spec.kind == "denoise" else None
+            upload = self.r.get(k.input(job_id)) if spec.kind in ("denoise", "inpaint") else None
             self.engine.add_job(spec, upload)
         except (JobError, ValueError, TypeError, KeyError) as exc:
             self._fail(job_id, entry_id, f"invalid job: {exc}")
@@ -386,7 +404,8 @@ class Worker:
             self._calibration = (Calibration.load(calibration_path(resolve_checkpoint(self.cfg.checkpoint))),)
         scores = run_score_job(self.r, self.keys.prefix, spec, self.engine.runner, self.engine.null_label,
                                self._calibration[0])
-        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False)
+        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False,
+                               energy=s.get("energy"))
                    for s in scores]
         # The scores go in with the final status (one fenced write): a job cancelled, expired or taken
         # over meanwhile gets neither.
@@ -583,6 +602,8 @@ class Worker:
             prog = self._progress.get(p.job_id)
             if prog is not None and prog.update(p.index, p.steps, p.grad_norm):
                 touched.add(p.job_id)
+                if p.preview is not None:
+                    prog.preview(p.index, p.preview)
         for job_id in touched:
             if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
                 self._last_progress[job_id] = now_m

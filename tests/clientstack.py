@@ -47,7 +47,7 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = S
 
 def serve(redis_url: str, port: int, log: Path, **settings: str) -> subprocess.Popen:
     """`eqm serve` on ``port`` with the digits model on the CPU (one torch thread), ready to take jobs."""
-    env = service_env(EQM_REDIS_URL=redis_url, EQM_CHECKPOINT="digits", EQM_HEARTBEAT_S="0.5", **settings)
+    env = service_env(**{"EQM_REDIS_URL": redis_url, "EQM_CHECKPOINT": "digits", "EQM_HEARTBEAT_S": "0.5", **settings})
     proc = start(["serve", "--port", str(port), "--device", "cpu", "--threads", "1", "--log-level", "warning"],
                  env, log)
     wait_ready(f"http://127.0.0.1:{port}/readyz", proc, log)

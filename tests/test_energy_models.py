@@ -144,3 +144,27 @@ def test_sum_composition_rows():
     assert guided == [(3, 1.0), (5, 1.0), (10, -1.0)]
     with pytest.raises(ValueError, match="composition mode"):
         Condition(labels=(3,), mode="product")
+
+
+def test_cli_inpaint_holds_known_pixels(tmp_path):
+    from PIL import Image
+    path, _ = _checkpoint(tmp_path, "dot")
+    bare = tmp_path / "pixels.pt"
+    pixel_cfg = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2,
+                          num_heads=1, num_classes=10, learn_sigma=False)
+    torch.save(random_model(pixel_cfg).state_dict(), bare)
+    image = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4)
+    Image.fromarray(image, "L").save(tmp_path / "in.png")
+    mask = np.zeros((8, 8), np.uint8)
+    mask[4:] = 255
+    Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    code = cli(["sample", "--checkpoint", str(bare), "--ebm", "dot", "--labels", "1,2", "--steps", "5",
+                "--step-size", "0.05", "--inpaint", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                "--images-out", str(tmp_path / "out.npy"), "--energies-out", str(tmp_path / "e.npy")])
+    assert code == 0
+    out = np.load(tmp_path / "out.npy")[..., 0]
+    assert (out[:, :4] == image[:4]).all() and not (out[:, 4:] == image[4:]).all()
+    assert np.isfinite(np.load(tmp_path / "e.npy")).all()
+    Image.fromarray(np.zeros((4, 4), np.uint8), "L").save(tmp_path / "small.png")
+    assert cli(["sample", "--checkpoint", str(bare), "--n", "1", "--steps", "1", "--inpaint", str(tmp_path / "in.png"),
+                "--mask", str(tmp_path / "small.png"), "--images-out", str(tmp_path / "x.npy")]) != 0

@@ -24,7 +24,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import catalog, compositions, denoise, generations, health, jobs, listing, openai_images, scores
+from service.api import (catalog, compositions, denoise, generations, health, inpaint, jobs, listing, openai_images,
+                         scores)
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.jobs import is_oom
@@ -121,7 +122,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
-    for module in (generations, compositions, denoise, listing, jobs, scores, openai_images, catalog, health):
+    for module in (generations, compositions, denoise, inpaint, listing, jobs, scores, openai_images, catalog, health):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],

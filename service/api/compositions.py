@@ -25,7 +25,8 @@ async def create_composition(body: CompositionRequest, request: Request,
                              wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state),
                              inline: bool = Depends(client_options)):
     """Each of the ``n`` images follows ``g = u + s * sum_k w_k (c_k - u)``: ``c_k`` the field of label k,
-    ``u`` the unconditional one, ``s`` the guidance scale, ``w_k`` the weights (default 1/K)."""
+    ``u`` the unconditional one, ``s`` the guidance scale, ``w_k`` the weights (default 1/K); with
+    ``"mode": "sum"`` it follows the paper's ``g = sum_k w_k c_k`` (default weights 1) instead."""
     model = state.model
     check_model(body.model, model, ("body", "model"))
     labels = resolve_labels(body.labels, model, ("body", "labels"))
@@ -39,5 +40,5 @@ async def create_composition(body: CompositionRequest, request: Request,
     spec = JobSpec(kind="compose", model=model.name,
                    images=[ImageSpec(seed=seed + k, labels=list(labels), weights=weights) for k in range(body.n)],
                    cfg_scale=scale, sampler=sampler_spec(body, model), deadline=deadline(body, time.time()),
-                   format=body.format, priority=body.priority)
+                   format=body.format, priority=body.priority, compose_mode=body.mode)
     return await submit(request, state, spec, None, wait, options=body, inline=inline)

@@ -53,6 +53,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
             ready=stored[k], steps=(result or seen).get("steps") or 0, grad_norm=(result or seen).get("grad_norm"),
             stopped_early=result.get("stopped_early") if result else None,
             deadline_exceeded=result.get("deadline_exceeded") if result else None,
+            energy=result.get("energy") if result else None,
             content_type=content_type, url=links.images[k]))
     queue_position = eta_s = None
     if rec["status"] == "queued":
@@ -139,16 +140,21 @@ def get_image(request: Request, job_id: str = JobId,
                        **error_responses(401, 404, 422)})
 async def job_events(request: Request, job_id: str = JobId,
                      last_event_id: str | None = Header(None, description="resume after this "
-                     "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state)):
+                     "event id (browsers send it when they reconnect)"), state: ApiState = Depends(get_state),
+                     previews: bool = Query(False, description="live previews: each progress entry of a running "
+                                            "image carries `preview`, its current iterate as a small PNG "
+                                            "(data:image/png;base64 URL), at most every 0.3 s; nothing is decoded "
+                                            "for jobs no client previews")):
     """Replays the job's events from the start (or after ``Last-Event-ID``), then follows them live.
     ``progress`` carries ``images: [{index, steps, grad_norm, norms}]`` (``norms``: the gradient norms
     of the evaluations since the previous progress event); ``image`` carries one image's final steps
-    and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open."""
+    and norm, and its remaining ``norms``. The stream ends after the final event; comments keep idle connections open.
+    With ``?previews=true`` progress entries also carry ``preview`` (see the parameter)."""
     await check_owner_async(request, state, job_id)
     if not await state.aredis.exists(state.store.keys.job(job_id)):
         raise not_found(job_id)
     start = last_event_id if last_event_id and _ENTRY_ID.match(last_event_id) else "0"
-    return StreamingResponse(_event_stream(state, job_id, start), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(state, job_id, start, previews), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -156,21 +162,24 @@ def _sse(event: str, data: str, entry_id: str | None = None) -> str:
     return (f"id: {entry_id}\n" if entry_id else "") + f"event: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterator[str]:
+async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool = False) -> AsyncIterator[str]:
     """Replay with one plain XREAD, then follow through the process' shared reader (no connection held
     per stream). While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
     final with its final event trimmed)."""
     keys = state.store.keys
     key = keys.events(job_id)
     follower = None
+    asked = _PreviewAsk(state, job_id) if previews else None
     try:
+        if asked is not None:
+            await asked.refresh()
         while True:         # replay: everything after `last`, in pages
             reply = await state.aredis.xread({key: last}, count=500)
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 last = entry_id.decode()
                 event = fields[b"event"].decode()
-                yield _sse(event, fields[b"data"].decode(), last)
+                yield _sse(event, _for_client(event, fields[b"data"].decode(), previews), last)
                 if event in FINAL_STATUSES:
                     return
             if len(entries) < 500:
@@ -182,10 +191,12 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
                 yield _sse("stopping", json.dumps({"id": job_id, "detail": "the server is stopping; reconnect "
                                                    "later with Last-Event-ID to follow the job on"}))
                 return
+            if asked is not None:
+                await asked.refresh()
             if entry is not None:
                 entry_id, fields = entry
                 event = fields[b"event"].decode()
-                yield _sse(event, fields[b"data"].decode(), entry_id)
+                yield _sse(event, _for_client(event, fields[b"data"].decode(), previews), entry_id)
                 if event in FINAL_STATUSES:
                     return
                 continue
@@ -208,6 +219,32 @@ async def _event_stream(state: ApiState, job_id: str, last: str) -> AsyncIterato
     finally:
         if follower is not None:
             state.events.leave(follower)
+
+
+PREVIEW_ASK_TTL_S = 20       # the worker previews a job while some follower refreshed this recently
+
+
+class _PreviewAsk:
+    """Tells the workers a client follows a job with previews: a key with a TTL, refreshed every few seconds."""
+
+    def __init__(self, state: ApiState, job_id: str):
+        self.state, self.key, self.at = state, state.store.keys.previews(job_id), 0.0
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        if now - self.at >= PREVIEW_ASK_TTL_S / 4:
+            self.at = now
+            await self.state.aredis.set(self.key, 1, ex=PREVIEW_ASK_TTL_S)
+
+
+def _for_client(event: str, data: str, previews: bool) -> str:
+    """A progress event without its previews for a client that did not ask (only when another one did)."""
+    if previews or event != "progress" or '"preview"' not in data:
+        return data
+    body = json.loads(data)
+    for image in body.get("images", []):
+        image.pop("preview", None)
+    return json.dumps(body)
 
 
 # -- cancel -----------------------------------------------------------------------------------

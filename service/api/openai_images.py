@@ -34,6 +34,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import ApiState, get_state, require_api_key
+from service.api.inpaint import pack_mask, prepare_inpaint_inputs
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
 from service.api.conventions import absolute, reject_unknown_query
@@ -243,7 +244,7 @@ class ImageEditForm(SamplingOptions):
     noise_level: float | None = Field(None, ge=0, le=1, description="g in g*image + (1-g)*noise before the descent")
 
 
-_EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]"}
+_EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]", "mask"}
 
 
 @router.post("/edits", response_model=ImagesResponse, summary="Edit (denoise) an image (OpenAI-compatible)",
@@ -256,12 +257,14 @@ _EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]"}
                                 "n": {"type": "integer", "minimum": 1, "maximum": 1024},
                                 "size": {"type": "string", "maxLength": 20},
                                 "response_format": {"type": "string", "enum": ["b64_json", "url"]},
+                                "mask": {"type": "string", "format": "binary"},
                                 "noise_level": {"type": "number", "minimum": 0, "maximum": 1},
                                 "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
                                 "max_steps": {"type": "integer", "minimum": 1, "maximum": 1000}}}}}}})
 async def images_edits(request: Request, state: ApiState = Depends(get_state)):
     """The image is prepared like ``/v1/denoise`` (cropped, resized, converted) and the descent starts
-    from it (after mixing in ``noise_level`` noise when given) towards the prompt's class."""
+    from it (after mixing in ``noise_level`` noise when given) towards the prompt's class. With a ``mask``
+    (OpenAI's convention: its fully transparent pixels are edited) it inpaints, as ``/v1/inpaint`` does."""
     model = state.model
     try:
         form = await request.form()
@@ -271,8 +274,6 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         raise HTTPException(400, f"the body is not a readable multipart form ({type(exc).__name__})") from None
     for name in form.keys():
         if name not in _EDIT_FIELDS:
-            if name == "mask":
-                raise field_error(("body", "mask"), "masks are not supported: EqM denoises the whole image")
             raise field_error(("body", name), f"unknown form field {name!r}")
     files = [v for v in form.getlist("image") + form.getlist("image[]") if isinstance(v, UploadFile)]
     if len(files) != 1:
@@ -286,6 +287,15 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
     if opts.output_format is not None:
         opts = opts.model_copy(update={"format": opts.output_format})
     data = await files[0].read()
+    masks = [v for v in form.getlist("mask") if isinstance(v, UploadFile)]
+    if masks or "mask" in form:
+        # OpenAI's convention: the mask's fully transparent pixels are the ones to edit (inpainting).
+        if len(masks) != 1:
+            raise field_error(("body", "mask"), "send exactly one mask file (a PNG whose transparent pixels are edited)")
+        png, regen = await prepare_inpaint_inputs(state, data, await masks[0].read(), "alpha")
+        spec, labels = _build_spec(opts, opts.prompt, model, state, "inpaint")
+        spec.kind, spec.mask = "inpaint", pack_mask(regen)
+        return await _run(request, state, spec, png, labels, opts.response_format or "b64_json", opts)
     try:
         png = await run_in_threadpool(prepare_image, data, model.image_size, model.channels,
                                       state.settings.max_upload_pixels)

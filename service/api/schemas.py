@@ -89,7 +89,10 @@ class CompositionRequest(SamplingOptions):
                                 description="the classes to compose, each " + LABEL_DOC, examples=[[3, 8]])
     weights: list[Annotated[float, Field(ge=-10, le=10)]] | None = Field(
         None, max_length=MAX_COMPOSITION_LABELS, description="one weight per label, each in [-10, 10]; default 1/K "
-        "each (the mean of the conditional fields)", examples=[[0.5, 0.5]])
+        "each (the mean of the conditional fields) in guided mode, 1 each in sum mode", examples=[[0.5, 0.5]])
+    mode: Literal["guided", "sum"] = Field("guided", description="guided: u + s * sum_k w_k (c_k - u) (rows: the "
+                                           "labels and the unconditional one); sum: the paper's sum_k w_k c_k (no "
+                                           "unconditional row, the guidance scale is not used)")
 
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"labels": [3, 8], "weights": [0.5, 0.5], "n": 2, "seed": 0},
@@ -120,7 +123,7 @@ class JobLinks(BaseModel):
 class JobCreated(BaseModel):
     id: str = Field(examples=["4f0c1e9a0b6d4c1e8d2f7a5b3c9e1d20"])
     status: str = Field(examples=["queued"])
-    kind: Literal["generate", "denoise", "compose"]
+    kind: Literal["generate", "denoise", "compose", "inpaint"]
     model: str = Field(examples=["digits"])
     num_images: int = Field(examples=[2])
     links: JobLinks
@@ -136,6 +139,8 @@ class ImageStatus(BaseModel):
     grad_norm: float | None = Field(None, description="last gradient norm ||g||")
     stopped_early: bool | None = Field(None, description="stopped below the gradient-norm threshold")
     deadline_exceeded: bool | None = None
+    energy: float | None = Field(None, description="EqM-E models: the final image's energy (official sign, lower "
+                                 "on data; the guidance-weighted sum over its conditions); null otherwise")
     content_type: str = Field(examples=["image/png"])
     url: str
     b64_json: str | None = Field(None, description="with ?inline=true: the image bytes, base64, once ready")

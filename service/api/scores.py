@@ -38,9 +38,11 @@ CALIBRATION_DOC = ("fraction of the model's held-out data (digits: the 20% test 
 class ImageScore(BaseModel):
     index: int
     grad_norm: float = Field(description="||f(x, y)||_2 at the input: 0 at equilibrium, larger = farther from the data")
+    energy: float | None = Field(None, description="EqM-E and Energy Matching models: the energy at the input "
+                                 "(official sign, lower on data; the paper's OOD score); null for implicit models")
+    score: Literal["grad_norm", "energy"] = Field("grad_norm", description="the score in_distribution calibrates: "
+                                                  "energy where the model has one, else grad_norm")
     in_distribution: float | None = Field(None, ge=0, le=1, description=CALIBRATION_DOC)
-    energy: float | None = Field(None, description="models with a scalar energy (Energy Matching, EqM-E): the "
-                                 "energy at the input, lower on data; null otherwise")
 
 
 class ScoreResult(BaseModel):
@@ -48,6 +50,8 @@ class ScoreResult(BaseModel):
     status: Literal["queued", "running", "done", "failed", "cancelled"]
     model: str
     label: int | None = Field(None, description="the class the field was conditioned on (null = unconditional)")
+    score: Literal["grad_norm", "energy"] = Field(description="which score ranks the images: the energy for EqM-E "
+                                                  "models, the gradient norm for implicit ones")
     scores: list[ImageScore] = Field(description="one per uploaded image, in order (empty until done)")
     error: str | None = None
     url: str = Field(description="this result, to fetch it again")
@@ -62,6 +66,7 @@ def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult
     scores = [ImageScore(**s) for s in json.loads(raw)] if raw else []
     path = request.url_for("get_scores", job_id=job_id).path
     out = ScoreResult(id=job_id, status=rec["status"], model=rec["spec"]["model"], label=labels[0] if labels else None,
+                      score="energy" if state.model.has_energy else "grad_norm",
                       scores=scores, error=rec["error"], url=absolute(request, state.settings, path))
     return out, rec["status"] in ("done", "failed", "cancelled")
 
@@ -79,6 +84,7 @@ def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult
 async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     """Per image: the gradient norm of the model's field at the image (one forward; conditional on
     ``label`` when given) and ``in_distribution``, that norm calibrated on the model's held-out data.
+    EqM-E models also give the image's ``energy`` and rank (and calibrate) by it.
     Uniform noise or shuffled pixels score far lower than real digits (AUROC in bench/RESULTS.md)."""
     model = state.model
     try:

@@ -35,7 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=defaults.seed, help="training seed (the data split is fixed)")
     t.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (0 = all cores)")
     t.add_argument("--log-every", type=int, default=defaults.log_every, help="print the mean loss every N steps")
-    t.add_argument("--out", default=str(BUNDLED["digits"]), help="weights file (.safetensors)")
+    t.add_argument("--ebm", choices=["none", "dot", "l2", "mean"], default="none",
+                   help="energy form: none = implicit EqM (the bundled 'digits'); dot = EqM-E, the direction is "
+                        "the gradient of E = sum(f(x) * x) (the bundled 'digits-e'); default none")
+    t.add_argument("--out", default=None, help="weights file (.safetensors; default: the bundled 'digits', or "
+                   "'digits-e' with --ebm)")
     t.add_argument("--record", default=None, help="training record (.json; default: next to --out)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines only)")
     t.set_defaults(handler=run_train)
@@ -50,7 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
     for name, value in vars(TrainConfig()).items():        # flags the record did not give a default
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
-    out = Path(args.out)
+    out = Path(args.out or BUNDLED["digits" if args.ebm == "none" else "digits-e"])
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: the weights file must end in .safetensors")
     if not out.parent.is_dir():
@@ -62,11 +66,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     record_path = Path(args.record) if args.record else out.with_suffix(".json")
     cfg = replace(TrainConfig(), steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  threads=args.threads, log_every=args.log_every,
+                  threads=args.threads, log_every=args.log_every, ebm=args.ebm,
                   warmup_steps=min(TrainConfig().warmup_steps, max(1, args.steps // 10)))
     # The record holds the canonical command that reproduces these weights, whatever was typed.
     command = (f"eqm train-digits --steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} "
-               f"--seed {cfg.seed} --threads {cfg.threads}")
+               f"--seed {cfg.seed} --threads {cfg.threads}" + (f" --ebm {cfg.ebm}" if cfg.ebm != "none" else ""))
     result = train_digits(cfg, progress=not args.no_progress,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     record = save_digits_model(result, cfg, out, record_path, command)

@@ -610,7 +610,8 @@ async function followEvents(job) {
   for (let attempt = 0; attempt < 5 && !job.final; attempt++) {
     try {
       const headers = lastId ? { "Last-Event-ID": lastId } : {};
-      const resp = await api(job.links.events, { headers, signal: job.controller.signal });
+      // previews=true: progress entries carry each running image's iterate, so the images form in place.
+      const resp = await api(job.links.events + "?previews=true", { headers, signal: job.controller.signal });
       if (!resp.ok) { setStatus(job, job.status, (await readError(resp)).text); return; }
       const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
@@ -654,10 +655,23 @@ function onEvent(job, event, data) {
       card.steps = entry.steps;
       card.norm = entry.grad_norm;
       card.el.dataset.state = "running";
+      if (entry.preview) showPreview(card, entry.preview);
       updateCard(job, card);
     }
   } else if (event === "image") finishCard(job, data);
   else if (["done", "cancelled", "failed", "expired", "error"].includes(event)) finishJob(job, event, data);
+}
+
+function showPreview(card, url) {
+  const frame = $(".frame", card.el);
+  let img = $("img.preview", frame);
+  if (!img) {
+    img = document.createElement("img");
+    img.className = "preview" + (state.model.image_size >= 128 ? " smooth" : "");
+    img.alt = "the image as it forms";
+    frame.replaceChildren(img);
+  }
+  img.src = url;
 }
 
 function addNorms(card, norms) { for (const n of norms) if (Number.isFinite(n)) card.norms.push(n); }
@@ -668,6 +682,7 @@ function updateCard(job, card) {
   $(".norm", card.el).textContent = card.norm == null ? "" : `· ‖g‖ ${formatNorm(card.norm)}`;
   const frame = $(".frame span", card.el);
   if (frame && !card.final) frame.textContent = "descending…";
+  if (card.energy != null) $(".norm", card.el).textContent += ` · E ${card.energy.toPrecision(4)}`;
   drawPlot(job, card);
 }
 
@@ -680,6 +695,7 @@ async function finishCard(job, data) {
   card.final = true;
   card.steps = data.steps;
   card.norm = data.grad_norm;
+  card.energy = data.energy ?? null;        // EqM-E models: the image's energy (lower on data)
   const outcome = data.stopped_early ? "converged" : data.deadline_exceeded ? "deadline" : "step_cap";
   card.el.dataset.state = outcome;
   const badge = { converged: ["converged", "stopped early", `its gradient norm fell below ${job.threshold}`],
