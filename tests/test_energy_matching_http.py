@@ -51,8 +51,9 @@ def test_generation_gives_the_offline_integrators_pixels(base):
     field = load_model(resolve_checkpoint("em-digits")).field
     field_params = HeunSDEParams(dt=0.02, max_steps=30, epsilon_max=0.02, time_cutoff=0.5)
     start = torch.stack([noise_for_seed(s, (1, 8, 8)) for s in (11, 12)])
-    want = sample_heun(lambda x: field.direction(x, torch.zeros(len(x), dtype=torch.long)), start, field_params,
-                       [11, 12])
+    zeros = lambda x: torch.zeros(len(x), dtype=torch.long)     # noqa: E731  (the potential has no labels)
+    want = sample_heun(lambda x: field.direction(x, zeros(x)), start, field_params, [11, 12],
+                       energy=lambda x: field.energy(x, zeros(x)))
     pixels = IdentityCodec(1, 8).decode(want.latents)[..., 0].astype(int)
     for i, image in enumerate(job["images"]):
         assert image["steps"] == 30 and image["labels"] == []
@@ -61,6 +62,9 @@ def test_generation_gives_the_offline_integrators_pixels(base):
         assert np.abs(got - pixels[i]).max() <= 1
         rec = read_provenance(data)
         assert rec["sampler"] == "heun-sde" and rec["epsilon_max"] == 0.02 and rec["time_cutoff"] == 0.5
+        # V of the final image: in the status and in the PNG's record.
+        assert image["energy"] == pytest.approx(want.energies[i], rel=1e-4, abs=1e-4)
+        assert rec["energy"] == pytest.approx(want.energies[i], rel=1e-4, abs=1e-4)
 
 
 def test_event_stream_reports_the_job_to_its_end(base):
@@ -77,6 +81,7 @@ def test_event_stream_reports_the_job_to_its_end(base):
                 finals.append(json.loads(line[6:]))
     assert names[0] == "queued" and "started" in names and names[-1] == "done"
     assert len(finals) == 2 and all(f["steps"] == 150 for f in finals)
+    assert all(isinstance(f["energy"], float) for f in finals)          # V of each final image
 
 
 def test_openai_route_takes_any_prompt_for_an_unconditional_model(base):
