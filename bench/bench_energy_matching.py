@@ -64,7 +64,7 @@ def run(quick: bool, write: bool) -> str:
     d = em.spec.sampler_defaults
     settings = {
         "official (t_end 3.25, dt 0.01, eps_max 0.01, cutoff 1.0)": heun(0.01, 325, 0.01),
-        f"official + per-sample stopping (||v|| < {threshold:.3g}, the median at held-out digits)":
+        f"official + per-sample stopping (‖v‖ < {threshold:.3g}, the median at held-out digits)":
             heun(0.01, 325, 0.01, threshold=threshold),
         f"recorded default (dt {d['step_size']}, {d['max_steps']} steps = t 1.0, deterministic)":
             heun(d["step_size"], d["max_steps"], d["epsilon_max"], d["time_cutoff"]),
@@ -105,8 +105,8 @@ def run(quick: bool, write: bool) -> str:
 
     def scores(x):
         return {"Energy Matching V(x)": field.energy(x, y0).cpu(),
-                "Energy Matching ||dV/dx||": field.direction(x, y0).flatten(1).norm(dim=1),
-                "EqM ||f(x, null)|| (bundled EqM digits)": eqm.model(x, null).flatten(1).norm(dim=1)}
+                "Energy Matching ‖dV/dx‖": field.direction(x, y0).flatten(1).norm(dim=1),
+                "EqM ‖f(x, null)‖ (bundled EqM digits)": eqm.model(x, null).flatten(1).norm(dim=1)}
     s_test, s_uni, s_shuf = scores(test), scores(uniform), scores(shuffled)
     ood = [f"| {k} | {_auroc(s_test[k], s_uni[k]):.4f} | {_auroc(s_test[k], s_shuf[k]):.4f} |" for k in s_test]
 
