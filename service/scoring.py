@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     data = calibrate_digits(name)
     path = calibration_path(resolve_checkpoint(name))
     path.write_text(json.dumps(data) + "\n")
-    print(f"wrote {path}: {data['count']} held-out digits, median unconditional norm {data['median_unconditional']:.3f}")
+    print(f"wrote {path}: {data['count']} held-out digits, median unconditional {data['score']} "
+          f"{data['median_unconditional']:.3f}")
     return 0
 
 

@@ -302,6 +302,64 @@ def test_cancel_a_long_job(server):
         clean(b)
 
 
+def test_previews_show_the_images_forming(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-n", "4")
+        page.fill("#generate-max_steps", "1000")
+        page.fill("#generate-grad_norm_threshold", "0")
+        page.fill("#generate-step_size", "0.002")
+        page.click("#panel-generate button[type=submit]")
+        # While the job runs, the frames show the iterate (a PNG from the progress events), not a black box.
+        page.wait_for_selector(".card[data-state=running] .frame img.preview", timeout=JOB_TIMEOUT_MS)
+        first = page.get_attribute(".card .frame img.preview", "src")
+        assert first.startswith("data:image/png;base64,")
+        assert server.job(page.evaluate("state.job.id"))["status"] == "running"
+        page.wait_for_function(f"document.querySelector('.card .frame img.preview').src !== {json.dumps(first)}",
+                               timeout=JOB_TIMEOUT_MS)               # and it changes as the image forms
+        shot(b, "previews")
+        page.click("#cancel")
+        page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
+        clean(b)
+
+
+def _png_pixels(server: Server, job_id: str, k: int):
+    import numpy as np
+    resp = httpx.get(f"{server.base}/v1/jobs/{job_id}/images/{k}", headers={"Authorization": f"Bearer {API_KEY}"})
+    return np.array(Image.open(io.BytesIO(resp.content)))
+
+
+def test_inpaint_the_lower_half_of_a_generated_digit(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        page.fill("#generate-label", "7")
+        page.fill("#generate-n", "1")
+        page.fill("#generate-seed", "3")
+        page.click("#panel-generate button[type=submit]")
+        first = finished_job_id(page)
+        page.click("#tab-inpaint")
+        page.click("#mask-use-result")
+        page.click("#mask-lower")
+        page.fill("#inpaint-label", "7")
+        page.fill("#inpaint-seed", "5")
+        page.click("#panel-inpaint button[type=submit]")
+        page.wait_for_function(f"state.job && state.job.id !== {json.dumps(first)} && state.job.final",
+                               timeout=JOB_TIMEOUT_MS)
+        page.wait_for_function("document.querySelectorAll('.card .frame img:not(.preview)').length === 2",
+                               timeout=JOB_TIMEOUT_MS)
+        job = server.job(page.evaluate("state.job.id"))
+        assert job["status"] == "done" and job["kind"] == "inpaint"
+        source = _png_pixels(server, first, 0)
+        for k in range(2):
+            out = _png_pixels(server, job["id"], k)
+            assert (out[:4] == source[:4]).all()            # the upper half, held exactly
+        assert "inpainted" in page.locator(".card .title").first.inner_text()
+        shot(b, "inpaint")
+        clean(b)
+
+
 def test_a_bad_value_shows_the_servers_error_beside_its_field(server):
     with chromium_page() as b:
         page = b.page

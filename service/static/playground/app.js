@@ -102,7 +102,8 @@ function setupModel(m) {
     `up to ${m.defaults.max_steps} steps`;
   const list = $("#class-list");
   list.replaceChildren(...Array.from({ length: m.num_classes }, (_, i) => new Option(classOption(i), classOption(i))));
-  const forms = { generate: $("#panel-generate"), compose: $("#panel-compose"), denoise: $("#panel-denoise") };
+  const forms = { generate: $("#panel-generate"), compose: $("#panel-compose"), denoise: $("#panel-denoise"),
+                  inpaint: $("#panel-inpaint") };
   const d = m.defaults;
   for (const [task, form] of Object.entries(forms)) {
     const opts = $("#options-template").content.cloneNode(true);
@@ -116,7 +117,7 @@ function setupModel(m) {
     };
     for (const [name, value] of Object.entries(placeholders)) $(`[name=${name}]`, form).placeholder = String(value);
     $("[name=sampler] option[value='']", form).textContent = `default (${d.sampler})`;
-    $("[name=n]", form).value = { generate: 4, compose: 2, denoise: 1 }[task];
+    $("[name=n]", form).value = { generate: 4, compose: 2, denoise: 1, inpaint: 2 }[task];
     $("[name=n]", form).max = m.limits.max_images_per_job;
     const seed = $("[name=seed]", form);
     $("[name=seed-random]", form).addEventListener("change", (ev) => { seed.disabled = ev.target.checked; });
@@ -128,6 +129,7 @@ function setupModel(m) {
   $("#tab-compose").hidden = m.num_classes === 0;
   setupCompose(m);
   setupDenoise(m);
+  setupInpaint(m);
   // Every field gets an error line, tied to its controls for screen readers.
   for (const field of $$(".field[data-field]")) addErrorLine(field, field.closest("form").dataset.task + "-" + field.dataset.field);
 }
@@ -373,6 +375,86 @@ function drawingBlob() {
   return new Promise((resolve) => c.toBlob(resolve, "image/png"));
 }
 
+// -- inpaint: a mask painted over the image (model-size cells), white = regenerate when sent -----------
+
+const maskCanvas = $("#mask-canvas");
+let maskCells = null;              // Uint8Array(size * size), 1 = regenerate
+let inpaintImage = null;           // ImageData of the image to complete (model size), or null = the Denoise tab's
+
+function setupInpaint(m) {
+  maskCells = new Uint8Array(m.image_size * m.image_size);
+  const half = (lower) => { maskCells.fill(0); const s = m.image_size;
+    for (let y = lower ? s / 2 : 0; y < (lower ? s : s / 2); y++) for (let x = 0; x < s; x++) maskCells[y * s + x] = 1;
+    drawMask(); };
+  $("#mask-lower").addEventListener("click", () => half(true));
+  $("#mask-upper").addEventListener("click", () => half(false));
+  $("#mask-clear").addEventListener("click", () => { maskCells.fill(0); drawMask(); });
+  $("#mask-use-result").addEventListener("click", useFirstResult);
+  let painting = false;
+  const paint = (ev) => {
+    const r = maskCanvas.getBoundingClientRect(), s = m.image_size;
+    const x = Math.floor((ev.clientX - r.left) / r.width * s), y = Math.floor((ev.clientY - r.top) / r.height * s);
+    if (x >= 0 && y >= 0 && x < s && y < s) { maskCells[y * s + x] = 1; drawMask(); }
+  };
+  maskCanvas.addEventListener("pointerdown", (ev) => { painting = true; paint(ev); });
+  maskCanvas.addEventListener("pointermove", (ev) => { if (painting) paint(ev); });
+  window.addEventListener("pointerup", () => { painting = false; });
+  $("#tab-inpaint").addEventListener("click", () => drawMask());
+  drawMask();
+}
+
+function inpaintPixels() { return inpaintImage || modelPixels(); }
+
+function drawMask() {
+  const size = state.model.image_size, pixels = inpaintPixels();
+  const shown = new ImageData(size, size);
+  for (let p = 0; p < size * size; p++) {
+    for (let c = 0; c < 3; c++) shown.data[4 * p + c] = pixels.data[4 * p + c];
+    if (maskCells[p]) { shown.data[4 * p] = 220; shown.data[4 * p + 1] = 40; shown.data[4 * p + 2] = 40; }
+    shown.data[4 * p + 3] = 255;
+  }
+  const tmp = document.createElement("canvas");
+  tmp.width = tmp.height = size;
+  tmp.getContext("2d").putImageData(shown, 0, 0);
+  const c = maskCanvas.getContext("2d");
+  c.imageSmoothingEnabled = size >= 128;
+  c.drawImage(tmp, 0, 0, maskCanvas.width, maskCanvas.height);
+}
+
+async function useFirstResult() {
+  const img = $(".card .frame img:not(.preview)");
+  if (!img) { $(".form-error", $("#panel-inpaint")).textContent = "no finished image yet: generate one first"; return; }
+  const size = state.model.image_size, tmp = document.createElement("canvas");
+  tmp.width = tmp.height = size;
+  const c = tmp.getContext("2d");
+  c.drawImage(img, 0, 0, size, size);
+  inpaintImage = c.getImageData(0, 0, size, size);
+  drawMask();
+}
+
+function pngOf(pixels) {
+  const c = document.createElement("canvas");
+  c.width = pixels.width; c.height = pixels.height;
+  c.getContext("2d").putImageData(pixels, 0, 0);
+  return new Promise((resolve) => c.toBlob(resolve, "image/png"));
+}
+
+async function inpaintRequest(options, problems) {
+  const size = state.model.image_size, mask = new ImageData(size, size);
+  for (let p = 0; p < size * size; p++) {
+    const v = maskCells[p] ? 255 : 0;
+    mask.data[4 * p] = mask.data[4 * p + 1] = mask.data[4 * p + 2] = v;
+    mask.data[4 * p + 3] = 255;
+  }
+  const fields = [];
+  const label = $("#inpaint-label").value;
+  if (label.trim()) fields.push(["label", String(parseLabel(label))]);
+  for (const [name, value] of Object.entries(options)) fields.push([name, String(value)]);
+  // The image goes at the model's size, so the mask (same size) fits it.
+  const upload = { blob: await pngOf(inpaintPixels()), name: "image.png", fromFile: false };
+  return { task: "inpaint", path: "v1/inpaint", form: fields, upload, mask: await pngOf(mask), problems };
+}
+
 // -- requests ---------------------------------------------------------------------------------
 
 const NUMBER_FIELDS = ["n", "seed", "guidance_scale", "step_size", "mu", "max_steps", "grad_norm_threshold", "deadline_s"];
@@ -409,6 +491,7 @@ async function buildRequest(form) {
     }, options);
     return { task, path: "v1/compositions", json: body, problems };
   }
+  if (task === "inpaint") return inpaintRequest(options, problems);
   const fields = [];
   const label = $("#denoise-label").value;
   if (label.trim()) fields.push(["label", String(parseLabel(label))]);
@@ -428,6 +511,7 @@ function curlFor(req) {
     parts.push("-H 'Content-Type: application/json'", "-d " + shellQuote(JSON.stringify(req.json)));
   } else {
     parts.push("-F " + shellQuote("image=@" + req.upload.name));
+    if (req.mask) parts.push("-F " + shellQuote("mask=@mask.png"));
     for (const [name, value] of req.form) parts.push("-F " + shellQuote(`${name}=${value}`));
   }
   return parts.join(" \\\n     ");
@@ -473,6 +557,7 @@ async function submit(form) {
     } else {
       const data = new FormData();
       data.append("image", req.upload.blob, req.upload.name);
+      if (req.mask) data.append("mask", req.mask, "mask.png");
       for (const [name, value] of req.form) data.append(name, value);
       resp = await api(req.path, { method: "POST", body: data });
     }
@@ -594,6 +679,7 @@ function titleFor(job, img) {
   const names = img.labels.map((y) => (className(y) === String(y) ? `class ${y}` : className(y)));
   if (job.task === "compose") return names.join(" + ");
   if (job.task === "denoise") return names.length ? `denoised → ${names[0]}` : "denoised";
+  if (job.task === "inpaint") return names.length ? `inpainted → ${names[0]}` : "inpainted";
   return names.length ? names[0] : "unconditional";
 }
 
