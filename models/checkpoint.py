@@ -192,6 +192,9 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         raise CheckpointError(f"guidance mode must be one of {', '.join(GUIDANCE_MODES)}, not {guidance_mode!r}")
     if ebm is not None and ebm not in ENERGY_FORMS:
         raise CheckpointError(f"unknown energy form --ebm {ebm!r}; choose one of {', '.join(ENERGY_FORMS)}")
+    energy = _load_energy_matching(path, weights, device, dtype)
+    if energy is not None:
+        return energy
     state, meta = read_state_dict(path, weights)
     recorded = meta.get("ebm")
     if recorded is not None and recorded not in ENERGY_FORMS:
@@ -224,6 +227,23 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model=model, spec=spec, source=str(path))
+
+
+def _load_energy_matching(path, weights: str, device, dtype) -> LoadedModel | None:
+    """An Energy Matching file as a loaded model (its field: direction -dV/dx, energy V); None otherwise."""
+    from .em_checkpoint import is_energy_matching_file, load_energy_matching
+    if not is_energy_matching_file(path):
+        return None
+    from .energy_matching import EnergyMatchingField
+    loaded = load_energy_matching(path, weights=weights, device=device, dtype=dtype)
+    rec = {"dt": 0.01, "max_steps": 325, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0,
+           **loaded.sampler_defaults}
+    defaults = {"sampler": "heun-sde", "step_size": rec["dt"], "max_steps": rec["max_steps"],
+                "epsilon_max": rec["epsilon_max"], "time_cutoff": rec["time_cutoff"],
+                "grad_norm_threshold": rec["grad_norm_threshold"], "cfg_scale": 1.0}
+    spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults,
+                     energy_form="potential")
+    return LoadedModel(model=loaded.network, spec=spec, source=str(path), field=EnergyMatchingField(loaded.network))
 
 
 def _load_strict(model: EqM, state: dict[str, torch.Tensor], source: str, config: EqMConfig) -> None:

@@ -33,8 +33,10 @@ import torch
 from kernels.nag_step import nag_step
 from models import device as cuda_device
 from models.family import GradientField, as_field
+from models.heun_sde import HeunSDEParams
+from models.heun_slots import HeunSlots
 
-SAMPLERS = ("nag", "gd")
+SAMPLERS = ("nag", "gd", "heun-sde")
 COMPOSITION_MODES = ("guided", "sum")
 
 
@@ -47,6 +49,10 @@ class SamplerParams:
     mu: float = 0.3
     max_steps: int = 249
     grad_norm_threshold: float = 0.0     # 0 = never stop early
+    # "heun-sde" (models/heun_sde.py): step_size is the SDE time step dt, max_steps counts Heun steps
+    # (2 evaluations each), and the temperature rises from 0 at time_cutoff to epsilon_max at t = 1.
+    epsilon_max: float = 0.0
+    time_cutoff: float = 1.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -59,11 +65,17 @@ class SamplerParams:
             raise ValueError(f"max steps must be >= 0, got {self.max_steps}")
         if not self.grad_norm_threshold >= 0:
             raise ValueError(f"gradient-norm threshold must be >= 0, got {self.grad_norm_threshold}")
+        if self.sampler == "heun-sde":
+            self.heun_params()           # validates the SDE settings
 
     @property
     def momentum(self) -> float:
         """The look-ahead factor actually used: GD evaluates at x itself."""
         return self.mu if self.sampler == "nag" else 0.0
+
+    def heun_params(self) -> HeunSDEParams:
+        return HeunSDEParams(dt=self.step_size, max_steps=self.max_steps, epsilon_max=self.epsilon_max,
+                             time_cutoff=self.time_cutoff, grad_norm_threshold=self.grad_norm_threshold)
 
 
 @dataclass(frozen=True)
@@ -271,6 +283,7 @@ class SlotBatch:
         self._upload = _Uploader(self.device)
         # Inpainting: slot -> (known values, keep mask) held fixed through the descent (see ``hold``).
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.heun = HeunSlots(capacity, self.sample_shape, self.device)   # slots on the Euler-Heun SDE
         self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -286,11 +299,12 @@ class SlotBatch:
         return bool(self.free_slots) and free >= n_rows
 
     def admit(self, x0: torch.Tensor, rows: list[tuple[int, float]], params: SamplerParams,
-              hold: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+              hold: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> int:
         """Put one sample in a free slot, starting at ``x0``; returns the slot index.
 
         ``hold = (known, keep)``: inpainting. Where ``keep`` (broadcastable to the sample, 1 = keep,
         0 = regenerate) is set, the iterate is ``known`` from the start and stays exactly that.
+        ``seed``: the sample's noise stream (the Heun SDE sampler draws its increments from it).
         """
         if not self.can_admit(len(rows)):
             raise RuntimeError("no free slot or not enough free rows")
@@ -339,6 +353,8 @@ class SlotBatch:
         self._position[slot] = len(self.order)
         self.order.append(slot)
         self._write_plan(slot)
+        if params.sampler == "heun-sde":
+            self.heun.admit(slot, params.heun_params(), seed)
         return slot
 
     def release(self, slot: int) -> None:
@@ -352,6 +368,7 @@ class SlotBatch:
             rows = self.slot_rows.pop(slot)
             self.slot_weights.pop(slot)
             self.held.pop(slot, None)
+            self.heun.release(slot)
             for r in rows:
                 self.row_owner[r] = -1
             holes += rows
@@ -416,6 +433,8 @@ class SlotBatch:
             return self._step_subset(list(slots))
         if not self.order:
             return 0
+        if self.heun:
+            return self._step_subset(list(self.order))
         a = len(self.order)
         if self._plan_dirty:
             self._upload.copy(self.plan_slots[:a], self._slots_host[:a])
@@ -430,6 +449,8 @@ class SlotBatch:
     def _step_subset(self, slots: list[int]) -> int:
         if not slots:
             return 0
+        if self.heun:
+            return self._step_with_heun(slots)
         k = max(len(self.slot_rows[s]) for s in slots)
         # Padded to the plan's width like a full step: on CUDA the kernel then sees one K per latent
         # shape, tuned and compiled in warm-up (``warm_fused_step``), never on live traffic.
@@ -440,6 +461,27 @@ class SlotBatch:
         self._run(bucket, self.to_device(torch.tensor(slots, dtype=torch.int32)),
                   self.to_device(torch.tensor(rows, dtype=torch.int32)),
                   self.to_device(torch.tensor(weights, dtype=torch.float32)), k)
+        return bucket
+
+    def _step_with_heun(self, slots: list[int]) -> int:
+        """One forward for every listed slot; descent slots take the fused step, Heun slots one phase."""
+        bucket = self.bucket_for(self.n_rows if self.packed else 1 + max(max(self.slot_rows[s]) for s in slots))
+        out = self.forward(self.model_in[:bucket], self.labels[:bucket]).contiguous()
+        descent = [s for s in slots if s not in self.heun]
+        if descent:
+            k = max(len(self.slot_rows[s]) for s in descent)
+            rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in descent]
+            weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in descent]
+            nag_step(out, self.x, self.m, self.model_in[:bucket], self.to_device(torch.tensor(descent, dtype=torch.int32)),
+                     self.to_device(torch.tensor(rows, dtype=torch.int32)),
+                     self.to_device(torch.tensor(weights, dtype=torch.float32)), self.eta, self.mu, self.threshold,
+                     self.max_steps, self.steps, self.norm, self.finished, self.guided_channels, freeze_finished=True)
+        heun = [s for s in slots if s in self.heun]
+        if heun:
+            self.heun.update(self, out, heun)
+        if self.held:                 # inpainting: held entries stay known in x and in every evaluated point
+            self._apply_holds()
+        self.rows_evaluated += bucket
         return bucket
 
     def _run(self, bucket: int, slot_ids, rows, weights, k: int) -> None:
@@ -545,7 +587,8 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
            params: SamplerParams | Sequence[SamplerParams], *, null_label: int, guided_channels: int,
            dtype: torch.dtype | None = None, progress: Callable[[int, int], None] | None = None,
            stats: dict | None = None, status_lag: int | None = None,
-           holds: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> SampleResult:
+           holds: Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+           seeds: Sequence[int] | None = None) -> SampleResult:
     """Run every sample from ``start`` (N, C, H, W) until it stops, in one packed ``SlotBatch``.
 
     A sample that stops (below its threshold or at its cap) leaves the batch at once, so the
@@ -554,6 +597,7 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
     ``status_lag``: steps the status read-back lags (default 1 on CUDA, 0 elsewhere; same results).
     ``model``: a ``GradientField`` (the model seam) or a bare network (its implicit field).
     ``holds``: per sample, ``(known, keep)`` to inpaint (see ``SlotBatch.admit``) or None.
+    ``seeds``: each sample's noise stream for the Heun SDE sampler (default 0, 1, 2, ...).
     """
     n = start.shape[0]
     if len(conditions) != n:
@@ -578,8 +622,10 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
     owner: dict[int, int] = {}              # slot -> sample index
     for i in range(n):
         if per_sample[i].max_steps > 0:     # a zero budget keeps its start
-            owner[batch.admit(start[i], row_sets[i], per_sample[i], hold=holds[i])] = i
-    total = max((p.max_steps for p in per_sample), default=0)
+            owner[batch.admit(start[i], row_sets[i], per_sample[i], hold=holds[i],
+                              seed=seeds[i] if seeds is not None else i)] = i
+    # Engine steps: a Heun step takes two forwards.
+    total = max((p.max_steps * (2 if p.sampler == "heun-sde" else 1) for p in per_sample), default=0)
     # On CUDA the status of step k is read after step k+1 is queued (the device never waits for the
     # host); a sample that finished in step k is frozen by the fused step in k+1, so nothing changes.
     lag = (1 if batch.device.type == "cuda" else 0) if status_lag is None else status_lag
@@ -616,8 +662,9 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
             progress(min(step, total), total)
     stopped = [k < p.max_steps for k, p in zip(steps, per_sample)]
     if stats is not None:
-        # Evaluations: one per update, plus the one that found the norm below the threshold.
-        nfe = sum(len(r) * (k + int(e)) for r, k, e in zip(row_sets, steps, stopped))
+        # Evaluations: one per update (two per Heun step), plus the one that found the norm below the threshold.
+        nfe = sum(len(r) * (k * (2 if p.sampler == "heun-sde" else 1) + int(e))
+                  for r, k, e, p in zip(row_sets, steps, stopped, per_sample))
         stats.update(rows_evaluated=batch.rows_evaluated, nfe=nfe)
     if energies is not None and any(p.max_steps == 0 for p in per_sample):
         # A zero step budget never entered the batch: its energy is that of its start.

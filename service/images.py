@@ -83,7 +83,9 @@ def provenance_record(spec, index: int, steps: int, grad_norm: float | None, ene
             "max_steps": sampler.max_steps, "grad_norm_threshold": sampler.grad_norm_threshold,
             "steps": steps, "grad_norm": None if grad_norm is None else float(f"{grad_norm:.4g}"),
             "compose_mode": getattr(spec, "compose_mode", "guided"),
-            "energy": None if energy is None else float(f"{energy:.6g}")}
+            "energy": None if energy is None else float(f"{energy:.6g}"),
+            **({"epsilon_max": sampler.epsilon_max, "time_cutoff": sampler.time_cutoff}
+               if sampler.sampler == "heun-sde" else {})}
 
 
 def provenance_line(p: dict) -> str:

@@ -80,6 +80,8 @@ class SamplerSpec:
     mu: float = 0.3
     max_steps: int = 249
     grad_norm_threshold: float = 0.0
+    epsilon_max: float = 0.0               # heun-sde only: temperature reached at t = 1
+    time_cutoff: float = 1.0               # heun-sde only: temperature is 0 before this time
 
 
 @dataclass

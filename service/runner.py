@@ -227,7 +227,8 @@ class ModelRunner:
         stopped = self._stop(output, inputs)
         for key in output.admit:
             inp = inputs[key]
-            self._slot[key] = self.batch.admit(self.start_latent(inp), inp.rows, inp.params, hold=inp.hold)
+            self._slot[key] = self.batch.admit(self.start_latent(inp), inp.rows, inp.params, hold=inp.hold,
+                                               seed=inp.seed)
         statuses: dict[SampleKey, SampleStatus] = {}
         bucket = 0
         if not output.run:

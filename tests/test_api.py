@@ -130,7 +130,8 @@ def test_omitted_options_get_model_defaults(client, store, worker):
     assert len(spec["images"]) == 1 and spec["images"][0]["labels"] == []        # unconditional
     assert spec["cfg_scale"] == d.cfg_scale
     assert spec["sampler"] == {"sampler": d.params.sampler, "step_size": d.params.step_size, "mu": d.params.mu,
-                               "max_steps": d.params.max_steps, "grad_norm_threshold": d.grad_norm_threshold}
+                               "max_steps": d.params.max_steps, "grad_norm_threshold": d.grad_norm_threshold,
+                               "epsilon_max": 0.0, "time_cutoff": 1.0}      # heun-sde settings, unused by nag
     assert 0 <= spec["images"][0]["seed"] < 2**31
 
 

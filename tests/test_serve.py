@@ -281,10 +281,11 @@ def test_cpu_thread_default_is_one_where_the_worker_reads_it():
 # -- README.md: every example runs (or, where it needs the released weights, parses) ---------------------
 
 README = ROOT / "README.md"
-NEEDS_RELEASED_WEIGHTS = ("EqM-XL-2", "0400000.pt", "--noise noise.npy")
+NEEDS_RELEASED_WEIGHTS = ("EqM-XL-2", "0400000.pt", "--noise noise.npy", "cifar10_main_training_147000.pt")
 SECTIONS_WITH_EXAMPLES = {"On a fresh machine": ".ci/run", "Using the API": "served", "Tests": ".ci/run",
                           "Client conventions": "served",
-                          "Offline sampling: `eqm sample`": "run", "Weights: `eqm convert`": "parsed"}
+                          "Offline sampling: `eqm sample`": "run", "Weights: `eqm convert`": "parsed",
+                          "Energy Matching models": "run"}
 # A served section's command that starts a server is checked against the parser (the test's own
 # `eqm serve` runs with the same settings) rather than started a second time.
 STARTS_A_SERVER = re.compile(r"^[^#\n]*\beqm serve\b.*$", re.M)

@@ -35,6 +35,8 @@ class SamplingDefaults:
     guidance_scale: float
     composition_guidance_scale: float
     denoise_max_steps: int
+    epsilon_max: float = 0.0          # heun-sde settings (Energy Matching models)
+    time_cutoff: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ def load_model_info(settings: Settings) -> ModelInfo:
         hint = " (the bundled model ships with the package: reinstall it)" if settings.checkpoint == "digits" else ""
         raise CheckpointError(f"{path}: no such checkpoint file{hint}; set EQM_CHECKPOINT to a model file")
     meta = _safetensors_metadata(path) if path.suffix == ".safetensors" else {}
+    energy = _energy_matching_info(settings, path, meta)
+    if energy is not None:
+        return energy
     if "config" in meta:
         raw = json.loads(meta["config"])
         known = {f.name for f in fields(EqMConfig)}
@@ -101,6 +106,32 @@ def load_model_info(settings: Settings) -> ModelInfo:
         classes=ClassIndex.for_model(config.num_classes, names),
         defaults=_defaults_for(config, json.loads(meta.get("sampler_defaults", "{}"))),
         energy_form=recorded or settings.ebm or "none")
+
+
+def _energy_matching_info(settings: Settings, path: Path, meta: dict[str, str]) -> ModelInfo | None:
+    """An Energy Matching model (pixel space, unconditional, the Heun SDE sampler), or None for EqM files."""
+    from models.em_checkpoint import infer_config, looks_like_energy_matching, pick_weights, read_file
+    from models.energy_matching import EnergyMatchingConfig
+    if path.suffix == ".safetensors":
+        if not looks_like_energy_matching({}, meta):
+            return None
+        config = EnergyMatchingConfig.from_dict(json.loads(meta["config"]))
+    else:
+        from models.em_checkpoint import is_energy_matching_file
+        if not is_energy_matching_file(path):
+            return None
+        obj, meta = read_file(path)
+        config = infer_config(pick_weights(obj, "ema", str(path)), str(path))
+        del obj
+    rec = {"dt": 0.01, "max_steps": 325, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0,
+           **json.loads(meta.get("sampler_defaults", "{}"))}            # official CIFAR-10 setting by default
+    defaults = SamplingDefaults(sampler="heun-sde", step_size=float(rec["dt"]), mu=0.0, max_steps=int(rec["max_steps"]),
+                                grad_norm_threshold=float(rec["grad_norm_threshold"]), guidance_scale=1.0,
+                                composition_guidance_scale=1.0, denoise_max_steps=int(rec["max_steps"]),
+                                epsilon_max=float(rec["epsilon_max"]), time_cutoff=float(rec["time_cutoff"]))
+    return ModelInfo(name=model_name(settings), source=str(path), config=config, codec="identity", guidance_mode="all",
+                     image_size=config.input_size, channels=config.in_channels, classes=ClassIndex.for_model(0, ()),
+                     defaults=defaults, energy_form="potential")
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

@@ -153,6 +153,8 @@ def _check_size(size: str | None, model: ModelInfo) -> None:
 
 
 def _revised(labels: list[int], model: ModelInfo) -> str:
+    if not labels:
+        return "unconditional"
     names = model.classes.names
     words = [f"{names[y]} (class {y})" if y < len(names) and names[y] else f"class {y}" for y in labels]
     return " + ".join(words)
@@ -161,7 +163,8 @@ def _revised(labels: list[int], model: ModelInfo) -> str:
 def _build_spec(body: SamplingOptions, prompt: str, model: ModelInfo, state: ApiState, kind_single: str,
                 weights: list[float] | None = None) -> tuple[JobSpec, list[int]]:
     check_model(body.model, model, ("body", "model"))
-    labels = resolve_labels(_split_prompt(prompt), model, ("body", "prompt"))
+    # An unconditional model (no classes) takes any prompt text and ignores it.
+    labels = resolve_labels(_split_prompt(prompt), model, ("body", "prompt")) if model.num_classes else []
     if weights is not None and len(weights) != len(labels):
         raise field_error(("body", "weights"), f"{len(weights)} weights given for {len(labels)} classes")
     check_image_count(body.n, state, ("body", "n"), f"n = {body.n}")

@@ -41,8 +41,10 @@ class SamplingOptions(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=20, description="classifier-free guidance scale s: "
                                          "g = u + s * (c - u); 1 = plain conditional, 0 = unconditional",
                                          examples=[1.5])
-    sampler: Literal["nag", "gd"] | None = Field(None, description="nag = Nesterov-accelerated gradient descent "
-                                                 "(the paper's default), gd = plain gradient descent")
+    sampler: Literal["nag", "gd", "heun-sde"] | None = Field(
+        None, description="nag = Nesterov-accelerated gradient descent (the paper's default), gd = plain gradient "
+        "descent, heun-sde = the Euler-Heun SDE of Energy Matching models (step_size is its time step dt, "
+        "max_steps counts Heun steps of two evaluations each)")
     step_size: float | None = Field(None, gt=0, le=1, description="gradient-descent step size eta",
                                     examples=[0.03])
     mu: float | None = Field(None, ge=0, lt=1, description="NAG look-ahead factor (ignored by gd)", examples=[0.3])
@@ -51,6 +53,10 @@ class SamplingOptions(BaseModel):
     grad_norm_threshold: float | None = Field(None, ge=0, le=10_000, description="adaptive compute: an image stops "
                                               "once its gradient norm falls below this (0 = always run max_steps)",
                                               examples=[0.3])
+    epsilon_max: float | None = Field(None, ge=0, le=10, description="heun-sde: temperature eps reached at t = 1 "
+                                      "(0 = the deterministic Heun flow)", examples=[0.01])
+    time_cutoff: float | None = Field(None, ge=0, le=1, description="heun-sde: eps is 0 before this time, then "
+                                      "rises linearly to epsilon_max at t = 1", examples=[1.0])
     deadline_s: float | None = Field(None, gt=0, le=3600, description="seconds from submission; images still "
                                      "running then are returned as they are, flagged deadline_exceeded",
                                      examples=[30])
@@ -147,6 +153,8 @@ class SamplerSettings(BaseModel):
     mu: float
     max_steps: int
     grad_norm_threshold: float
+    epsilon_max: float = 0.0
+    time_cutoff: float = 1.0
 
 
 class Timings(BaseModel):
@@ -211,6 +219,8 @@ class ModelDefaults(BaseModel):
     guidance_scale: float
     composition_guidance_scale: float
     denoise_max_steps: int
+    epsilon_max: float = 0.0
+    time_cutoff: float = 1.0
 
 
 class ModelLimits(BaseModel):
@@ -229,7 +239,8 @@ class ModelCard(BaseModel):
     codec: str
     guidance_mode: str
     energy_form: str = Field("none", description="none = implicit EqM (images scored by gradient norm); dot, l2 "
-                             "or mean = EqM-E, an explicit energy (images carry their energy, lower on data)")
+                             "or mean = EqM-E, an explicit energy (images carry their energy, lower on data); "
+                             "potential = Energy Matching, the scalar potential V(x)")
     num_classes: int
     class_names: list[str] = Field(description="index = label; empty when the model has no names")
     defaults: ModelDefaults

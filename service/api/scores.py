@@ -38,8 +38,8 @@ CALIBRATION_DOC = ("fraction of the model's held-out data (digits: the 20% test 
 class ImageScore(BaseModel):
     index: int
     grad_norm: float = Field(description="||f(x, y)||_2 at the input: 0 at equilibrium, larger = farther from the data")
-    energy: float | None = Field(None, description="EqM-E models: the energy at the input (official sign, lower on "
-                                 "data; the paper's OOD score); null for implicit models")
+    energy: float | None = Field(None, description="EqM-E and Energy Matching models: the energy at the input "
+                                 "(official sign, lower on data; the paper's OOD score); null for implicit models")
     score: Literal["grad_norm", "energy"] = Field("grad_norm", description="the score in_distribution calibrates: "
                                                   "energy where the model has one, else grad_norm")
     in_distribution: float | None = Field(None, ge=0, le=1, description=CALIBRATION_DOC)

@@ -42,6 +42,8 @@ def check_model(requested: str | None, model: ModelInfo, loc: Sequence[str | int
 
 
 def resolve_labels(labels: Sequence[int | str], model: ModelInfo, loc: Sequence[str | int]) -> list[int]:
+    if labels and model.num_classes == 0:
+        raise field_error(loc, f"model {model.name} is unconditional (it has no classes): leave the labels out")
     out = []
     for i, label in enumerate(labels):
         try:
@@ -59,11 +61,15 @@ def check_image_count(count: int, state: ApiState, loc: Sequence[str | int], wha
 
 def sampler_spec(opts: SamplingOptions, model: ModelInfo, denoise: bool = False) -> SamplerSpec:
     d = model.defaults
+    if opts.sampler == "heun-sde" and model.codec != "identity":
+        raise field_error(("body", "sampler"), "heun-sde clamps its result to [-1, 1], the range of pixel-space "
+                          f"models; model {model.name} works in {model.codec} latents: use nag or gd")
     pick = lambda value, default: default if value is None else value     # noqa: E731
     return SamplerSpec(sampler=pick(opts.sampler, d.sampler), step_size=pick(opts.step_size, d.step_size),
                        mu=pick(opts.mu, d.mu),
                        max_steps=pick(opts.max_steps, d.denoise_max_steps if denoise else d.max_steps),
-                       grad_norm_threshold=pick(opts.grad_norm_threshold, d.grad_norm_threshold))
+                       grad_norm_threshold=pick(opts.grad_norm_threshold, d.grad_norm_threshold),
+                       epsilon_max=pick(opts.epsilon_max, d.epsilon_max), time_cutoff=pick(opts.time_cutoff, d.time_cutoff))
 
 
 def first_seed(opts: SamplingOptions) -> int:

@@ -18,10 +18,14 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="eqm", description="Equilibrium Matching inference service")
+    parser = argparse.ArgumentParser(prog="eqm", description="Equilibrium Matching inference service",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"service.cli.{name}").register(sub)
+    # No prefix matching: an option is spelled in full (``--dt`` must never be read as ``--dtype``).
+    for command in sub.choices.values():
+        command.allow_abbrev = False
     return parser
 
 

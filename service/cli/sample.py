@@ -51,6 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
     add_energy_arguments(p)
+    em = p.add_argument_group("Energy Matching models (Euler-Heun SDE; --steps counts Heun steps, 2 evaluations each)")
+    em.add_argument("--dt", type=float, default=None, help="SDE time step; default 0.01")
+    em.add_argument("--t-end", type=float, default=None,
+                    help="final SDE time (official --t_end; steps = t_end / dt); default 3.25, or --steps")
+    em.add_argument("--epsilon-max", type=float, default=None,
+                    help="temperature reached at t = 1 (0 = deterministic Heun flow); default 0.01")
+    em.add_argument("--time-cutoff", type=float, default=None, help="temperature is 0 before this time; default 1.0")
+    em.add_argument("--model-flag", action="append", default=[], metavar="NAME=VALUE",
+                    help="architecture flag of an official checkpoint (official names, e.g. num_heads=4, "
+                         "channel_mult=1,2,2,2, output_scale=1000); repeat for several")
     p.set_defaults(handler=run_sample)
 
 
@@ -60,7 +70,7 @@ def add_energy_arguments(p: argparse.ArgumentParser) -> None:
                    help="energy form of a checkpoint that records none (official train.py --ebm; default: "
                         "what the file records, else none = implicit EqM)")
     p.add_argument("--energies-out", help="write each image's final energy (lower on data), .npy float32 (n,), "
-                   "in label order; EqM-E models only")
+                   "in label order; EqM-E and Energy Matching models (V(x)) only")
     p.add_argument("--compose-mode", choices=["guided", "sum"], default="guided",
                    help="'a+b' labels: guided (u + s*sum w_k (c_k - u), weights 1/K) or sum (the paper's "
                         "sum_k c_k, no null row)")
@@ -111,6 +121,9 @@ def run_sample(args: argparse.Namespace) -> int:
     import torch
 
     from service.cli import UsageError
+    from service.cli.energy_sample import is_energy_checkpoint, run_energy_sample
+    if is_energy_checkpoint(resolve_checkpoint(args.checkpoint)):
+        return run_energy_sample(args)
 
     dtype = getattr(torch, DTYPES[args.dtype])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -98,7 +98,8 @@ function labelText(label) { return typeof label === "number" ? className(label) 
 function setupModel(m) {
   const kind = m.channels === 1 ? "grey" : "RGB";
   $("#model-info").textContent = `Model ${m.name} · ${m.arch} · ${m.image_size}×${m.image_size} ${kind} · ` +
-    `${m.num_classes} classes · default sampler ${m.defaults.sampler}, η ${m.defaults.step_size}, ` +
+    `${m.num_classes ? m.num_classes + " classes" : "unconditional"} · default sampler ${m.defaults.sampler}, ` +
+    `${m.defaults.sampler === "heun-sde" ? "dt" : "η"} ${m.defaults.step_size}, ` +
     `up to ${m.defaults.max_steps} steps`;
   const list = $("#class-list");
   list.replaceChildren(...Array.from({ length: m.num_classes }, (_, i) => new Option(classOption(i), classOption(i))));
@@ -124,6 +125,9 @@ function setupModel(m) {
     form.addEventListener("submit", (ev) => { ev.preventDefault(); submit(form); });
   }
   $("#generate-label").value = m.num_classes > 3 ? classOption(3) : "";
+  // An unconditional model (e.g. Energy Matching) has no class to pick and nothing to compose.
+  $("[data-field=labels]", forms.generate).hidden = m.num_classes === 0;
+  $("#tab-compose").hidden = m.num_classes === 0;
   setupCompose(m);
   setupDenoise(m);
   setupInpaint(m);
