@@ -218,7 +218,11 @@ class DigitsSamplerDefaults:
     def for_checkpoint(self) -> dict:
         """What the weights file records as its recommended settings (SamplerParams fields + cfg_scale):
         the adaptive sampler, since it loses no accuracy and saves most steps."""
-        return {**asdict(self.adaptive()), "cfg_scale": self.cfg_scale}
+        params = asdict(self.adaptive())
+        if params["sampler"] != "heun-sde":         # the SDE's temperature settings mean nothing to gradient descent
+            params.pop("epsilon_max", None)
+            params.pop("time_cutoff", None)
+        return {**params, "cfg_scale": self.cfg_scale}
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .digits import TrainConfig, _lr_at, load_digits_split
@@ -36,6 +35,7 @@ EM_TRAIN = replace(TrainConfig(), steps=700, batch_size=64, lr=1.2e-3, warmup_st
 
 def ot_pairs(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """Noise reordered so that ``x0[i]`` is paired with ``x1[i]`` by the exact minibatch OT plan."""
+    from scipy.optimize import linear_sum_assignment    # scipy comes with scikit-learn, the training data's
     cost = torch.cdist(x0.flatten(1), x1.flatten(1)).pow(2).numpy()
     rows, cols = linear_sum_assignment(cost)
     order = np.empty_like(rows)

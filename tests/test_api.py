@@ -223,7 +223,7 @@ BAD_JSON = [
     ("/v1/generations", {"steps": 30}, ["body", "steps"], "did you mean 'max_steps'?"),
     ("/v1/generations", {"n": 100000}, ["body", "n"], "more than 64 per job"),
     ("/v1/compositions", {"labels": [1, 2], "cfg_scale": 2}, ["body", "cfg_scale"], "did you mean 'guidance_scale'?"),
-    ("/v1/compositions", {"labels": [1, 2], "zzz": 2}, ["body", "zzz"], "the fields are: deadline_s, format"),
+    ("/v1/compositions", {"labels": [1, 2], "zzz": 2}, ["body", "zzz"], "; the fields are: deadline_s, "),
     ("/v1/generations", {"model": "EqM-XL/2"}, ["body", "model"], "this server serves 'digits'"),
     ("/v1/compositions", {"labels": [1]}, ["body", "labels"], ""),
     ("/v1/compositions", {"labels": [1, 2, 3, 4, 5, 6, 7, 8]}, ["body", "labels"], ""),
@@ -244,10 +244,13 @@ def test_bad_json_is_422_with_field(client, redis_client, worker, path, body, lo
     assert job_keys(redis_client) == [] and redis_client.xlen("eqm:jobs") == 0
 
 
-@pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"step_size": Infinity}', b"{not json", b"[1, 2]"])
+@pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"step_size": Infinity}', b"{not json", b"[1, 2]",
+                                 b"[" * 5000 + b"]" * 5000, b'{"n": ' + b"9" * 5000 + b"}", b'{"labels": ["\xff"]}'],
+                         ids=["nan", "inf", "syntax", "array", "deep", "huge-int", "not-utf8"])
 def test_malformed_json_is_422(client, redis_client, worker, raw):
     resp = client.post("/v1/generations", content=raw, headers={"content-type": "application/json"})
     assert resp.status_code == 422, resp.text
+    assert resp.json()["message"].startswith("body"), resp.json()
     assert job_keys(redis_client) == []
 
 

@@ -186,3 +186,16 @@ def test_small_hostile_inputs_get_plain_refusals(redis_url):
         page = c.get("/")
         assert page.headers["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+@pytest.mark.parametrize("raw,reason", [(b"\x00" * 5, "the body is not"), (b'{"labels": ["\xff"]}', "not UTF-8"),
+                                        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+                                        (b'{"n": ' + b"9" * 5000 + b"}", "too many digits")],
+                         ids=["nul", "not-utf8", "deep", "huge-int"])
+def test_undecodable_json_is_a_prompt_422_on_a_real_server(api, raw, reason):
+    """Bodies the JSON decoder raises on (not a decode error): a 422 with the reason, at once; the server
+    does not wait for a body that was already read."""
+    resp = httpx.post(f"http://127.0.0.1:{api}/v1/generations", content=raw,
+                      headers={"Content-Type": "application/json"}, timeout=10)
+    assert resp.status_code == 422, resp.text
+    assert reason in resp.json()["message"], resp.json()

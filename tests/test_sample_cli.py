@@ -37,10 +37,11 @@ def test_a_missing_checkpoint_is_one_line_at_once(tmp_path):
     started = time.monotonic()
     result = eqm("sample", "--checkpoint", str(tmp_path / "EqM-XL-2.pt"), "--labels", "1", "--out", str(tmp_path))
     elapsed = time.monotonic() - started
+    from models import BUNDLED
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"eqm sample: error: --checkpoint {tmp_path / 'EqM-XL-2.pt'}: no such file (a checkpoint file: .pt or "
-        ".safetensors, or a bundled model: digits)"]
+        f".safetensors, or a bundled model: {', '.join(sorted(BUNDLED))})"]
     # The check runs before torch is imported: a bound that the model load (torch import included) never met.
     assert elapsed < 3.0, elapsed
     result = eqm("sample", "--checkpoint", str(tmp_path), "--labels", "1", "--out", str(tmp_path))

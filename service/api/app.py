@@ -17,16 +17,19 @@ from pathlib import Path
 import redis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import (catalog, compositions, denoise, generations, health, inpaint, jobs, listing, openai_images,
                          scores)
-from service.api.errors import body_fields, unknown_field_message, validation_message
+from service.api.errors import (FASTAPI_BODY_ERROR, body_fields, malformed_json_reason, unknown_field_message,
+                               validation_message)
 from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.api.redoc_script import serve_local_redoc_script
@@ -133,6 +136,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.add_middleware(DocsPolicyMiddleware)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     for module in (generations, compositions, denoise, inpaint, listing, jobs, scores, openai_images, catalog, health):
         app.include_router(module.router)
@@ -181,6 +185,17 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         detail.append({"loc": loc, "msg": msg, "type": str(err.get("type", "value_error"))})
     message, _ = validation_message(request, list(exc.errors()))
     return JSONResponse({"detail": detail, "message": message}, status_code=422)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own answer, except for a JSON body its decoder could not take (see ``FASTAPI_BODY_ERROR``):
+    a 422 that says why, like any other malformed JSON."""
+    if exc.status_code == 400 and exc.detail == FASTAPI_BODY_ERROR:
+        reason = malformed_json_reason(exc.__cause__)
+        detail = [{"loc": ["body"], "msg": f"the body is {reason}" if reason.startswith("not") else
+                   f"the body is not usable JSON: {reason}", "type": "json_invalid"}]
+        return JSONResponse({"detail": detail, "message": f"body: {detail[0]['msg']}"}, status_code=422)
+    return await http_exception_handler(request, exc)
 
 
 async def redis_unavailable(request: Request, exc: redis.RedisError) -> JSONResponse:

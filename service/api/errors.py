@@ -75,3 +75,21 @@ def validation_message(request: Request, errors: list[dict]) -> tuple[str, str |
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     where = ".".join(loc)
     return (f"{where}: {msg}" if where else msg), field
+
+
+# FastAPI answers a JSON body that the decoder raised anything but a JSON decode error on (nesting deeper
+# than the parser's recursion limit, an integer of more digits than Python converts, bytes that are not
+# UTF-8) with a bare 400; it is malformed JSON like any other, so it gets the 422 and a reason.
+FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def malformed_json_reason(cause: BaseException | None) -> str:
+    """Why the body is not usable JSON, in a few words, from the error the decoder raised (FastAPI chains
+    it to its 400; the body itself is gone by then: reading it again would wait for bytes that never come)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "a number with too many digits"
+    return "not valid JSON"
