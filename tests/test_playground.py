@@ -338,7 +338,8 @@ def test_cancel_a_long_job(server):
 
 def test_cancel_keeps_the_finished_images(server):
     """Seeds 0-7 at threshold 0.03: the images stop between ~170 steps and the cap of 1000, so
-    cancelling once the first is shown leaves finished and unfinished ones."""
+    cancelling once the first is finished leaves finished and unfinished ones. With previews every running
+    image shows its iterate long before that: only a finished card's image counts."""
     with chromium_page() as b:
         page = b.page
         open_playground(b, server)
@@ -346,7 +347,10 @@ def test_cancel_keeps_the_finished_images(server):
         page.fill("#generate-max_steps", "1000")
         page.fill("#generate-grad_norm_threshold", "0.03")
         page.click("#panel-generate button[type=submit]")
-        page.wait_for_selector(".card .frame img", timeout=JOB_TIMEOUT_MS)
+        page.wait_for_selector(".card[data-state=running] .frame img.preview", timeout=JOB_TIMEOUT_MS)
+        # A preview is marked as one, on a running card; it is never taken for a finished image.
+        assert page.locator(".card .frame img:not(.preview)").count() == 0
+        page.wait_for_selector(".card[data-state=converged] .frame img:not(.preview)", timeout=JOB_TIMEOUT_MS)
         page.click("#cancel")
         page.wait_for_selector("#job-status[data-status=cancelled]", timeout=JOB_TIMEOUT_MS)
         job = server.job(page.evaluate("state.job.id"))
@@ -355,6 +359,7 @@ def test_cancel_keeps_the_finished_images(server):
         assert ready and len(ready) < 8, ready
         page.wait_for_function(f"document.querySelectorAll('.card .frame img').length === {len(ready)}",
                                timeout=JOB_TIMEOUT_MS)
+        assert page.locator(".card .frame img.preview").count() == 0      # no unfinished iterate left shown
         for image in job["images"]:
             card = page.locator(f".card[data-index='{image['index']}']")
             if image["ready"]:
@@ -362,7 +367,7 @@ def test_cancel_keeps_the_finished_images(server):
                 assert card.locator(".steps").inner_text() == f"{image['steps']} steps"
             else:
                 assert card.get_attribute("data-state") == "cancelled"
-                assert card.locator(".frame").inner_text() == "cancelled"
+                assert card.locator(".frame").inner_text() == "cancelled" and card.locator("img").count() == 0
             assert "descending" not in card.inner_text()
         clean(b)
 
@@ -405,7 +410,8 @@ def test_inpaint_the_lower_half_of_a_generated_digit(server):
         page.click("#panel-generate button[type=submit]")
         first = finished_job_id(page)
         page.click("#tab-inpaint")
-        page.click("#mask-use-result")
+        page.click("#mask-use-result")                  # the Generate tab's image, though not shown here
+        assert page.inner_text("#panel-inpaint .form-error") == ""
         page.click("#mask-lower")
         page.fill("#inpaint-label", "7")
         page.fill("#inpaint-seed", "5")
@@ -485,8 +491,11 @@ def test_readable_at_desktop_and_phone_widths(server, width, height):
         page.click("#panel-generate button[type=submit]")
         page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
         page.wait_for_function("document.querySelectorAll('.card .frame img').length === 6", timeout=JOB_TIMEOUT_MS)
-        # Nothing is wider than the screen: no sideways scrolling.
+        # Nothing is wider than the screen, on any tab: no sideways scrolling.
         assert page.evaluate("document.documentElement.scrollWidth") <= width
+        for tab in ("compose", "denoise", "inpaint", "generate"):
+            page.click(f"#tab-{tab}")
+            assert page.evaluate("document.documentElement.scrollWidth") <= width, tab
         if width < 500:
             page.evaluate("window.scrollTo(0, 0)")
             shot(b, "phone")

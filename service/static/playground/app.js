@@ -443,13 +443,28 @@ function drawMask() {
   c.drawImage(tmp, 0, 0, maskCanvas.width, maskCanvas.height);
 }
 
+// The first finished image of the latest job (of any tab) that has one: taken from the jobs the page keeps,
+// not from the results area, which shows the Inpaint tab's own job; its bytes as the server sent them,
+// never a preview frame of the descent.
+function firstFinishedImage() {
+  const jobs = Object.values(state.jobs).sort((a, b) => b.order - a.order);
+  for (const job of jobs) {
+    const card = job.cards.find((c) => c.blob);
+    if (card) return card.blob;
+  }
+  return null;
+}
+
 async function useFirstResult() {
-  const img = $(".card .frame img:not(.preview)");
-  if (!img) { $(".form-error", $("#panel-inpaint")).textContent = "no finished image yet: generate one first"; return; }
+  const error = $(".form-error", $("#panel-inpaint"));
+  const blob = firstFinishedImage();
+  if (!blob) { error.textContent = "no finished image yet: generate one first"; return; }
+  error.textContent = "";
   const size = state.model.image_size, tmp = document.createElement("canvas");
   tmp.width = tmp.height = size;
   const c = tmp.getContext("2d");
-  c.drawImage(img, 0, 0, size, size);
+  c.imageSmoothingEnabled = false;
+  c.drawImage(await createImageBitmap(blob), 0, 0, size, size);
   inpaintImage = c.getImageData(0, 0, size, size);
   drawMask();
 }
@@ -646,10 +661,11 @@ $("#curl-copy").addEventListener("click", async () => {
 
 // -- a job: cards, events, cancel -----------------------------------------------------------------
 
+let jobsStarted = 0;
 function startJob(created, req) {
   if (state.jobs[req.task]) state.jobs[req.task].controller.abort();
   const job = {
-    id: created.id, links: created.links, task: req.task, status: created.status, final: false,
+    order: ++jobsStarted, id: created.id, links: created.links, task: req.task, status: created.status, final: false,
     threshold: null, maxSteps: null, cards: [], controller: new AbortController(), format: (req.json || {}).format,
   };
   state.jobs[req.task] = job;
@@ -676,7 +692,7 @@ function makeCard(job, k) {
     <canvas class="plot" role="img" aria-label="gradient norm per step"></canvas>
     <p class="meta badges"></p>
     <a class="download" hidden>download</a>`;
-  return { el, index: k, steps: 0, norm: null, norms: [], final: false, seed: null };
+  return { el, index: k, steps: 0, norm: null, norms: [], final: false, seed: null, blob: null };
 }
 
 async function loadStatus(job) {
@@ -817,7 +833,8 @@ async function finishCard(job, data) {
   updateCard(job, card);
   const resp = await api(job.links.images[data.index]).catch(() => null);
   if (!resp || !resp.ok) return;
-  const url = URL.createObjectURL(await resp.blob());
+  card.blob = await resp.blob();
+  const url = URL.createObjectURL(card.blob);
   const img = document.createElement("img");
   const size = state.model.image_size;
   img.alt = `${$(".title", card.el).textContent}, seed ${card.seed ?? "?"}, ${card.steps} steps`;
@@ -843,8 +860,10 @@ function finishJob(job, event, data) {
     card.el.dataset.state = event === "cancelled" ? "cancelled" : "failed";
     $(".badges", card.el).innerHTML = `<span class="badge cancelled">${event === "cancelled" ? "cancelled" : event}</span>`;
     updateCard(job, card);
-    const frame = $(".frame span", card.el);
-    if (frame) frame.textContent = event === "cancelled" ? "cancelled" : "no image";
+    // Its last preview was an unfinished iterate, not an image of the job: it goes, and the frame says why.
+    const note = document.createElement("span");
+    note.textContent = event === "cancelled" ? "cancelled" : "no image";
+    $(".frame", card.el).replaceChildren(note);
   }
 }
 
