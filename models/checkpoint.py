@@ -85,15 +85,10 @@ def _first_unsafe(exc: Exception) -> str:
     return "unsupported object"
 
 
-def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata (safetensors only; empty otherwise) of a checkpoint file.
-
-    ``weights`` picks ``"ema"`` (the default, what sampling uses) or ``"model"`` in an official
-    training checkpoint; a bare state dict or a safetensors file has one set of weights.
-    """
+def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
+    """The raw contents of a checkpoint file of any family: (a safetensors file's tensors and metadata) or
+    (a ``torch.save``'d dict, {}); one-line errors for a file that is missing, empty or unreadable."""
     path = Path(path)
-    if weights not in ("ema", "model"):
-        raise CheckpointError(f"--weights must be 'ema' or 'model', not {weights!r}")
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
@@ -110,7 +105,21 @@ def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict of tensors)")
-    metadata = {}
+    return obj, {}
+
+
+def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata (safetensors only; empty otherwise) of a checkpoint file.
+
+    ``weights`` picks ``"ema"`` (the default, what sampling uses) or ``"model"`` in an official
+    training checkpoint; a bare state dict or a safetensors file has one set of weights.
+    """
+    path = Path(path)
+    if weights not in ("ema", "model"):
+        raise CheckpointError(f"--weights must be 'ema' or 'model', not {weights!r}")
+    obj, metadata = read_checkpoint_file(path)
+    if path.suffix == ".safetensors":
+        return obj, metadata
     ebm = getattr(obj.get("args"), "ebm", None)
     if ebm is not None:                 # official train.py records --ebm in its args
         metadata["ebm"] = str(ebm)

@@ -15,10 +15,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, _torch_load
+from .checkpoint import CheckpointError, read_checkpoint_file
 from .energy_matching import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
 
 METADATA_FORMAT = "eqm-safetensors/1"
@@ -56,24 +55,7 @@ def is_energy_matching_file(path) -> bool:
 
 def read_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
     """(the raw checkpoint dict, safetensors metadata or {}); one-line errors for unreadable files."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                meta = dict(fh.metadata() or {})
-            return load_file(str(path)), meta
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
-    obj = _torch_load(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
-    return obj, {}
+    return read_checkpoint_file(path)
 
 
 def pick_weights(obj: dict, weights: str, source: str) -> dict[str, torch.Tensor]:
