@@ -218,15 +218,11 @@ class DigitsSamplerDefaults:
     def for_checkpoint(self) -> dict:
         """What the weights file records as its recommended settings (SamplerParams fields + cfg_scale):
         the adaptive sampler, since it loses no accuracy and saves most steps."""
-        params = asdict(self.adaptive())
-        if params["sampler"] != "heun-sde":         # the SDE's temperature settings mean nothing to gradient descent
-            params.pop("epsilon_max", None)
-            params.pop("time_cutoff", None)
-        return {**params, "cfg_scale": self.cfg_scale}
+        return {**_recorded(self.adaptive()), "cfg_scale": self.cfg_scale}
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["params"] = asdict(self.params)
+        out["params"] = _recorded(self.params)
         return out
 
 
@@ -264,3 +260,13 @@ def save_digits_model(result: TrainResult, cfg: TrainConfig, weights_path: Path,
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, json_path)
     return record
+
+
+def _recorded(params: SamplerParams) -> dict:
+    """Sampler settings as the weights file records them: the SDE's temperature settings only for the SDE
+    sampler (they mean nothing to gradient descent)."""
+    out = asdict(params)
+    if out["sampler"] != "heun-sde":
+        out.pop("epsilon_max", None)
+        out.pop("time_cutoff", None)
+    return out
