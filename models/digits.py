@@ -174,11 +174,7 @@ def train_digits(cfg: TrainConfig, *, progress: bool = True, log=print) -> Train
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        # EMA warm-up: early on a 0.999 average would mostly remember the random initialisation.
-        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        ema_update(ema, model, step, cfg.ema_decay)
         window.append(loss.item())
         if bar is not None:
             bar.update(1)
@@ -270,3 +266,12 @@ def _recorded(params: SamplerParams) -> dict:
         out.pop("epsilon_max", None)
         out.pop("time_cutoff", None)
     return out
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, ema_decay: float) -> None:
+    """One step of the weights' exponential moving average, with a warm-up: early on a 0.999 average
+    would mostly remember the random initialisation."""
+    decay = min(ema_decay, (1.0 + step) / (10.0 + step))
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)

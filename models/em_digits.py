@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .digits import TrainConfig, _lr_at, load_digits_split
+from .digits import TrainConfig, _lr_at, ema_update, load_digits_split
 from .em_checkpoint import save_energy_matching
 from .energy_matching import ARCHITECTURES, EnergyMatchingNet
 
@@ -83,10 +83,7 @@ def train_em_digits(cfg: TrainConfig = EM_TRAIN, *, log=print) -> EMTrainResult:
             loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
-        decay = min(cfg.ema_decay, (1.0 + step) / (10.0 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1.0 - decay)
+        ema_update(ema, net, step, cfg.ema_decay)
         window.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             losses.append((step + 1, round(float(np.mean(window)), 5)))
