@@ -300,7 +300,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.per_class is not None and args.per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
-    cfg = EvalConfig(checkpoint=args.checkpoint, seed=args.seed, threads=args.threads)
+    from models import resolve_checkpoint as resolve
+    from service.cli.threads import apply_threads
+    # The report runs on the CPU: one thread for the small digits models unless --threads says otherwise.
+    threads = apply_threads(args.threads, "cpu", resolve(args.checkpoint))
+    cfg = EvalConfig(checkpoint=args.checkpoint, seed=args.seed, threads=threads)
     if args.quick:
         cfg = cfg.quick()
     if args.no_write:

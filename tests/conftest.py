@@ -1,10 +1,19 @@
-"""Shared fixtures: a private redis-server per test session (never the machine's own)."""
+"""Shared fixtures: a private redis-server per test session (never the machine's own); one CPU thread."""
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# One OpenMP/torch CPU thread for the suite and every process it starts (they inherit the environment): the
+# models here are tiny, and the suite runs several torch processes at once, where each process's default of
+# one thread per core made the whole suite several times slower on a 2-core machine. Set before torch is
+# imported, since OpenMP reads it once. A value the caller exported wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a usable CUDA device, Triton kernels run under the interpreter; it must be on before triton is
 # first imported. (Asked of torch, not of nvidia-smi on PATH: containers often lack the tool.)

@@ -5,7 +5,7 @@ import argparse
 import os
 import signal
 
-from service.cli.serve import common_arguments, settings_from_args
+from service.cli.serve import check_checkpoint_file, common_arguments, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,18 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.api.app import create_app
-    from service.api.modelinfo import load_model_info
-    from service.api.server import uvicorn_options
     from service.cli import UsageError
 
+    # What can be checked without torch is checked first: these errors come at once, not after the imports.
     settings = settings_from_args(args)
     if not settings.redis_url:
         raise UsageError("no Redis: set EQM_REDIS_URL or pass --redis-url (or use `eqm serve`, which starts one)")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    check_checkpoint_file(args, settings)
+
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.api.modelinfo import load_model_info
+    from service.api.server import uvicorn_options
+
     load_model_info(settings)                 # a bad checkpoint is a one-line error here, not a traceback later
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it: make that last step a no-op, so a stop
     # asked by docker or systemd ends with status 0 instead of "killed by SIGTERM".

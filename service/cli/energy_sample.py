@@ -96,16 +96,20 @@ def run_energy_sample(args: argparse.Namespace) -> int:
     stats: dict = {}
     t0 = time.perf_counter()
     result = sample(EnergyMatchingField(loaded.network), x0, [Condition()] * n, params, null_label=0,
-                    guided_channels=cfg.in_channels, progress=_progress_bar(2 * params.max_steps), stats=stats,
+                    guided_channels=cfg.in_channels, progress=_heun_progress(params.max_steps), stats=stats,
                     seeds=seeds, holds=holds)
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; Heun steps per sample: mean {np.mean(result.steps):.1f} "
           f"(t_end {heun.t_end:g}, {NFE_PER_STEP} evaluations each), evaluations {stats['nfe']}; "
           f"V mean {np.mean(result.energies):.4g}", file=sys.stderr)
     if args.latents_out:
-        _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
+        latents = result.latents.numpy().astype(np.float32)
+        _save_npy(args.latents_out, latents)
+        print(f"wrote {args.latents_out}: latents, float32 {tuple(latents.shape)}", file=sys.stderr)
     if args.energies_out:
-        _save_npy(args.energies_out, np.asarray(result.energies, dtype=np.float32))
+        energies = np.asarray(result.energies, dtype=np.float32)
+        _save_npy(args.energies_out, energies)
+        print(f"wrote {args.energies_out}: energies V(x), float32 {tuple(energies.shape)}", file=sys.stderr)
     if args.out or args.images_out:
         images = codec.decode(result.latents)
         if inpaint is not None:
@@ -113,10 +117,20 @@ def run_energy_sample(args: argparse.Namespace) -> int:
             images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
             _save_npy(args.images_out, images)
+            print(f"wrote {args.images_out}: images, uint8 {tuple(images.shape)}", file=sys.stderr)
         if args.out:
             from PIL import Image
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
             for i, img in enumerate(images):
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+            print(f"wrote {len(images)} PNG file{'s' if len(images) != 1 else ''} to {out}/", file=sys.stderr)
     return 0
+
+
+def _heun_progress(heun_steps: int):
+    """The progress line in Heun steps (the unit of --steps and of the summary), not field evaluations."""
+    from models.heun_sde import NFE_PER_STEP
+    from service.cli.sample import _progress_bar
+    report = _progress_bar(heun_steps)
+    return lambda evaluations, _total: report(evaluations // NFE_PER_STEP, heun_steps)

@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a few samples only (seconds): a smoke test, not a measurement")
     p.add_argument("--seed", type=int, default=1000, help="first noise seed")
     p.add_argument("--no-write", action="store_true", help="print the report without touching bench/RESULTS.md")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    from service.cli.threads import add_threads_argument
+    add_threads_argument(p)
 
 
 def _load_eval():

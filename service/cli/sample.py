@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.cli.threads import add_threads_argument, apply_threads
+
 # Model dtypes by the names the flag accepts (torch attribute names, plus short forms).
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -19,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    f"model does: {_describe(bundled_defaults())}), else the paper's EqM-XL/2 setting: "
                                    f"{_describe(PAPER_DEFAULTS)}. Each option's help names both.")
     p.add_argument("--checkpoint", help="checkpoint file (.pt official, bare state dict, "
-                   ".safetensors) or a bundled model name ('digits'); with --from-png: default the PNG's model")
+                   ".safetensors) or a bundled model name (" + ", ".join(bundled_names()) + "); with --from-png: default the "
+                   "PNG's model")
     p.add_argument("--from-png", help="rerun the generation recorded in a PNG made by the service (its "
                    "eqm-parameters text chunk: labels, seed, sampler settings); writes the image to --out")
     p.add_argument("--arch", help="architecture, e.g. EqM-XL/2 (checked against the file; needed by none)")
@@ -50,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vae", default=os.environ.get("EQM_VAE"), help="SD-VAE folder (diffusers) for latent models")
     p.add_argument("--device", help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
+    add_threads_argument(p)
     add_energy_arguments(p)
     em = p.add_argument_group("Energy Matching models (Euler-Heun SDE; --steps counts Heun steps, 2 evaluations each)")
     em.add_argument("--dt", type=float, default=None, help="SDE time step; default 0.01")
@@ -114,6 +118,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError("--checkpoint is required (or --from-png FILE)")
     check_checkpoint_exists(args.checkpoint)            # at once: before torch and the model load
     from models import resolve_checkpoint
+    apply_threads(args.threads, args.device, resolve_checkpoint(args.checkpoint))
     from models.checkpoint import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, noise_for_seed, partially_noised, sample
@@ -244,6 +249,7 @@ def run_from_png(args: argparse.Namespace) -> int:
     if not args.out:
         raise UsageError("--from-png needs --out DIR for the reproduced image")
     check_checkpoint_exists(args.checkpoint or rec["model"])
+    apply_threads(args.threads, args.device, resolve_checkpoint(args.checkpoint or rec["model"]))
     import torch
     loaded = load_model(resolve_checkpoint(args.checkpoint or rec["model"]), device=args.device,
                         dtype=getattr(torch, DTYPES[args.dtype]))
@@ -338,6 +344,12 @@ def check_checkpoint_exists(name_or_path: str) -> None:
         what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
         raise UsageError(f"--checkpoint {name_or_path}: {what} (a checkpoint file: .pt or .safetensors, or a bundled "
                          f"model: {', '.join(sorted(BUNDLED))})")
+
+
+def bundled_names() -> list[str]:
+    """The names ``--checkpoint`` takes for the models that ship in the package."""
+    from models import BUNDLED
+    return list(BUNDLED)
 
 
 def bundled_defaults(name: str = "digits") -> dict:

@@ -42,7 +42,29 @@ def settings_from_args(args: argparse.Namespace):
     return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_checkpoint_file(args: argparse.Namespace, settings) -> None:
+    """A served checkpoint that is neither a bundled name nor a file: one line naming where the name came from
+    (the flag or the variable the user set), before torch and the API's modules load (seconds)."""
+    from models import BUNDLED, resolve_checkpoint
+    from service.cli import UsageError
+    path = resolve_checkpoint(settings.checkpoint)
+    if path.is_file():
+        return
+    source = f"--checkpoint {args.checkpoint}" if getattr(args, "checkpoint", None) else \
+        f"EQM_CHECKPOINT={settings.checkpoint}"
+    if settings.checkpoint in BUNDLED:
+        raise UsageError(f"{source}: the bundled file {path} is missing (it ships with the package: reinstall it)")
+    what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
+    raise UsageError(f"{source}: {what} (a checkpoint file: .pt or .safetensors, or a bundled model: "
+                     f"{', '.join(BUNDLED)})")
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    from service.cli import UsageError
+    settings = settings_from_args(args)
+    if args.threads is not None and args.threads < 0:
+        raise UsageError(f"--threads must be >= 0 (0 = every core), got {args.threads}")
+    check_checkpoint_file(args, settings)
     from service.serve import serve
-    return serve(settings_from_args(args), device=args.device, metrics_port=args.metrics_port,
+    return serve(settings, device=args.device, metrics_port=args.metrics_port,
                  redis_dir=args.redis_dir, threads=args.threads, log_level=args.log_level)

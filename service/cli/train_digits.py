@@ -33,13 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=defaults.batch_size)
     t.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
     t.add_argument("--seed", type=int, default=defaults.seed, help="training seed (the data split is fixed)")
-    t.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (0 = all cores)")
+    t.add_argument("--threads", type=int, default=defaults.threads,
+                   help=f"torch CPU threads (default {defaults.threads}: as for every small model on a CPU, more "
+                        "threads only slow it, bench/RESULTS.md; 0 = torch's default, every core)")
     t.add_argument("--log-every", type=int, default=defaults.log_every, help="print the mean loss every N steps")
     t.add_argument("--ebm", choices=["none", "dot", "l2", "mean"], default="none",
                    help="energy form: none = implicit EqM (the bundled 'digits'); dot = EqM-E, the direction is "
                         "the gradient of E = sum(f(x) * x) (the bundled 'digits-e'); default none")
-    t.add_argument("--out", default=None, help="weights file (.safetensors; default: the bundled 'digits', or "
-                   "'digits-e' with --ebm)")
+    t.add_argument("--out", default=None, help="weights file (.safetensors; default: digits.safetensors in the "
+                   "current folder, digits-e.safetensors with --ebm; the bundled weights are replaced only when "
+                   "named, e.g. --out models/weights/digits.safetensors); load it with --checkpoint FILE")
     t.add_argument("--record", default=None, help="training record (.json; default: next to --out)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines only)")
     t.set_defaults(handler=run_train)
@@ -54,7 +57,8 @@ def run_train(args: argparse.Namespace) -> int:
     for name, value in vars(TrainConfig()).items():        # flags the record did not give a default
         if getattr(args, name, 0) is None:
             setattr(args, name, value)
-    out = Path(args.out or BUNDLED["digits" if args.ebm == "none" else "digits-e"])
+    # A user's experiment never overwrites the shipped model unless --out names it.
+    out = Path(args.out or BUNDLED["digits" if args.ebm == "none" else "digits-e"].name)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out}: the weights file must end in .safetensors")
     if not out.parent.is_dir():
@@ -62,6 +66,8 @@ def run_train(args: argparse.Namespace) -> int:
     for name in ("steps", "batch_size", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     record_path = Path(args.record) if args.record else out.with_suffix(".json")
