@@ -342,29 +342,52 @@ def test_readme_examples_are_all_covered():
         "a README section with examples that no test runs: add it to SECTIONS_WITH_EXAMPLES and run it"
     fresh = [c for heading, block in blocks if heading == "On a fresh machine" for c in readme_commands(block)]
     assert fresh == ['pip install "torch==2.13.0" && pip install -e .', "eqm serve",
+                     "sudo apt-get update && sudo apt-get install -y --no-install-recommends chromium prometheus "
+                     "docker-compose",
                      'pip install -e ".[test]"', "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "On a fresh machine" in ci and "pytest" in ci            # .ci/run takes its install lines from there
 
 
+def printed_lines(block: str) -> dict[str, list[str]]:
+    """``command -> lines it prints``: the ``# wrote ...`` comments written right under a command."""
+    commands, out, last, continued = iter(readme_commands(block)), {}, None, False
+    for line in block.splitlines():
+        text = line.strip()
+        if continued:                                  # the rest of a command written over several lines
+            continued = text.endswith(("\\", "|"))
+        elif text.startswith("# wrote ") and last is not None:
+            out.setdefault(last, []).append(text[2:])
+        elif text and not text.startswith("#"):
+            last, continued = next(commands), text.endswith(("\\", "|"))
+    return out
+
+
 @needs_digits
 def test_readme_offline_examples_run(tmp_path):
+    """The offline sections' examples, in order, in one folder with the environment's `eqm` and `python`:
+    each runs, and prints the `# wrote ...` lines written under it."""
     from service.cli import build_parser
-    ran = 0
+    ran = checked = 0
     for heading, block in readme_blocks():
         if SECTIONS_WITH_EXAMPLES.get(heading) not in ("run", "parsed"):
             continue
+        printed = printed_lines(block)
         for command in readme_commands(block):
-            assert command.startswith("eqm "), command
+            assert command.startswith(("eqm ", "python -c ")), command
             if SECTIONS_WITH_EXAMPLES[heading] == "parsed" or any(w in command for w in NEEDS_RELEASED_WEIGHTS):
                 build_parser().parse_args(shlex.split(command, comments=True)[1:])     # the flags exist, at least
                 continue
             result = _bash(command, tmp_path)
             assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
-            ran += 1
-    assert ran >= 5
+            shown = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("wrote ")]
+            assert shown == printed.get(command, shown), f"{command}: the README says it prints " \
+                                                         f"{printed[command]}, it printed {shown}"
+            ran, checked = ran + 1, checked + (command in printed)
+    assert ran >= 5 and checked >= 3
     assert len(list((tmp_path / "digits_png").glob("*.png"))) == 10
     assert (tmp_path / "clean.npy").is_file() and (tmp_path / "mix.npy").is_file()
+    assert len(list((tmp_path / "completed").glob("*.png"))) == 2           # the inpainting example
 
 
 @needs_digits
