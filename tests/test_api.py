@@ -612,7 +612,15 @@ def test_openapi_schema_is_valid_and_complete(client):
     assert "415" in paths["/v1/denoise"]["post"]["responses"]
     assert "image/png" in paths["/v1/jobs/{job_id}/images/{index}"]["get"]["responses"]["200"]["content"]
     assert "text/event-stream" in paths["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    # No keys on this server: no security scheme, so /docs shows no lock icons and no "Authorize".
+    assert "securitySchemes" not in schema["components"] and not any("security" in op for ops in paths.values()
+                                                                     for op in ops.values())
+
+
+def test_openapi_schema_names_the_bearer_key_when_keys_are_set(make_client):
+    schema = make_client(api_keys=("k1",)).get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    assert schema["paths"]["/v1/generations"]["post"]["security"] == [{"HTTPBearer": []}]
 
 
 @pytest.mark.parametrize("route,fields", [("/v1/denoise", {}), ("/v1/scores", {}),

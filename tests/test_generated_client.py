@@ -88,5 +88,5 @@ def test_every_operation_and_body_has_a_name_a_client_exposes(generated):
     assert "422" not in ops["/v1/images/generations"]["post"]["responses"]        # it answers 400, OpenAI's shape
     assert {"408", "507"} <= set(ops["/v1/generations"]["post"]["responses"])
     assert {"408"} <= set(ops["/v1/images/edits"]["post"]["responses"])
-    assert ops["/v1/generations"]["post"]["security"] == [{}, {"HTTPBearer": []}]  # no keys on this server
+    assert "security" not in ops["/v1/generations"]["post"]                      # no keys on this server
     assert ops["/sd/workers"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]["type"] == "array"

@@ -114,6 +114,12 @@ def open_playground(b, server: Server) -> None:
     page.wait_for_selector("#app:not([hidden])")
 
 
+def fix_seed(page, task: str, seed: int) -> None:
+    """Untick "random" (the page's default) and type a seed: the images are then reproducible."""
+    page.uncheck(f"#{task}-seed-random")
+    page.fill(f"#{task}-seed", str(seed))
+
+
 def shot(b, name: str, full_page: bool = False) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
@@ -189,7 +195,7 @@ def test_generate_four_digits_with_their_descent(server):
         open_playground(b, server)
         page.fill("#generate-label", "4")
         page.fill("#generate-n", "4")
-        page.fill("#generate-seed", "10")
+        fix_seed(page, "generate", 10)
         page.click("#panel-generate button[type=submit]")
         page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
         page.wait_for_function("document.querySelectorAll('.card .frame img').length === 4", timeout=JOB_TIMEOUT_MS)
@@ -236,7 +242,7 @@ def test_compose_one_and_seven(server):
         assert page.is_visible("#empty")
         assert page.input_value("#compose-rows li:nth-child(1) input[name=labels]") == "1"
         assert page.input_value("#compose-rows li:nth-child(2) input[name=labels]") == "7"
-        page.fill("#compose-seed", "3")
+        fix_seed(page, "compose", 3)
         page.click("#panel-compose button[type=submit]")
         page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
         page.wait_for_function("document.querySelectorAll('.card .frame img').length === 2", timeout=JOB_TIMEOUT_MS)
@@ -252,7 +258,7 @@ def test_compose_one_and_seven(server):
         assert shown_cards(page) == 1 and page.evaluate("state.job.id") == generate_id
         assert page.inner_text("#job-status").startswith(f"Job {generate_id[:8]}: done")
         assert page.locator("#images .card .frame img").count() == 1
-        assert curl_json(page) == {"labels": [3], "n": 1, "seed": 0, "max_steps": 3, "format": "png"}
+        assert curl_json(page) == {"labels": [3], "n": 1, "max_steps": 3, "format": "png"}   # random seed: none sent
         page.click("#tab-compose")
         assert shown_cards(page) == 2 and page.evaluate("state.job.id") == job["id"]
         assert page.locator(".card .title").all_inner_texts() == ["class 1 + class 7"] * 2
@@ -285,7 +291,7 @@ def test_draw_a_stroke_and_denoise_it(server):
             .getImageData(0, 0, 8, 8).data; let s = 0; for (let i = 0; i < d.length; i += 4) s += d[i]; return s; }""")
         assert drawn > 0, "the stroke did not reach the 8x8 model input"
         page.fill("#denoise-label", "1")
-        page.fill("#denoise-seed", "5")
+        fix_seed(page, "denoise", 5)
         page.click("#panel-denoise button[type=submit]")
         page.wait_for_selector("#job-status[data-status=done]", timeout=JOB_TIMEOUT_MS)
         page.wait_for_selector(".card .frame img", timeout=JOB_TIMEOUT_MS)
@@ -344,6 +350,7 @@ def test_cancel_keeps_the_finished_images(server):
         page = b.page
         open_playground(b, server)
         page.fill("#generate-n", "8")
+        fix_seed(page, "generate", 0)
         page.fill("#generate-max_steps", "1000")
         page.fill("#generate-grad_norm_threshold", "0.03")
         page.click("#panel-generate button[type=submit]")
@@ -357,18 +364,57 @@ def test_cancel_keeps_the_finished_images(server):
         assert job["status"] == "cancelled"
         ready = [i["index"] for i in job["images"] if i["ready"]]
         assert ready and len(ready) < 8, ready
-        page.wait_for_function(f"document.querySelectorAll('.card .frame img').length === {len(ready)}",
+        page.wait_for_function(f"document.querySelectorAll('.card .frame img:not(.preview)').length === {len(ready)}",
                                timeout=JOB_TIMEOUT_MS)
-        assert page.locator(".card .frame img.preview").count() == 0      # no unfinished iterate left shown
         for image in job["images"]:
             card = page.locator(f".card[data-index='{image['index']}']")
             if image["ready"]:
                 assert card.locator(".frame img").count() == 1 and card.get_attribute("data-state") == "converged"
+                assert card.locator(".frame img.preview").count() == 0
                 assert card.locator(".steps").inner_text() == f"{image['steps']} steps"
             else:
+                # The last preview stays (how far the descent got), marked cancelled, with nothing to download.
                 assert card.get_attribute("data-state") == "cancelled"
-                assert card.locator(".frame").inner_text() == "cancelled" and card.locator("img").count() == 0
+                assert card.locator(".frame img.preview").count() == 1
+                assert card.locator(".frame img.preview").get_attribute("src").startswith("data:image/png;base64,")
+                assert card.locator(".frame .frame-note").inner_text() == "cancelled"
+                assert card.locator(".download").is_hidden()
             assert "descending" not in card.inner_text()
+        clean(b)
+
+
+def test_seed_is_random_by_default_so_each_click_makes_new_images(server):
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        for task in ("generate", "compose", "denoise", "inpaint"):
+            page.click(f"#tab-{task}")
+            assert page.is_checked(f"#{task}-seed-random") and page.is_disabled(f"#{task}-seed"), task
+        page.click("#tab-generate")
+        page.fill("#generate-n", "2")
+        page.fill("#generate-max_steps", "2")
+        seeds = []
+        for _ in range(2):
+            before = page.evaluate("state.job && state.job.id")
+            page.click("#panel-generate button[type=submit]")
+            page.wait_for_function(f"state.job && state.job.id !== {json.dumps(before)} && state.job.final",
+                                   timeout=JOB_TIMEOUT_MS)
+            seeds.append([i["seed"] for i in server.job(page.evaluate("state.job.id"))["images"]])
+            assert "seed" not in curl_json(page)
+        assert seeds[0] != seeds[1], seeds
+        clean(b)
+
+
+def test_every_submit_button_is_in_view_at_1280x800(server):
+    """A task runs without scrolling to find its button, however long its form (Denoise, Inpaint)."""
+    with chromium_page() as b:
+        page = b.page
+        open_playground(b, server)
+        assert page.viewport_size == {"width": 1280, "height": 800}
+        for task in ("generate", "compose", "denoise", "inpaint"):
+            page.click(f"#tab-{task}")
+            page.evaluate("window.scrollTo(0, 0)")
+            assert in_viewport(page, f"#panel-{task} button[type=submit]"), task
         clean(b)
 
 
@@ -406,7 +452,7 @@ def test_inpaint_the_lower_half_of_a_generated_digit(server):
         open_playground(b, server)
         page.fill("#generate-label", "7")
         page.fill("#generate-n", "1")
-        page.fill("#generate-seed", "3")
+        fix_seed(page, "generate", 3)
         page.click("#panel-generate button[type=submit]")
         first = finished_job_id(page)
         page.click("#tab-inpaint")
@@ -414,7 +460,7 @@ def test_inpaint_the_lower_half_of_a_generated_digit(server):
         assert page.inner_text("#panel-inpaint .form-error") == ""
         page.click("#mask-lower")
         page.fill("#inpaint-label", "7")
-        page.fill("#inpaint-seed", "5")
+        fix_seed(page, "inpaint", 5)
         page.click("#panel-inpaint button[type=submit]")
         page.wait_for_function(f"state.job && state.job.id !== {json.dumps(first)} && state.job.final",
                                timeout=JOB_TIMEOUT_MS)

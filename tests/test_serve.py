@@ -175,6 +175,9 @@ def test_docs_render_offline_in_chromium_and_try_it_out_works(served):
         page.wait_for_selector(".opblock", timeout=30_000)
         paths = page.locator(".opblock-summary-path").all_inner_texts()
         assert {"/v1/generations", "/v1/jobs/{job_id}", "/healthz", "/metrics"} <= {p.replace("\u200b", "") for p in paths}
+        # This server has no keys: no "Authorize" button and no lock icon on any operation.
+        assert page.locator("button.authorize").count() == 0
+        assert page.locator(".authorization__btn").count() == 0
         # "Try it out" on GET /healthz: a real call from the page to the server, answered 200.
         block = page.locator(".opblock-get", has=page.locator(".opblock-summary-path[data-path='/healthz']"))
         block.locator(".opblock-summary").click()

@@ -3,8 +3,8 @@
 FastAPI's defaults name operations after function, path and method (``get_image_v1_jobs__job_id__images__index__get``)
 and multipart bodies ``Body_<that>``; they document a field-error 422 on the OpenAI-compatible routes,
 which answer 400 in OpenAI's shape instead; they leave out the statuses every route can answer through
-shared code (408 from the body deadlines, 507 from a full Redis); and they mark the bearer key required
-even on a server that has no keys. ``finish_openapi`` fixes these once, when the schema is first built:
+shared code (408 from the body deadlines, 507 from a full Redis); and they describe the bearer key
+even on a server that has no keys (lock icons and "Authorize" in ``/docs``). ``finish_openapi`` fixes these once, when the schema is first built:
 operation ids are the handlers' names (``get_image``), bodies are ``<Operation>Form``.
 """
 from __future__ import annotations
@@ -62,8 +62,12 @@ def _finish(schema: dict, api_keys_required: bool) -> None:
             if "429" in responses:                      # the routes that write a job
                 responses.setdefault("507", {"description": _STORE_FULL,
                                              "content": {"application/json": {"schema": ref}}})
-            if not api_keys_required and op.get("security"):
-                op["security"] = [{}, *op["security"]]  # the key is optional on this server
+            if not api_keys_required:
+                op.pop("security", None)                # no keys on this server: nothing to authorize
+    if not api_keys_required:
+        # Without keys the bearer scheme would only draw lock icons and an "Authorize" button in /docs.
+        components = schema.get("components", {})
+        components.pop("securitySchemes", None)
 
 
 def _rename_refs(node, renames: dict[str, str]) -> None:

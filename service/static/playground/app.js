@@ -120,8 +120,10 @@ function setupModel(m) {
     $("[name=sampler] option[value='']", form).textContent = `default (${d.sampler})`;
     $("[name=n]", form).value = { generate: 4, compose: 2, denoise: 1, inpaint: 2 }[task];
     $("[name=n]", form).max = m.limits.max_images_per_job;
-    const seed = $("[name=seed]", form);
-    $("[name=seed-random]", form).addEventListener("change", (ev) => { seed.disabled = ev.target.checked; });
+    // A new image each click by default (random seed); unticking "random" fixes the seed for reproducible runs.
+    const seed = $("[name=seed]", form), random = $("[name=seed-random]", form);
+    seed.disabled = random.checked;
+    random.addEventListener("change", (ev) => { seed.disabled = ev.target.checked; });
     form.addEventListener("submit", (ev) => { ev.preventDefault(); submit(form); });
   }
   $("#generate-label").value = m.num_classes > 3 ? classOption(3) : "";
@@ -860,10 +862,13 @@ function finishJob(job, event, data) {
     card.el.dataset.state = event === "cancelled" ? "cancelled" : "failed";
     $(".badges", card.el).innerHTML = `<span class="badge cancelled">${event === "cancelled" ? "cancelled" : event}</span>`;
     updateCard(job, card);
-    // Its last preview was an unfinished iterate, not an image of the job: it goes, and the frame says why.
+    // Its last preview stays where there was one (how far the descent got), marked as an unfinished iterate:
+    // it keeps its "preview" class, gets no download link, and the frame says why it stopped.
+    const frame = $(".frame", card.el), last = $("img.preview", frame);
     const note = document.createElement("span");
+    note.className = "frame-note";
     note.textContent = event === "cancelled" ? "cancelled" : "no image";
-    $(".frame", card.el).replaceChildren(note);
+    frame.replaceChildren(...(last ? [last, note] : [note]));
   }
 }
 
