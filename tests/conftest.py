@@ -15,6 +15,19 @@ import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The integration tier, marked slow as a whole: each module starts real servers, worker processes, a browser,
+# Prometheus or a compiler. `python -m pytest -q -m "not slow"` runs the rest, the unit tier (a short loop);
+# single tests of other modules carry the marker themselves.
+SLOW_MODULES = {"test_playground", "test_e2e", "test_serve", "test_chaos", "test_worker_redis", "test_webhooks",
+                "test_gpu_proof", "test_gpu_targets", "test_prometheus", "test_hostile", "test_energy_matching_http",
+                "test_clients", "test_generated_client", "test_dependencies", "test_triton_versions"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 # Without a usable CUDA device, Triton kernels run under the interpreter; it must be on before triton is
 # first imported. (Asked of torch, not of nvidia-smi on PATH: containers often lack the tool.)
 if not torch.cuda.is_available():

@@ -138,6 +138,7 @@ def test_warmup_calls_each_bucket_until_it_replays(model, mode):
     assert torch.equal(runner.batch.x, before) and not runner.batch.order
 
 
+@pytest.mark.slow
 def test_gpu_tests_collect_without_redis_py():
     """A GPU box may have no redis-py: the kernel and sampler tests must still be collected."""
     code = ("import sys; sys.modules['redis'] = None; import pytest; "

@@ -86,6 +86,7 @@ def test_training_target_points_from_noise_to_data():
     assert ((target * (x - probe.x_g)).flatten(1).sum(1) >= 0).all()
 
 
+@pytest.mark.slow
 def test_samples_are_recognised_as_the_requested_digits(digits, split):
     """A broken sampler, sign flip or damaged weights drops this far below the bound."""
     from sklearn.svm import SVC
@@ -133,6 +134,7 @@ def test_cli_train_digits_rejects_bad_arguments(tmp_path, capsys):
     assert "--steps must be >= 1" in err and "must end in .safetensors" in err
 
 
+@pytest.mark.slow
 def test_eval_digits_quick_reports_without_touching_the_measured_results(capsys):
     """The CI smoke run of the quality report: every stage runs, the measured section and grid stay as they are."""
     from service.cli.eval_digits import ROOT

@@ -263,6 +263,7 @@ def test_compile_modes():
         compiled_forward(m, "fast", 10)
 
 
+@pytest.mark.slow
 def test_compiled_forward_gives_the_eager_results(model):
     """``EQM_COMPILE=compile`` on a CPU worker: the engine through torch.compile (one bucket, so one graph
     to build) takes the same steps and reaches the same latents as the eager forward."""
