@@ -421,6 +421,10 @@ def test_readme_api_examples_run_against_eqm_serve(served, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "event: done" in result.stdout and '"status":"done"' in result.stdout
     assert "eqm_steps_per_sample_count" in result.stdout            # the README's one metrics page
+    # The scores example's comment: the generated 5 scores in distribution, the uniform noise 0.0.
+    scores = json.loads(re.search(r'"scores":(\[[^\]]*\])', result.stdout).group(1))
+    assert [s["index"] for s in scores] == [0, 1] and scores[1]["in_distribution"] == 0.0, scores
+    assert scores[0]["in_distribution"] > 0.05 and scores[0]["grad_norm"] < scores[1]["grad_norm"], scores
     # What the README says of a JSON body sent without its Content-Type.
     resp = httpx.post(f"{base}/v1/generations", content=b'{"labels": [3]}', timeout=10)
     assert resp.status_code == 422
