@@ -95,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     import statistics
     for name in names:
-        key = "sampling" if sampling[name, "default"] else "whole command"
-        series = sampling if sampling[name, "default"] else walls
-        default = statistics.median(series[name, "default"])
-        lines.append(f"`{name}` ({key}): default {statistics.median(series[name, '--threads 0']) / default:.1f}x "
-                     f"faster than torch's one-thread-per-core; OMP_NUM_THREADS=1 / default = "
-                     f"{statistics.median(series[name, 'OMP_NUM_THREADS=1']) / default:.2f} (1.0 = as fast).")
-        lines.append("")
+        for key, series in (("whole command", walls), ("sampling", sampling)):
+            if not series[name, "default"]:
+                continue
+            default = statistics.median(series[name, "default"])
+            lines.append(f"`{name}` ({key}): default {statistics.median(series[name, '--threads 0']) / default:.1f}x "
+                         f"faster than torch's one-thread-per-core; default / OMP_NUM_THREADS=1 = "
+                         f"{default / statistics.median(series[name, 'OMP_NUM_THREADS=1']):.2f} (1.0 = as fast).")
+            lines.append("")
     lines.append("Default chosen: one thread on a CPU for a small model (a checkpoint under 64 MB, as the bundled ones), "
                  "the rule of the CPU worker (\"CPU worker threads\"); a larger model or a set `OMP_NUM_THREADS` "
                  "keeps torch's count, and `--threads N` overrides either.")

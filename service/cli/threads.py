@@ -1,10 +1,10 @@
 """``--threads`` of the offline commands (``sample``, ``eval-digits``, ``train-digits``): the CPU worker's rule.
 
 A small model gains nothing from more than one torch CPU thread: its ops are too small to split, and the
-extra OpenMP threads spin against whatever else runs on the machine. On a shared 2-core machine torch's
-default (one thread per core) made ``eqm sample --checkpoint digits`` 18x slower than one thread
-(``bench/RESULTS.md``, "Offline commands: torch CPU threads"), the same effect the worker measured
-("CPU worker threads"). So, as the worker does, a CPU run of a small model takes one thread unless asked.
+extra OpenMP threads spin against whatever else runs on the machine. On a loaded 2-core machine torch's
+default (one thread per core) made the sampling of ``eqm sample`` 7x (digits) to 21x (em-digits) slower
+than one thread (``bench/RESULTS.md``, "Offline commands: torch CPU threads"), the effect the worker
+measured ("CPU worker threads"). So, as the worker does, a CPU run of a small model takes one thread unless asked.
 """
 from __future__ import annotations
 
