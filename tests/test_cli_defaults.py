@@ -101,6 +101,8 @@ def test_em_digits_progress_counts_heun_steps_and_says_what_it_wrote(tmp_path, m
     (["serve", "--checkpoint", "nope.safetensors"], {}, "eqm serve: error: --checkpoint nope.safetensors: no such file"),
     (["serve"], {"EQM_CHECKPOINT": "nope.pt"}, "eqm serve: error: EQM_CHECKPOINT=nope.pt: no such file"),
     (["serve", "--threads", "-2"], {}, "eqm serve: error: --threads must be >= 0"),
+    (["worker", "--checkpoint", "nope.safetensors"], {"EQM_REDIS_URL": "redis://127.0.0.1:1"},
+     "eqm worker: error: --checkpoint nope.safetensors: no such file"),
     (["sample", "--checkpoint", "nope.pt", "--labels", "1", "--out", "x"], {},
      "eqm sample: error: --checkpoint nope.pt: no such file"),
 ])

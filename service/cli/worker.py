@@ -177,6 +177,10 @@ class Supervisor:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    from service.cli.serve import check_checkpoint_file
+    from service.settings import Settings
+    # A missing checkpoint is one line at once, before torch loads (service.worker imports it).
+    check_checkpoint_file(args, Settings.from_env(**({"checkpoint": args.checkpoint} if args.checkpoint else {})))
     from service.worker import config_from_args
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor] %(message)s")
