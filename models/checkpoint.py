@@ -6,26 +6,19 @@ that says what was wrong; the CLI prints it without a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import zipfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from .eqm import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
 from .family import ENERGY_FORMS, GradientField, field_for
+from .files import CheckpointError, read_checkpoint_file, write_safetensors  # noqa: F401  (CheckpointError: its public home)
 
 METADATA_FORMAT = "eqm-safetensors/1"
 GUIDANCE_MODES = ("all", "official")   # CFG on all latent channels, or the official first-3-channels quirk
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be read or does not fit the requested model (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -57,55 +50,6 @@ class LoadedModel:
     def __post_init__(self):
         if self.field is None:
             self.field = field_for(self.model, self.spec.energy_form)
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types on bad input; each becomes one line
-        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refuses to unpickle objects other than tensors ({_first_unsafe(exc)})") from None
-        with open(path, "rb") as fh:
-            is_zip = fh.read(2) == b"PK"     # torch.save writes a zip archive since torch 1.6
-        if is_zip or isinstance(exc, (EOFError, zipfile.BadZipFile)):
-            raise CheckpointError(f"{path}: file is truncated or corrupt ({_first_line(exc)})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
-
-
-def _first_unsafe(exc: Exception) -> str:
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line:
-            return line.strip().split("Unsupported global:")[-1].strip().split(" ")[0].strip("GLOBAL ")
-    return "unsupported object"
-
-
-def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
-    """The raw contents of a checkpoint file of any family: (a safetensors file's tensors and metadata) or
-    (a ``torch.save``'d dict, {}); one-line errors for a file that is missing, empty or unreadable."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = dict(fh.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
-    obj = _torch_load(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict of tensors)")
-    return obj, {}
 
 
 def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -291,15 +235,7 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
         meta["sampler_defaults"] = json.dumps(spec.sampler_defaults)
     meta["ebm"] = spec.energy_form
     meta.update(extra or {})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)     # a weights file is data to share, whatever the writer's umask-less temp mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, path, meta)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None, weights: str = "ema",

@@ -15,9 +15,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, read_checkpoint_file
+from .files import CheckpointError, read_checkpoint_file, write_safetensors
 from .energy_matching import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
 
 METADATA_FORMAT = "eqm-safetensors/1"
@@ -167,12 +166,5 @@ def save_energy_matching(network: EnergyMatchingNet, path: str | os.PathLike, ex
     if sampler_defaults:
         meta["sampler_defaults"] = json.dumps(sampler_defaults)
     meta.update(extra or {})
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()},
+                      path, meta)

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels.nag_step import nag_step
+from kernels.nag_step import MAX_ROWS_PER_SAMPLE, nag_step
 from models import device as cuda_device
 from models.family import GradientField, as_field
 from models.heun_sde import HeunSDEParams
@@ -124,9 +124,6 @@ def partially_noised(x: torch.Tensor, level: float, noise: torch.Tensor) -> torc
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"noise level g must be in [0, 1], got {level}")
     return level * x + (1.0 - level) * noise
-
-
-MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
 
 
 def default_row_buckets(max_rows: int) -> list[int]:

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import redis
@@ -61,65 +61,16 @@ from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
 from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
-from service.settings import Settings
+from service.worker_config import (EXIT_CONFIG_ERROR, WorkerConfig, add_worker_arguments, check_device,
+                                   config_from_args)
 
 log = logging.getLogger("eqm.worker")
 
-EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
 RESTART_PRIORITY_BOOST = 10   # a reclaimed job is admitted before any job of the API's priorities (0..9)
 
 
 class SetupError(Exception):
     """A worker that cannot start as configured (e.g. its metrics port is taken): exit 2, no restart."""
-
-
-@dataclass
-class WorkerConfig:
-    redis_url: str
-    checkpoint: str = "digits"
-    device: str = "cpu"
-    key_prefix: str = "eqm"
-    model_name: str = ""
-    vae: str = ""
-    ebm: str = ""                       # energy form for a checkpoint that records none ("" = recorded / none)
-    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 elsewhere (service.runner.model_dtype)
-    compile: str = "off"                # off | compile | cudagraphs (service.runner.COMPILE_MODES)
-    capacity: int = 64
-    max_rows: int = 0                   # 0 = 3 x capacity
-    claim_idle_ms: int = 30_000
-    heartbeat_s: float = 2.0
-    max_deliveries: int = 3
-    result_ttl_s: int = 3600
-    metrics_port: int = 0               # 0 = no endpoint
-    metrics_host: str = "127.0.0.1"     # where the endpoint binds (default: where the API binds, EQM_HOST)
-    grace_s: float = 10.0               # shutdown: how long in-flight samples may still run
-    progress_interval_s: float = 0.3    # progress events per job at most this often
-    threads: int = 1                    # torch CPU threads (0 = torch's default: every core); 1 gave 7-11x the
-                                        # images/s of 2 for the bundled model on a shared CPU (bench/RESULTS.md)
-    name: str = ""                      # consumer name (default host:pid:device)
-    parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
-    warmup: bool = True
-
-    @property
-    def rows(self) -> int:
-        return self.max_rows or 3 * self.capacity
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
-        base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
-                    model_name=settings.model_name, vae=settings.vae, ebm=settings.ebm, dtype=settings.dtype, compile=settings.compile,
-                    device=settings.device or _default_device(), capacity=settings.capacity,
-                    max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
-                    heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
-                    result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
-                    metrics_host=settings.host)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
@@ -654,20 +605,7 @@ def _ready(data) -> bool:
     return not isinstance(data, Future) or data.done()
 
 
-def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
-    settings = Settings.from_env()
-    names = ("redis_url", "checkpoint", "model_name", "vae", "ebm", "dtype", "compile", "capacity", "max_rows", "key_prefix",
-             "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
-    overrides = {n: getattr(args, n, None) for n in names}
-    overrides.update(extra)
-    cfg = WorkerConfig.from_settings(settings, **overrides)
-    if not cfg.redis_url:
-        raise ValueError("no Redis URL: pass --redis-url or set EQM_REDIS_URL")
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> int:
-    from service.cli.worker import add_worker_arguments, check_device
     p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
     add_worker_arguments(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")

@@ -5,7 +5,7 @@ import argparse
 import os
 import signal
 
-from service.cli.serve import common_arguments, settings_from_args
+from service.cli.common import common_arguments, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

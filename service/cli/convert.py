@@ -39,7 +39,7 @@ def run_convert_energy(args: argparse.Namespace) -> int:
 
     from models.checkpoint import CheckpointError
     from models.em_checkpoint import load_energy_matching, save_energy_matching
-    from service.cli.energy_sample import parse_model_flags
+    from service.cli.common import parse_model_flags
     dst = Path(args.dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: the output name must end in .safetensors")

@@ -13,17 +13,6 @@ GD_FLAGS = {"labels": "--labels", "sampler": "--sampler", "step_size": "--step-s
             "noise_level": "--noise-level"}
 
 
-def parse_model_flags(items: list[str]) -> dict[str, str]:
-    from service.cli import UsageError
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--model-flag {item!r}: expected NAME=VALUE (e.g. num_heads=4)")
-        out[name.strip()] = value.strip()
-    return out
-
-
 def heun_settings(args: argparse.Namespace, model_defaults: dict):
     """Flags given > the checkpoint's recommended settings > the official CIFAR-10 setting (t_end 3.25)."""
     from models.heun_sde import HeunSDEParams
@@ -58,7 +47,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
     from models.heun_sde import NFE_PER_STEP
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
-    from service.cli.sample import DTYPES, _inpaint_inputs, _load_npy, _progress_bar, _save_npy
+    from service.cli.common import DTYPES, inpaint_inputs, load_npy, parse_model_flags, progress_bar, save_npy
 
     given = [flag for name, flag in GD_FLAGS.items() if getattr(args, name, None) is not None]
     if given:
@@ -74,7 +63,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
                                   overrides=parse_model_flags(args.model_flag), device=device, dtype=dtype)
     cfg = loaded.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = _load_npy(args.noise, "--noise") if args.noise else None
+    noise = load_npy(args.noise, "--noise") if args.noise else None
     n = noise.shape[0] if noise is not None else args.n
     if not n:
         raise UsageError("give --n or --noise to say how many images to make")
@@ -91,28 +80,28 @@ def run_energy_sample(args: argparse.Namespace) -> int:
     codec = make_codec("identity", channels=cfg.in_channels, latent_size=cfg.input_size)
     holds, inpaint = None, None
     if args.inpaint:
-        inpaint = _inpaint_inputs(args, codec, cfg.input_size)
+        inpaint = inpaint_inputs(args, codec, cfg.input_size)
         holds = [inpaint[2]] * n
     stats: dict = {}
     t0 = time.perf_counter()
     result = sample(EnergyMatchingField(loaded.network), x0, [Condition()] * n, params, null_label=0,
-                    guided_channels=cfg.in_channels, progress=_progress_bar(2 * params.max_steps), stats=stats,
+                    guided_channels=cfg.in_channels, progress=progress_bar(2 * params.max_steps), stats=stats,
                     seeds=seeds, holds=holds)
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; Heun steps per sample: mean {np.mean(result.steps):.1f} "
           f"(t_end {heun.t_end:g}, {NFE_PER_STEP} evaluations each), evaluations {stats['nfe']}; "
           f"V mean {np.mean(result.energies):.4g}", file=sys.stderr)
     if args.latents_out:
-        _save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
+        save_npy(args.latents_out, result.latents.numpy().astype(np.float32))
     if args.energies_out:
-        _save_npy(args.energies_out, np.asarray(result.energies, dtype=np.float32))
+        save_npy(args.energies_out, np.asarray(result.energies, dtype=np.float32))
     if args.out or args.images_out:
         images = codec.decode(result.latents)
         if inpaint is not None:
             from models.inpaint import composite
             images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
-            _save_npy(args.images_out, images)
+            save_npy(args.images_out, images)
         if args.out:
             from PIL import Image
             out = Path(args.out)
