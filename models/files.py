@@ -2,7 +2,8 @@
 
 Nothing is unpickled beyond tensors and the ``argparse.Namespace`` the official trainers store
 (``torch.load(weights_only=True)``). Every failure is a ``CheckpointError`` whose message says what
-was wrong; the CLI prints it without a traceback.
+was wrong; the CLI prints it without a traceback. Torch and safetensors load on first use, so that
+``models.BUNDLED`` (defined here) costs a command's ``--help`` nothing.
 """
 from __future__ import annotations
 
@@ -10,10 +11,24 @@ import argparse
 import os
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:
+    import torch
+
+
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Models that ship inside the package, loadable by name (e.g. ``--checkpoint digits``).
+BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors",
+           "digits-e": WEIGHTS_DIR / "digits-e.safetensors",    # EqM-E (dot energy), same architecture
+           "em-digits": WEIGHTS_DIR / "em-digits.safetensors"}  # Energy Matching (models/energy_matching/digits.py)
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A bundled model's name, or a path, -> the file to load."""
+    return BUNDLED.get(name_or_path, Path(name_or_path))
 
 
 class CheckpointError(Exception):
@@ -21,6 +36,7 @@ class CheckpointError(Exception):
 
 
 def _torch_load(path: Path) -> object:
+    import torch
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -57,6 +73,8 @@ def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: file is empty")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
         try:
             with safe_open(str(path), framework="pt") as fh:
                 metadata = dict(fh.metadata() or {})
@@ -69,8 +87,19 @@ def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]
     return obj, {}
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata, tensors unread."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Tensors plus metadata to ``path``, atomically (a tmp file renamed over it): never half a file."""
+    from safetensors.torch import save_file
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import redis
 
-from models.checkpoint import CheckpointError
+from models.files import CheckpointError
 from models.codecs import CodecError
 from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
@@ -77,9 +77,8 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     """Load the checkpoint and codec on the device, warm every bucket, wrap it all in an engine."""
     import torch
 
-    from models import resolve_checkpoint
+    from models import load_model, resolve_checkpoint
     from models.codecs import make_codec
-    from models.checkpoint import load_model
     from models.device import claim_device
     from service.runner import ModelRunner, configure_device_math, model_dtype
 

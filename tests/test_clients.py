@@ -167,7 +167,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def test_scores_separate_digits_from_noise(alice):
-    from models.digits import to_uint8_images
+    from models.eqm.digits import to_uint8_images
     from sklearn.datasets import load_digits
     digits = to_uint8_images(load_digits().data[-8:])[..., 0]           # real digits
     rng = np.random.default_rng(0)

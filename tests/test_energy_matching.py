@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 
 import em_reference as ref
-from models.checkpoint import CheckpointError
-from models.em_checkpoint import load_energy_matching
+from models.eqm.checkpoint import CheckpointError
+from models.energy_matching.checkpoint import load_energy_matching
 from models.heun_sde import HeunSDEParams, epsilon, sample_heun, step_noise
 from service.cli import build_parser, main
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import clientstack
 from models import resolve_checkpoint
-from models.checkpoint import load_model
+from models import load_model
 from models.codecs import IdentityCodec
 from models.heun_sde import HeunSDEParams, sample_heun
 from models.sampler import noise_for_seed

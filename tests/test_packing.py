@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.eqm import EqM
+from models.eqm.network import EqM
 from models.sampler import (Condition, SamplerParams, SlotBatch, condition_rows, default_row_buckets,
                             noise_for_seed, sample)
 from models.codecs import IdentityCodec

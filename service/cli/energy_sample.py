@@ -1,12 +1,10 @@
-"""``eqm sample`` for Energy Matching checkpoints: the Euler-Heun SDE from noise, energies of the results."""
+"""``eqm sample`` for models whose sampler is the Euler-Heun SDE (Energy Matching): its flags, energies of the results."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 from pathlib import Path
-
-from models.em_checkpoint import is_energy_matching_file as is_energy_checkpoint  # noqa: F401  (handlers only)
 
 GD_FLAGS = {"labels": "--labels", "sampler": "--sampler", "step_size": "--step-size", "mu": "--mu",
             "cfg_scale": "--cfg-scale", "guidance_channels": "--guidance-channels", "start": "--start",
@@ -18,7 +16,8 @@ def heun_settings(args: argparse.Namespace, model_defaults: dict):
     from models.heun_sde import HeunSDEParams
     from service.cli import UsageError
     merged = {"dt": 0.01, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0}
-    merged.update({k: v for k, v in model_defaults.items() if k in merged or k == "max_steps"})
+    recorded = {("dt" if k == "step_size" else k): v for k, v in model_defaults.items()}
+    merged.update({k: v for k, v in recorded.items() if k in merged or k == "max_steps"})
     for key, value in (("dt", args.dt), ("epsilon_max", args.epsilon_max), ("time_cutoff", args.time_cutoff),
                        ("grad_norm_threshold", args.grad_norm_threshold)):
         if value is not None:
@@ -35,19 +34,16 @@ def heun_settings(args: argparse.Namespace, model_defaults: dict):
         raise UsageError(str(exc)) from None
 
 
-def run_energy_sample(args: argparse.Namespace) -> int:
+def run_energy_sample(args: argparse.Namespace, loaded) -> int:
     """Sampling goes through the engine's slot batch (``models.sampler.sample``) with the heun-sde sampler."""
     import numpy as np
     import torch
 
-    from models import resolve_checkpoint
     from models.codecs import make_codec
-    from models.em_checkpoint import load_energy_matching
-    from models.energy_matching import EnergyMatchingField
     from models.heun_sde import NFE_PER_STEP
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
-    from service.cli.common import DTYPES, inpaint_inputs, load_npy, parse_model_flags, progress_bar, save_npy
+    from service.cli.common import inpaint_inputs, load_npy, progress_bar, save_npy
 
     given = [flag for name, flag in GD_FLAGS.items() if getattr(args, name, None) is not None]
     if given:
@@ -57,11 +53,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         raise UsageError("--ebm: an Energy Matching model has its own energy, the potential V(x)")
     if bool(args.inpaint) != bool(args.mask):
         raise UsageError("--inpaint IMAGE and --mask MASK go together")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_energy_matching(resolve_checkpoint(args.checkpoint), weights=args.weights,
-                                  overrides=parse_model_flags(args.model_flag), device=device, dtype=dtype)
-    cfg = loaded.config
+    cfg = loaded.spec.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     noise = load_npy(args.noise, "--noise") if args.noise else None
     n = noise.shape[0] if noise is not None else args.n
@@ -71,7 +63,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--noise has shape {noise.shape}, expected ({n}, {', '.join(map(str, shape))})")
     if not (args.out or args.images_out or args.latents_out or args.energies_out):
         raise UsageError("nothing to write: give --out DIR, --images-out, --latents-out or --energies-out FILE.npy")
-    heun = heun_settings(args, loaded.sampler_defaults)
+    heun = heun_settings(args, loaded.spec.sampler_defaults)
     params = SamplerParams(sampler="heun-sde", step_size=heun.dt, max_steps=heun.max_steps,
                            epsilon_max=heun.epsilon_max, time_cutoff=heun.time_cutoff,
                            grad_norm_threshold=heun.grad_norm_threshold)
@@ -84,7 +76,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         holds = [inpaint[2]] * n
     stats: dict = {}
     t0 = time.perf_counter()
-    result = sample(EnergyMatchingField(loaded.network), x0, [Condition()] * n, params, null_label=0,
+    result = sample(loaded.field, x0, [Condition()] * n, params, null_label=0,
                     guided_channels=cfg.in_channels, progress=progress_bar(2 * params.max_steps), stats=stats,
                     seeds=seeds, holds=holds)
     elapsed = time.perf_counter() - t0

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.cli.common import DTYPES, inpaint_inputs, load_npy, progress_bar, save_npy
+from service.cli.common import DTYPES, inpaint_inputs, load_npy, parse_model_flags, progress_bar, save_npy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,23 +96,22 @@ def run_sample(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise UsageError("--checkpoint is required (or --from-png FILE)")
     check_checkpoint_exists(args.checkpoint)            # at once: before torch and the model load
-    from models import resolve_checkpoint
-    from models.checkpoint import load_model
+    from models import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, noise_for_seed, partially_noised, sample
     import numpy as np
     import torch
 
     from service.cli import UsageError
-    from service.cli.energy_sample import is_energy_checkpoint, run_energy_sample
-    if is_energy_checkpoint(resolve_checkpoint(args.checkpoint)):
-        return run_energy_sample(args)
+    from service.cli.energy_sample import run_energy_sample
 
     dtype = getattr(torch, DTYPES[args.dtype])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(resolve_checkpoint(args.checkpoint), arch=args.arch, weights=args.weights,
+    loaded = load_model(args.checkpoint, arch=args.arch, weights=args.weights,
                         guidance_mode=args.guidance_channels, device=args.device, dtype=dtype,
-                        ebm=getattr(args, "ebm", None))
+                        ebm=getattr(args, "ebm", None), overrides=parse_model_flags(args.model_flag))
+    if loaded.spec.sampler_defaults.get("sampler") == "heun-sde":
+        return run_energy_sample(args, loaded)     # the SDE's own flags (--dt, --t-end, ...)
     cfg, spec = loaded.model.config, loaded.spec
     if args.energies_out and not loaded.field.has_energy:
         raise UsageError("--energies-out: this model has no energy (implicit EqM); an EqM-E checkpoint "
@@ -192,7 +191,7 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_from_png(args: argparse.Namespace) -> int:
     """``--from-png FILE``: sample again with the seed, labels and settings the PNG records; compare."""
     from models import resolve_checkpoint
-    from models.checkpoint import load_model
+    from models import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError

@@ -1,4 +1,4 @@
-"""Loading EqM weights: official ``train.py`` checkpoints, bare state dicts and safetensors files.
+"""EqM checkpoints: official ``train.py`` checkpoints, bare state dicts and safetensors files.
 
 Nothing is unpickled beyond tensors and the ``argparse.Namespace`` the official trainer stores
 (``torch.load(weights_only=True)``). Every failure is a ``CheckpointError`` with a one-line message
@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
-from .eqm import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
-from .family import ENERGY_FORMS, GradientField, field_for
-from .files import CheckpointError, read_checkpoint_file, write_safetensors  # noqa: F401  (CheckpointError: its public home)
+from models.family import LoadedModel, ModelSpec
+from models.files import CheckpointError, read_checkpoint_file, write_safetensors  # noqa: F401  (CheckpointError: its public home)
+
+from .field import ENERGY_FORMS, field_for
+from .network import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
 
 METADATA_FORMAT = "eqm-safetensors/1"
 GUIDANCE_MODES = ("all", "official")   # CFG on all latent channels, or the official first-3-channels quirk
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to run a loaded network: its architecture and how to guide and decode it."""
-
-    config: EqMConfig
-    guidance_mode: str = "official"      # "official" = first 3 channels (released EqM weights), "all" = every channel
-    codec: str = "sd-vae"                # "sd-vae" (latents of the SD VAE) or "identity" (pixel space)
-    class_names: tuple[str, ...] = ()    # optional, index = label
-    # Recommended sampler settings of this model (SamplerParams fields + "cfg_scale"); empty = paper's XL/2 ones.
-    sampler_defaults: dict = field(default_factory=dict, compare=False)
-    energy_form: str = "none"            # "none" = implicit EqM; "dot" | "l2" | "mean" = EqM-E (official --ebm)
-
-    @property
-    def guided_channels(self) -> int:
-        if self.guidance_mode == "official":
-            return min(3, self.config.in_channels)
-        return self.config.in_channels
-
-
-@dataclass
-class LoadedModel:
-    model: EqM                 # the network (weights, config)
-    spec: ModelSpec
-    source: str
-    field: GradientField | None = None   # the model seam: what samplers call (set by load_model)
-
-    def __post_init__(self):
-        if self.field is None:
-            self.field = field_for(self.model, self.spec.energy_form)
 
 
 def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -145,9 +116,6 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         raise CheckpointError(f"guidance mode must be one of {', '.join(GUIDANCE_MODES)}, not {guidance_mode!r}")
     if ebm is not None and ebm not in ENERGY_FORMS:
         raise CheckpointError(f"unknown energy form --ebm {ebm!r}; choose one of {', '.join(ENERGY_FORMS)}")
-    energy = _load_energy_matching(path, weights, device, dtype)
-    if energy is not None:
-        return energy
     state, meta = read_state_dict(path, weights)
     recorded = meta.get("ebm")
     if recorded is not None and recorded not in ENERGY_FORMS:
@@ -179,24 +147,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         energy_form=energy_form,
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedModel(model=model, spec=spec, source=str(path))
-
-
-def _load_energy_matching(path, weights: str, device, dtype) -> LoadedModel | None:
-    """An Energy Matching file as a loaded model (its field: direction -dV/dx, energy V); None otherwise."""
-    from .em_checkpoint import is_energy_matching_file, load_energy_matching
-    if not is_energy_matching_file(path):
-        return None
-    from .energy_matching import EnergyMatchingField
-    loaded = load_energy_matching(path, weights=weights, device=device, dtype=dtype)
-    rec = {"dt": 0.01, "max_steps": 325, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0,
-           **loaded.sampler_defaults}
-    defaults = {"sampler": "heun-sde", "step_size": rec["dt"], "max_steps": rec["max_steps"],
-                "epsilon_max": rec["epsilon_max"], "time_cutoff": rec["time_cutoff"],
-                "grad_norm_threshold": rec["grad_norm_threshold"], "cfg_scale": 1.0}
-    spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults,
-                     energy_form="potential")
-    return LoadedModel(model=loaded.network, spec=spec, source=str(path), field=EnergyMatchingField(loaded.network))
+    return LoadedModel(model=model, spec=spec, source=str(path), field=field_for(model, energy_form))
 
 
 def _load_strict(model: EqM, state: dict[str, torch.Tensor], source: str, config: EqMConfig) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .files import CheckpointError, read_checkpoint_file, write_safetensors
-from .energy_matching import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
+from models.files import CheckpointError, read_checkpoint_file, write_safetensors
+from .network import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
 
 METADATA_FORMAT = "eqm-safetensors/1"
 OFFICIAL_WEIGHTS = {"ema": "ema_model", "model": "net_model"}

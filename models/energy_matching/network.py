@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from .em_unet import UNet
-from .family import ExplicitEnergyField
+from .unet import UNet
+from models.family import ExplicitEnergyField
 
 FAMILY = "energy-matching"
 UNET_TIME = 0.5          # the fixed dummy time the official potential feeds its UNet
