@@ -180,9 +180,10 @@ def test_a_subset_step_passes_the_plan_width_so_the_kernel_sees_one_k(model, mon
     for seed, rows in ((0, [(1, 1.5), (TINY.null_label, -0.5)]), (1, [(2, 1.0)])):
         batch.admit(noise_for_seed(seed, (1, 8, 8)), rows, SamplerParams(step_size=0.05, max_steps=5))
     widths = []
-    real = batch._run
-    monkeypatch.setattr(batch, "_run", lambda bucket, slots, rows, weights, k: widths.append(rows.shape[1])
-                        or real(bucket, slots, rows, weights, k))
+    descent = batch.rules["nag"]
+    real = descent.launch
+    monkeypatch.setattr(descent, "launch", lambda batch_, out, slots, rows, weights, k: widths.append(rows.shape[1])
+                        or real(batch_, out, slots, rows, weights, k))
     batch.step()
     batch.step(slots=[batch.order[1]])
     assert widths == [MAX_ROWS_PER_SAMPLE, MAX_ROWS_PER_SAMPLE]

@@ -3,14 +3,16 @@ checkpoints (``checkpoint``), the bundled digits model (``digits``), and ``FAMIL
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from models.family import LoadedModel, ModelDescription, ModelSpec, SamplingDefaults
 from models.files import CheckpointError
+from models.heun_sde import HeunSDEParams
 
-# The official CIFAR-10 setting (FID 3.3): the Euler-Heun SDE, dt 0.01 to t_end 3.25, temperature 0.01
-# from t = 1 on. A file's recorded settings override these.
-OFFICIAL_SAMPLER = {"dt": 0.01, "max_steps": 325, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0}
+# The official CIFAR-10 setting (FID 3.3), HeunSDEParams' defaults: the Euler-Heun SDE, dt 0.01 to t_end
+# 3.25, temperature 0.01 from t = 1 on. A file's recorded settings override these.
+OFFICIAL_SAMPLER = asdict(HeunSDEParams())
 
 
 class EnergyMatchingFamily:

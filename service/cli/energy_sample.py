@@ -13,9 +13,12 @@ GD_FLAGS = {"labels": "--labels", "sampler": "--sampler", "step_size": "--step-s
 
 def heun_settings(args: argparse.Namespace, model_defaults: dict):
     """Flags given > the checkpoint's recommended settings > the official CIFAR-10 setting (t_end 3.25)."""
+    from dataclasses import asdict
+
     from models.heun_sde import HeunSDEParams
     from service.cli import UsageError
-    merged = {"dt": 0.01, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0}
+    official = HeunSDEParams()
+    merged = {k: v for k, v in asdict(official).items() if k != "max_steps"}
     recorded = {("dt" if k == "step_size" else k): v for k, v in model_defaults.items()}
     merged.update({k: v for k, v in recorded.items() if k in merged or k == "max_steps"})
     for key, value in (("dt", args.dt), ("epsilon_max", args.epsilon_max), ("time_cutoff", args.time_cutoff),
@@ -28,7 +31,7 @@ def heun_settings(args: argparse.Namespace, model_defaults: dict):
         if args.steps is not None:
             merged["max_steps"] = args.steps
         elif args.t_end is not None or "max_steps" not in merged:
-            return HeunSDEParams.for_t_end(3.25 if args.t_end is None else args.t_end, **merged)
+            return HeunSDEParams.for_t_end(official.t_end if args.t_end is None else args.t_end, **merged)
         return HeunSDEParams(**merged)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
