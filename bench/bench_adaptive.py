@@ -44,7 +44,7 @@ from models.codecs import IdentityCodec                                         
 from models.eqm.digits import DIGITS_DEFAULTS, load_digits_split                    # noqa: E402
 from models.sampler import Condition, SamplerParams, noise_for_seed, sample     # noqa: E402
 from service.engine import Engine                                               # noqa: E402
-from service.jobs import ImageSpec, JobSpec, SamplerSpec                        # noqa: E402
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec                        # noqa: E402
 from service.metrics import Metrics                                             # noqa: E402
 from service.runner import ModelRunner                                          # noqa: E402
 from service.scheduler import Scheduler                                         # noqa: E402

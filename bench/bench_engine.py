@@ -50,7 +50,7 @@ from models.codecs import make_codec                                # noqa: E402
 from models.sampler import default_row_buckets                      # noqa: E402
 from service.engine import Engine                                   # noqa: E402
 from service.images import encode_image                             # noqa: E402
-from service.jobs import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
 from service.metrics import Metrics                                 # noqa: E402
 from service.runner import COMPILE_MODES, ModelRunner               # noqa: E402
 from service.scheduler import Scheduler                             # noqa: E402

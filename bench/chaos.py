@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import machine_load, write_section  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from service.jobs import FINAL_STATUSES, JobSpec, JobStore  # noqa: E402
+from service.jobstore import FINAL_STATUSES, JobSpec, JobStore  # noqa: E402
 
 TITLE = "## Queue reliability (chaos)"
 CLAIM_IDLE_MS = 3000

@@ -56,7 +56,7 @@ class Calibration:
 
 
 def score_input_key(prefix: str, job_id: str, k: int) -> str:
-    """Redis key of upload ``k`` of a score job (see ``service.jobs``)."""
+    """Redis key of upload ``k`` of a score job (see ``service.jobstore``)."""
     return f"{prefix}:score:{job_id}:input:{k}"
 
 

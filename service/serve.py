@@ -35,7 +35,7 @@ from pathlib import Path
 import redis
 
 from service.embedded_redis import EmbeddedRedis, free_port
-from service.jobs import JobStore
+from service.jobstore import JobStore
 from service.lifecycle import die_with_parent
 from service.settings import Settings
 from service.worker_config import WorkerConfig, check_device, worker_flags

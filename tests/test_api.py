@@ -23,7 +23,7 @@ from models.eqm.checkpoint import ModelSpec, save_safetensors
 from models.eqm.digits import CLASS_NAMES, DIGITS_DEFAULTS, digits_config
 from models.eqm.network import EqM, EqMConfig
 from service.api import create_app
-from service.jobs import ImageResult, JobSpec, JobStore
+from service.jobstore import ImageResult, JobSpec, JobStore
 from service.settings import Settings
 
 

@@ -23,7 +23,7 @@ from models import resolve_checkpoint
 from service.api import create_app
 from service.embedded_redis import free_port
 from service.images import read_provenance
-from service.jobs import ImageResult, JobStore
+from service.jobstore import ImageResult, JobStore
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not resolve_checkpoint("digits").is_file(), reason="the bundled digits model is missing")

@@ -60,7 +60,7 @@ def _call_order(func: ast.FunctionDef) -> list[str]:
 
 
 def test_worker_claims_its_device_before_any_other_cuda_work():
-    tree = ast.parse((ROOT / "service" / "worker.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "service" / "worker" / "loop.py").read_text(encoding="utf-8"))
     build = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "build_engine")
     order = _call_order(build)
     assert "claim_device" in order, "build_engine does not claim its device"

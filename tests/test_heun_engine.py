@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.energy_matching.network import ARCHITECTURES, EnergyMatchingField, EnergyMatchingNet
-from models.heun_sde import HeunSDEParams, sample_heun
+from heun_reference import sample_heun
 from models.sampler import Condition, SamplerParams, SlotBatch, sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -23,7 +23,7 @@ def test_the_settings_are_the_seven_of_the_sampler():
 
 
 def test_the_job_record_holds_the_same_settings_with_the_same_defaults():
-    from service.jobs import SamplerSpec
+    from service.jobstore import SamplerSpec
     assert asdict(SamplerSpec()) == asdict(SamplerParams())
 
 

@@ -122,13 +122,6 @@ class EnergyMatchingNet(UNet):
             energy = self.config.energy_clamp * torch.tanh(energy / self.config.energy_clamp)
         return energy
 
-    def velocity(self, x: torch.Tensor) -> torch.Tensor:
-        """-dV/dx (N, C, H, W) by autograd; no graph is kept."""
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.potential(x_in).sum(), x_in)
-        return -grad
-
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:   # type: ignore[override]
         """V(x); ``y`` (labels) is accepted and ignored: the potential is unconditional."""
         return self.potential(x)

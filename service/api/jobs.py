@@ -18,7 +18,7 @@ from service.api.listing import check_owner, check_owner_async, not_found, queue
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
-from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
+from service.jobstore import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
                    dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])

@@ -23,7 +23,7 @@ from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
 from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
-from service.jobs import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
+from service.jobstore import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
 from service.webhooks import WebhookTarget, register_webhook, unregister_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5

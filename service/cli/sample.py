@@ -196,7 +196,7 @@ def run_from_png(args: argparse.Namespace) -> int:
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
     from service.images import ImageError, encode_image, provenance_record, read_provenance
-    from service.jobs import ImageSpec, JobSpec, SamplerSpec
+    from service.jobstore import ImageSpec, JobSpec, SamplerSpec
     try:
         data = Path(args.from_png).read_bytes()
         rec = read_provenance(data)
