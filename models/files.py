@@ -97,6 +97,25 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
 
 
+def load_strict(network: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *, network_name: str,
+                expects: str, hint: str = "") -> None:
+    """Load ``state`` into ``network`` with ``strict=True``, after checking every key and shape so that a
+    mismatch is one line: ``network_name`` names what the file should match, ``expects`` says who expects
+    a shape, ``hint`` what to do."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} keys (e.g. {missing[0]})"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})"] if unexpected else [])
+        raise CheckpointError(f"{source}: does not match {network_name}: {'; '.join(parts)}{hint}")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
+                                  f"{expects} {tuple(tensor.shape)}{hint}")
+    network.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Tensors plus metadata to ``path``, atomically (a tmp file renamed over it): never half a file."""
     from safetensors.torch import save_file

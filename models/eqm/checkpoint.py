@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from models.family import LoadedModel, ModelSpec
-from models.files import CheckpointError, read_checkpoint_file, write_safetensors  # noqa: F401  (CheckpointError: its public home)
+from models.files import CheckpointError, load_strict, read_checkpoint_file, write_safetensors  # noqa: F401
 
 from .field import ENERGY_FORMS, field_for
 from .network import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
@@ -137,7 +137,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
     if num_classes is not None and num_classes != found.num_classes:
         raise CheckpointError(f"{path}: checkpoint has {found.num_classes} classes, not {num_classes}")
     model = EqM(found)
-    _load_strict(model, state, str(path), found)
+    load_strict(model, state, str(path), network_name=describe(found), expects=f"{describe(found)} expects")
     spec = ModelSpec(
         config=found,
         guidance_mode=guidance_mode or meta.get("guidance_mode", "official"),
@@ -148,24 +148,6 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LoadedModel(model=model, spec=spec, source=str(path), field=field_for(model, energy_form))
-
-
-def _load_strict(model: EqM, state: dict[str, torch.Tensor], source: str, config: EqMConfig) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{source}: does not match {describe(config)}: {'; '.join(parts)}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
-                                  f"{describe(config)} expects {tuple(tensor.shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
