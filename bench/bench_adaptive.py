@@ -39,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))     # `python bench/bench_adaptive.py` from anywhere
 
 from models import resolve_checkpoint                                           # noqa: E402
-from models.checkpoint import load_model                                        # noqa: E402
+from models import load_model                                                   # noqa: E402
 from models.codecs import IdentityCodec                                         # noqa: E402
-from models.digits import DIGITS_DEFAULTS, load_digits_split                    # noqa: E402
+from models.eqm.digits import DIGITS_DEFAULTS, load_digits_split                    # noqa: E402
 from models.sampler import Condition, SamplerParams, noise_for_seed, sample     # noqa: E402
 from service.engine import Engine                                               # noqa: E402
-from service.jobs import ImageSpec, JobSpec, SamplerSpec                        # noqa: E402
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec                        # noqa: E402
 from service.metrics import Metrics                                             # noqa: E402
 from service.runner import ModelRunner                                          # noqa: E402
 from service.scheduler import Scheduler                                         # noqa: E402

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:
 from bench import results  # noqa: E402
 from bench.eval_digits import _auroc, _features  # noqa: E402
 from models import resolve_checkpoint  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from models.digits import DIGITS_DEFAULTS, load_digits_split  # noqa: E402
+from models import load_model  # noqa: E402
+from models.eqm.digits import DIGITS_DEFAULTS, load_digits_split  # noqa: E402
 from models.sampler import Condition, SamplerParams, noise_for_seed, sample  # noqa: E402
 
 TITLE = "## Energy Matching digits model: quality, NFE and time per image, OOD"

@@ -45,12 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))     # `python bench/bench_engine.py` from anywhere
 
 from models import resolve_checkpoint                               # noqa: E402
-from models.checkpoint import load_model                            # noqa: E402
+from models import load_model                                       # noqa: E402
 from models.codecs import make_codec                                # noqa: E402
 from models.sampler import default_row_buckets                      # noqa: E402
 from service.engine import Engine                                   # noqa: E402
 from service.images import encode_image                             # noqa: E402
-from service.jobs import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec            # noqa: E402
 from service.metrics import Metrics                                 # noqa: E402
 from service.runner import COMPILE_MODES, ModelRunner               # noqa: E402
 from service.scheduler import Scheduler                             # noqa: E402
@@ -83,9 +83,9 @@ def load(checkpoint: str, device: str):
     if path.exists():
         loaded = load_model(path, device=device)
         return loaded.model, loaded.spec, f"{checkpoint} ({path.name})"
-    from models.checkpoint import ModelSpec
-    from models.digits import digits_config
-    from models.eqm import EqM
+    from models.eqm.checkpoint import ModelSpec
+    from models.eqm.digits import digits_config
+    from models.eqm.network import EqM
     torch.manual_seed(0)
     model = EqM(digits_config())
     with torch.no_grad():

@@ -78,7 +78,7 @@ def run(write: bool) -> str:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from models.digits import PIXEL_MAX, SPLIT_SEED, TEST_FRACTION
+    from models.eqm.digits import PIXEL_MAX, SPLIT_SEED, TEST_FRACTION
     from service.embedded_redis import free_port
 
     data = load_digits()

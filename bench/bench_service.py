@@ -46,12 +46,12 @@ import redis                                                        # noqa: E402
 import torch                                                        # noqa: E402
 
 from models import resolve_checkpoint                               # noqa: E402
-from models.checkpoint import load_model                            # noqa: E402
+from models import load_model                                       # noqa: E402
 from models.codecs import make_codec                                # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port         # noqa: E402
 from service.engine import Engine                                   # noqa: E402
 from service.images import encode_image                             # noqa: E402
-from service.jobs import JobSpec, JobStore                          # noqa: E402
+from service.jobstore import JobSpec, JobStore                          # noqa: E402
 from service.metrics import Metrics                                 # noqa: E402
 from service.runner import ModelRunner                              # noqa: E402
 from service.scheduler import Scheduler                             # noqa: E402

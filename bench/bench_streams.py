@@ -45,7 +45,7 @@ import redis                                                        # noqa: E402
 
 from bench import results                                          # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port         # noqa: E402
-from service.jobs import JobSpec, JobStore                          # noqa: E402
+from service.jobstore import JobSpec, JobStore                          # noqa: E402
 from service.progress import JobProgress                            # noqa: E402
 
 SECTION_TITLE = "## Event streams held: other requests"

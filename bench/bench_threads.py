@@ -38,8 +38,8 @@ IMAGES = 20
 
 def measure(threads: int) -> dict:
     """One run in this process: build the worker's engine with ``threads``, time one 20-image job."""
-    from models.digits import DIGITS_DEFAULTS
-    from service.jobs import ImageSpec, JobSpec, SamplerSpec
+    from models.eqm.digits import DIGITS_DEFAULTS
+    from service.jobstore import ImageSpec, JobSpec, SamplerSpec
     from service.metrics import Metrics
     from service.worker import WorkerConfig, build_engine
 

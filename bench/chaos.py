@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.results import machine_load, write_section  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
-from service.jobs import FINAL_STATUSES, JobSpec, JobStore  # noqa: E402
+from service.jobstore import FINAL_STATUSES, JobSpec, JobStore  # noqa: E402
 
 TITLE = "## Queue reliability (chaos)"
 CLAIM_IDLE_MS = 3000
@@ -460,8 +460,8 @@ def worst_png(side: int) -> bytes:
 
 def big_model(path: Path) -> str:
     """A tiny-weight pixel model with 256 x 256 RGB images: the API serves its description only."""
-    from models.checkpoint import ModelSpec, save_safetensors
-    from models.eqm import EqM, EqMConfig
+    from models.eqm.checkpoint import ModelSpec, save_safetensors
+    from models.eqm.network import EqM, EqMConfig
     config = EqMConfig(arch="custom", input_size=256, patch_size=32, in_channels=3, hidden_size=32, depth=1,
                        num_heads=2, num_classes=10, learn_sigma=False)
     save_safetensors(EqM(config), ModelSpec(config, guidance_mode="all", codec="identity"), path)

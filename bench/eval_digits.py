@@ -17,9 +17,10 @@ if str(ROOT) not in sys.path:                      # `python bench/eval_digits.p
     sys.path.insert(0, str(ROOT))
 
 from models import resolve_checkpoint  # noqa: E402
-from models.checkpoint import LoadedModel, load_model  # noqa: E402
+from models import load_model  # noqa: E402
+from models.family import LoadedModel  # noqa: E402
 from models.codecs import IdentityCodec  # noqa: E402
-from models.digits import DIGITS_DEFAULTS, DigitsSamplerDefaults, DigitsSplit, load_digits_split  # noqa: E402
+from models.eqm.digits import DIGITS_DEFAULTS, DigitsSamplerDefaults, DigitsSplit, load_digits_split  # noqa: E402
 from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample  # noqa: E402
 from bench import results  # noqa: E402
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_digits import _auroc, _features, train_classifier  # noqa: E402
 from models import resolve_checkpoint  # noqa: E402
-from models.checkpoint import load_model  # noqa: E402
-from models.digits import DIGITS_DEFAULTS, load_digits_split  # noqa: E402
-from models.eqm import EqM, config_for  # noqa: E402
-from models.family import EqMEnergyField, ImplicitField  # noqa: E402
+from models import load_model  # noqa: E402
+from models.eqm.digits import DIGITS_DEFAULTS, load_digits_split  # noqa: E402
+from models.eqm.network import EqM, config_for  # noqa: E402
+from models.eqm.field import EqMEnergyField, ImplicitField  # noqa: E402
 from models.sampler import Condition, noise_for_seed, sample  # noqa: E402
 from results import machine_load, median_range, publish  # noqa: E402
 

@@ -25,13 +25,13 @@ UPDATES = 249                          # the paper's 250-step setting runs 249 u
 
 def _digits():
     from models import resolve_checkpoint
-    from models.checkpoint import load_model
+    from models import load_model
     return resolve_checkpoint("digits"), load_model
 
 
 def _random_xl2(device: str, dtype: torch.dtype, seed: int = 0):
     """EqM-XL/2 with random weights (DiT's init zeroes the output layers: every weight moved by 0.02 N(0, 1))."""
-    from models.eqm import EqM, config_for
+    from models.eqm.network import EqM, config_for
     torch.manual_seed(seed)
     model = EqM(config_for("EqM-XL/2")).to(device)
     with torch.no_grad():
@@ -118,7 +118,7 @@ def official_loop(model, z, y, null_label, steps, eta, mu, cfg_scale):
 def _tiny_agreement() -> float:
     """The engine's sampler and the restated official loop on a tiny 4-channel model on the CPU, both in
     float32: they must agree to rounding, or the comparison on the GPU would compare different things."""
-    from models.eqm import EqM, EqMConfig
+    from models.eqm.network import EqM, EqMConfig
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     cfg = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2,
                     num_heads=1, num_classes=10)

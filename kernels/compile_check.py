@@ -54,7 +54,7 @@ def cases() -> list[TargetCase]:
     import triton
 
     import kernels.nag_step as ns
-    from models.sampler import MAX_ROWS_PER_SAMPLE
+    from kernels.nag_step import MAX_ROWS_PER_SAMPLE
     configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ns._CONFIGS_GPU]
     out = []
     for shape, (c, h, w, _) in SHAPES.items():

@@ -54,12 +54,12 @@ except ImportError:  # triton is an optional dependency; the CPU path needs none
     HAS_TRITON = False
     _INTERPRETING = False
 
-__all__ = ["nag_step", "nag_step_reference", "nag_step_triton", "HAS_TRITON"]
+__all__ = ["MAX_ROWS_PER_SAMPLE", "nag_step", "nag_step_reference", "nag_step_triton", "HAS_TRITON"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _FLAG_DTYPES = (torch.int8, torch.uint8, torch.bool)
-_MAX_ROWS_PER_SAMPLE = 8
+MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
 # Interpreter runs skip autotuning (it benchmarks on a GPU). 1024 is smaller
 # than the main 4x32x32 latent, so CPU tests cover both the single-block and the
 # chunked kernel paths.
@@ -121,8 +121,8 @@ def _check_args(out, x, m, model_in, slot_ids, rows, weights, eta, mu, threshold
         raise ValueError(f"nag_step: rows must be an int32/int64 (A={A}, K) tensor, "
                          f"got {rows.dtype} of shape {tuple(rows.shape)}")
     K = rows.shape[1]
-    if not 1 <= K <= _MAX_ROWS_PER_SAMPLE:
-        raise ValueError(f"nag_step: rows must have 1..{_MAX_ROWS_PER_SAMPLE} columns, got {K}")
+    if not 1 <= K <= MAX_ROWS_PER_SAMPLE:
+        raise ValueError(f"nag_step: rows must have 1..{MAX_ROWS_PER_SAMPLE} columns, got {K}")
     if weights.shape != rows.shape or weights.dtype != torch.float32:
         raise ValueError(f"nag_step: weights must be float32 of shape {tuple(rows.shape)}, "
                          f"got {weights.dtype} of shape {tuple(weights.shape)}")

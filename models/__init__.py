@@ -1,16 +1,35 @@
-"""EqM and Energy Matching networks, checkpoints, latent codecs and samplers."""
+"""EqM and Energy Matching networks, checkpoints, latent codecs and samplers.
+
+The Python API for offline use (the CLI and the worker load and sample through the same functions)::
+
+    from models import load_model, sample
+    model = load_model("digits")             # a bundled name or a checkpoint file of any family
+    out = sample(model, labels=[3, 3, 7], seed=0, max_steps=40)
+    out.images, out.latents, out.steps, out.energies
+
+The registry (``models/registry.py``) finds a file's family. The functions import torch when called,
+so ``import models`` (and a command's ``--help``) needs none.
+"""
 from __future__ import annotations
 
-from pathlib import Path
-
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-
-# Models that ship inside the package, loadable by name (e.g. ``--checkpoint digits``).
-BUNDLED = {"digits": WEIGHTS_DIR / "digits.safetensors",
-           "digits-e": WEIGHTS_DIR / "digits-e.safetensors",    # EqM-E (dot energy), same architecture
-           "em-digits": WEIGHTS_DIR / "em-digits.safetensors"}  # Energy Matching (models/em_digits.py)
+from models.files import BUNDLED, WEIGHTS_DIR, resolve_checkpoint  # noqa: F401  (their public names)
 
 
-def resolve_checkpoint(name_or_path: str) -> Path:
-    """A bundled model's name, or a path, -> the file to load."""
-    return BUNDLED.get(name_or_path, Path(name_or_path))
+def load_model(checkpoint, **options):
+    """A bundled name or a checkpoint file of any family -> ``LoadedModel`` (see ``models.registry``)."""
+    from models.registry import load_model as load
+    return load(checkpoint, **options)
+
+
+def describe_model(checkpoint, **options):
+    """What a checkpoint holds, without building its network (see ``models.registry``)."""
+    from models.registry import describe_model as describe
+    return describe(checkpoint, **options)
+
+
+
+def sample(model, n=None, **options):
+    """Images from a loaded model (or a name or file) with its recommended settings or any given by name
+    (see ``models.offline.sample``)."""
+    from models.offline import sample as run
+    return run(model, n, **options)

@@ -19,24 +19,22 @@ Contract (everything above this module relies on it and on nothing else about th
 - ``field.sample_shape`` is (C, H, W) of one row, ``field.null_label`` the label of the unconditional
   row, ``field.num_classes`` the number of real labels; ``field.device`` / ``field.dtype`` where rows
   must be. ``field.use_forward(fn)`` swaps the network call for a compiled one (same signature).
-- A family is one module in ``models/`` that knows its network, its checkpoint format and its defaults,
-  and builds its ``GradientField``; ``models.checkpoint.load_model`` returns it as ``LoadedModel.field``.
+- A family is one folder in ``models/`` (``models/eqm/``, ``models/energy_matching/``) that knows its
+  network, its checkpoint format and its defaults; its package's ``FAMILY`` (a ``Family``) claims,
+  describes and loads its files, and ``models.registry`` asks the families in turn. ``load_model``
+  returns a ``LoadedModel`` whose ``field`` is the family's ``GradientField``.
   The update rule itself (GD, NAG-GD, an SDE schedule) belongs to the sampler, never to the field.
 
-Families here: ``ImplicitField`` (EqM: the network's output is the direction) and ``EqMEnergyField``
-(EqM-E, the official ``--ebm dot|mean|l2``: the network output ``o`` defines ``E = sum(o * x)`` (dot,
-mean) or ``E = -sum(o**2) / 2`` (l2); the direction is ``dE/dx``; the reported energy is ``-E``, what
-the official ``forward(get_energy=True)`` returns). ``ExplicitEnergyField`` is the base of every family
-with an energy: it only needs ``row_energy``.
+Bases here: ``ImplicitField`` (the network's output is the direction, as in EqM) and
+``ExplicitEnergyField``, the base of every family with an energy: it only needs ``row_energy``.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
-
-ENERGY_FORMS = ("none", "dot", "l2", "mean")     # the official train.py --ebm choices; "none" = implicit EqM
-
 
 class GradientField:
     """A network seen as a field of update directions over rows (see the module contract)."""
@@ -135,32 +133,86 @@ class ExplicitEnergyField(GradientField):
         return -grad
 
 
-class EqMEnergyField(ExplicitEnergyField):
-    """EqM-E (official ``--ebm``): the network output ``o`` defines the energy ``-E`` with
-    ``E = sum(o * x)`` (dot, mean) or ``E = -sum(o**2) / 2`` (l2), summed over C, H, W."""
-
-    def __init__(self, network: torch.nn.Module, form: str):
-        if form not in ENERGY_FORMS or form == "none":
-            raise ValueError(f"energy form must be one of dot, l2, mean, not {form!r}")
-        super().__init__(network)
-        self.energy_form = form
-
-    def row_energy(self, x, y):
-        out = self._forward(x, y).float()                                       # (N, C, H, W)
-        if self.energy_form == "l2":
-            official = -(out * out).sum(dim=(1, 2, 3)) / 2
-        else:                       # dot and mean: the official code computes both the same way
-            official = (out * x.float()).sum(dim=(1, 2, 3))
-        return -official            # the official get_energy sign: lower on data
-
-
-def field_for(network: torch.nn.Module, energy_form: str = "none") -> GradientField:
-    """The field of an EqM network with energy form ``none`` (implicit) or an official ``--ebm`` form."""
-    if energy_form not in ENERGY_FORMS:
-        raise ValueError(f"energy form must be one of {', '.join(ENERGY_FORMS)}, not {energy_form!r}")
-    return ImplicitField(network) if energy_form == "none" else EqMEnergyField(network, energy_form)
-
-
 def as_field(model) -> GradientField:
     """A field as it is, a bare network as the implicit field of its output."""
     return model if isinstance(model, GradientField) else ImplicitField(model)
+
+
+# -- what a family hands the registry -------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to run a loaded network: its architecture and how to guide and decode it."""
+
+    config: object                       # the family's architecture dataclass (in_channels, input_size, classes)
+    guidance_mode: str = "official"      # "official" = first 3 channels (released EqM weights), "all" = every channel
+    codec: str = "sd-vae"                # "sd-vae" (latents of the SD VAE) or "identity" (pixel space)
+    class_names: tuple[str, ...] = ()    # optional, index = label
+    # Recommended sampler settings of this model (SamplerParams fields + "cfg_scale"); empty = paper's XL/2 ones.
+    sampler_defaults: dict = field(default_factory=dict, compare=False)
+    energy_form: str = "none"            # "none" = no energy; EqM-E "dot" | "l2" | "mean"; "potential" = Energy Matching
+
+    @property
+    def guided_channels(self) -> int:
+        if self.guidance_mode == "official":
+            return min(3, self.config.in_channels)
+        return self.config.in_channels
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module     # the network (weights, config)
+    spec: ModelSpec
+    source: str
+    field: GradientField       # the model seam: what samplers call
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a sample gets for every setting it leaves out (a model's recommended settings, complete)."""
+
+    sampler: str
+    step_size: float
+    mu: float
+    max_steps: int
+    grad_norm_threshold: float
+    guidance_scale: float
+    composition_guidance_scale: float
+    denoise_max_steps: int
+    epsilon_max: float = 0.0          # heun-sde settings (Energy Matching models)
+    time_cutoff: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a checkpoint holds, read without building the network."""
+
+    family: str
+    config: object                  # the family's architecture dataclass (in_channels, input_size, num_classes)
+    codec: str                      # "identity" (pixel space) or "sd-vae" (latents)
+    guidance_mode: str
+    class_names: tuple[str, ...]
+    defaults: SamplingDefaults
+    energy_form: str = "none"       # "none" = no energy (gradient-norm score)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.config
+        return (c.in_channels, c.input_size, c.input_size)
+
+
+class Family(Protocol):
+    """A model family as the registry sees it (``models/registry.py``)."""
+
+    name: str
+
+    def claims(self, path: Path) -> bool:
+        """Whether ``path`` is a file of this family (cheap: a header or lazily mapped keys)."""
+
+    def describe(self, path: Path, **options) -> ModelDescription:
+        """The file's description; a ``CheckpointError`` says what is wrong with it."""
+
+    def load(self, path: Path, **options) -> LoadedModel:
+        """The network with its weights (``strict``), its spec and its field."""
+
+    def convert(self, src: Path, dst: Path, **options) -> str:
+        """``src`` -> safetensors at ``dst`` with the metadata loads need; a one-line summary."""

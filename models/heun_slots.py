@@ -23,9 +23,12 @@ from .heun_sde import HeunSDEParams, diffusion, step_noise
 
 
 class HeunSlots:
-    """Per-slot Heun state of one ``SlotBatch`` (only slots admitted with the Heun sampler have any)."""
+    """The Euler-Heun SDE rule of one ``SlotBatch`` and its per-slot state (see ``models.update_rules``)."""
 
-    def __init__(self, capacity: int, sample_shape: tuple[int, ...], device: torch.device):
+    forwards_per_step = 2
+
+    def __init__(self, batch):
+        capacity, sample_shape, device = batch.capacity, batch.sample_shape, batch.device
         self.sample_shape = sample_shape
         self.device = device
         self.f0 = torch.zeros(capacity, *sample_shape, device=device, dtype=torch.float32)
@@ -35,8 +38,9 @@ class HeunSlots:
         self.phase: dict[int, int] = {}           # host mirror: 0 = rows hold x, 1 = rows hold the predictor
         self.steps: dict[int, int] = {}           # host mirror of Heun steps taken (if not stopped early)
 
-    def admit(self, slot: int, params: HeunSDEParams, seed: int) -> None:
-        self.params[slot], self.seed[slot], self.phase[slot], self.steps[slot] = params, int(seed), 0, 0
+    def admit(self, batch, slot: int, params, seed: int) -> None:
+        """``params``: the slot's ``SamplerParams`` (their SDE view, ``heun_params()``)."""
+        self.params[slot], self.seed[slot], self.phase[slot], self.steps[slot] = params.heun_params(), int(seed), 0, 0
 
     def release(self, slot: int) -> None:
         for table in (self.params, self.seed, self.phase, self.steps):
@@ -49,7 +53,7 @@ class HeunSlots:
         return bool(self.params)
 
     @torch.no_grad()
-    def update(self, batch, out: torch.Tensor, slots: list[int]) -> None:
+    def update(self, batch, out: torch.Tensor, slots: list[int], planned: bool = False) -> None:
         """One phase of every listed Heun slot, from the forward output ``out`` (rows of the batch)."""
         directions = []
         for s in slots:                                            # weighted rows -> one direction per sample

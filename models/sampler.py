@@ -30,13 +30,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from kernels.nag_step import nag_step
+from kernels.nag_step import MAX_ROWS_PER_SAMPLE, nag_step
 from models import device as cuda_device
 from models.family import GradientField, as_field
 from models.heun_sde import HeunSDEParams
-from models.heun_slots import HeunSlots
+from models.update_rules import RULES, rules_for
 
-SAMPLERS = ("nag", "gd", "heun-sde")
+SAMPLERS = tuple(RULES)          # "nag", "gd", "heun-sde": one update rule each (models.update_rules)
 COMPOSITION_MODES = ("guided", "sum")
 
 
@@ -124,9 +124,6 @@ def partially_noised(x: torch.Tensor, level: float, noise: torch.Tensor) -> torc
     if not 0.0 <= level <= 1.0:
         raise ValueError(f"noise level g must be in [0, 1], got {level}")
     return level * x + (1.0 - level) * noise
-
-
-MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
 
 
 def default_row_buckets(max_rows: int) -> list[int]:
@@ -283,7 +280,10 @@ class SlotBatch:
         self._upload = _Uploader(self.device)
         # Inpainting: slot -> (known values, keep mask) held fixed through the descent (see ``hold``).
         self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.heun = HeunSlots(capacity, self.sample_shape, self.device)   # slots on the Euler-Heun SDE
+        # One object per update rule (``models.update_rules``); each slot is moved by the rule of its sampler.
+        self.rules = rules_for(self)                      # sampler name -> its rule
+        self._rule_slots = {rule: set() for rule in dict.fromkeys(self.rules.values())}
+        self._rule_of: dict[int, object] = {}
         self.rows_evaluated = 0                          # forward rows (bucket sizes) since creation
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -353,8 +353,10 @@ class SlotBatch:
         self._position[slot] = len(self.order)
         self.order.append(slot)
         self._write_plan(slot)
-        if params.sampler == "heun-sde":
-            self.heun.admit(slot, params.heun_params(), seed)
+        rule = self.rules[params.sampler]
+        rule.admit(self, slot, params, seed)
+        self._rule_slots[rule].add(slot)
+        self._rule_of[slot] = rule
         return slot
 
     def release(self, slot: int) -> None:
@@ -368,7 +370,9 @@ class SlotBatch:
             rows = self.slot_rows.pop(slot)
             self.slot_weights.pop(slot)
             self.held.pop(slot, None)
-            self.heun.release(slot)
+            rule = self._rule_of.pop(slot)
+            rule.release(slot)
+            self._rule_slots[rule].discard(slot)
             for r in rows:
                 self.row_owner[r] = -1
             holes += rows
@@ -424,79 +428,37 @@ class SlotBatch:
         return next(b for b in self.row_buckets if b >= rows)
 
     def step(self, slots: Sequence[int] | None = None) -> int:
-        """One forward on the rows in use and one fused NAG-GD step of every occupied slot.
+        """One forward on the rows in use, then each update rule moves its slots (schedule -> run -> update).
 
-        Slots that already finished are frozen by the fused step. ``slots`` (a subset of the
-        occupied slots) steps only those, through a one-off plan. Returns the rows the forward ran on.
+        Slots that already finished stay frozen. ``slots`` (a subset of the occupied slots) steps only
+        those. Returns the rows the forward ran on.
         """
-        if slots is not None and sorted(slots) != self.occupied:
-            return self._step_subset(list(slots))
-        if not self.order:
-            return 0
-        if self.heun:
-            return self._step_subset(list(self.order))
-        a = len(self.order)
-        if self._plan_dirty:
-            self._upload.copy(self.plan_slots[:a], self._slots_host[:a])
-            self._upload.copy(self.plan_rows[:a], self._rows_host[:a])
-            self._upload.copy(self.plan_weights[:a], self._weights_host[:a])
-            self._plan_dirty = False
-        k = max(len(self.slot_rows[s]) for s in self.order)
-        bucket = self.bucket_for(self.n_rows)
-        self._run(bucket, self.plan_slots[:a], self.plan_rows[:a], self.plan_weights[:a], k)
-        return bucket
-
-    def _step_subset(self, slots: list[int]) -> int:
+        full = slots is None or sorted(slots) == self.occupied
+        slots = list(self.order) if full else list(slots)
         if not slots:
             return 0
-        if self.heun:
-            return self._step_with_heun(slots)
-        k = max(len(self.slot_rows[s]) for s in slots)
-        # Padded to the plan's width like a full step: on CUDA the kernel then sees one K per latent
-        # shape, tuned and compiled in warm-up (``warm_fused_step``), never on live traffic.
-        width = MAX_ROWS_PER_SAMPLE
-        rows = [self.slot_rows[s] + [-1] * (width - len(self.slot_rows[s])) for s in slots]
-        weights = [self.slot_weights[s] + [0.0] * (width - len(self.slot_weights[s])) for s in slots]
-        bucket = self.bucket_for(1 + max(max(self.slot_rows[s]) for s in slots))
-        self._run(bucket, self.to_device(torch.tensor(slots, dtype=torch.int32)),
-                  self.to_device(torch.tensor(rows, dtype=torch.int32)),
-                  self.to_device(torch.tensor(weights, dtype=torch.float32)), k)
-        return bucket
-
-    def _step_with_heun(self, slots: list[int]) -> int:
-        """One forward for every listed slot; descent slots take the fused step, Heun slots one phase."""
-        bucket = self.bucket_for(self.n_rows if self.packed else 1 + max(max(self.slot_rows[s]) for s in slots))
-        out = self.forward(self.model_in[:bucket], self.labels[:bucket]).contiguous()
-        descent = [s for s in slots if s not in self.heun]
-        if descent:
-            k = max(len(self.slot_rows[s]) for s in descent)
-            rows = [self.slot_rows[s] + [-1] * (k - len(self.slot_rows[s])) for s in descent]
-            weights = [self.slot_weights[s] + [0.0] * (k - len(self.slot_weights[s])) for s in descent]
-            nag_step(out, self.x, self.m, self.model_in[:bucket], self.to_device(torch.tensor(descent, dtype=torch.int32)),
-                     self.to_device(torch.tensor(rows, dtype=torch.int32)),
-                     self.to_device(torch.tensor(weights, dtype=torch.float32)), self.eta, self.mu, self.threshold,
-                     self.max_steps, self.steps, self.norm, self.finished, self.guided_channels, freeze_finished=True)
-        heun = [s for s in slots if s in self.heun]
-        if heun:
-            self.heun.update(self, out, heun)
+        bucket = self.bucket_for(self.n_rows if full else 1 + max(max(self.slot_rows[s]) for s in slots))
+        out = self.forward(self.model_in[:bucket], self.labels[:bucket])       # (bucket, C, H, W)
+        out = out.contiguous()   # learn_sigma models return a channel slice; the updates want dense rows
+        for rule, members in self._rule_members(slots, full):
+            # ``planned``: the rule has every occupied slot in plan order, so the device plan serves.
+            rule.update(self, out, members, planned=full and members is self.order)
         if self.held:                 # inpainting: held entries stay known in x and in every evaluated point
             self._apply_holds()
         self.rows_evaluated += bucket
         return bucket
 
-    def _run(self, bucket: int, slot_ids, rows, weights, k: int) -> None:
-        out = self.forward(self.model_in[:bucket], self.labels[:bucket])       # (bucket, C, H, W)
-        out = out.contiguous()   # learn_sigma models return a channel slice; the fused step wants dense rows
-        if not out.is_cuda and rows.shape[1] > k:
-            # The CPU path gathers column by column: drop the all-padding columns.
-            rows, weights = rows[:, :k].contiguous(), weights[:, :k].contiguous()
-        # The kernel indexes rows of ``out``; rows past the bucket are unused, so it gets the same view.
-        nag_step(out, self.x, self.m, self.model_in[:bucket], slot_ids, rows, weights, self.eta, self.mu,
-                 self.threshold, self.max_steps, self.steps, self.norm, self.finished, self.guided_channels,
-                 freeze_finished=True)
-        if self.held:
-            self._apply_holds()
-        self.rows_evaluated += bucket
+    def _rule_members(self, slots: list[int], full: bool):
+        """(rule, its listed slots) for every rule with a slot among ``slots``."""
+        for rule, members in self._rule_slots.items():
+            if not members:
+                continue
+            if full and len(members) == len(self.order):
+                yield rule, self.order
+            else:
+                mine = [s for s in slots if s in members]
+                if mine:
+                    yield rule, mine
 
     def warm_fused_step(self) -> None:
         """Run the fused step once on scratch state of this batch's shapes and dtypes (one sample, the
@@ -625,7 +587,7 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
             owner[batch.admit(start[i], row_sets[i], per_sample[i], hold=holds[i],
                               seed=seeds[i] if seeds is not None else i)] = i
     # Engine steps: a Heun step takes two forwards.
-    total = max((p.max_steps * (2 if p.sampler == "heun-sde" else 1) for p in per_sample), default=0)
+    total = max((p.max_steps * RULES[p.sampler].forwards_per_step for p in per_sample), default=0)
     # On CUDA the status of step k is read after step k+1 is queued (the device never waits for the
     # host); a sample that finished in step k is frozen by the fused step in k+1, so nothing changes.
     lag = (1 if batch.device.type == "cuda" else 0) if status_lag is None else status_lag
@@ -663,7 +625,7 @@ def sample(model: torch.nn.Module | GradientField, start: torch.Tensor, conditio
     stopped = [k < p.max_steps for k, p in zip(steps, per_sample)]
     if stats is not None:
         # Evaluations: one per update (two per Heun step), plus the one that found the norm below the threshold.
-        nfe = sum(len(r) * (k * (2 if p.sampler == "heun-sde" else 1) + int(e))
+        nfe = sum(len(r) * (k * RULES[p.sampler].forwards_per_step + int(e))
                   for r, k, e, p in zip(row_sets, steps, stopped, per_sample))
         stats.update(rows_evaluated=batch.rows_evaluated, nfe=nfe)
     if energies is not None and any(p.max_steps == 0 for p in per_sample):

@@ -32,14 +32,13 @@ from typing import Callable
 import torch
 
 from models.inpaint import MaskError, composite, latent_hold
-from models.sampler import Condition, SamplerParams, condition_rows
+from models.sampler import MAX_ROWS_PER_SAMPLE, Condition, SamplerParams, condition_rows
 from service.images import ImageError, content_type, decode_image, encode_image, provenance_record
-from service.jobs import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
+from service.jobstore import IMAGE_FORMATS, JOB_KINDS, ImageResult, JobSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner, Retired, SampleInput
 from service.scheduler import JobRequest, SampleKey, SampleRequest, Scheduler
 
-MAX_ROWS_PER_SAMPLE = 8      # the fused step combines at most this many rows per sample
 PREVIEW_INTERVAL_S = 0.3     # a previewed job's iterates are decoded at most this often
 
 

@@ -16,7 +16,7 @@ import json
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from service.jobs import IMAGE_FORMATS
+from service.jobstore import IMAGE_FORMATS
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 PROVENANCE_KEY = "eqm-parameters"
@@ -72,7 +72,7 @@ def decode_image(data: bytes, size: int, channels: int, max_pixels: int = 16_000
 
 
 def provenance_record(spec, index: int, steps: int, grad_norm: float | None, energy: float | None = None) -> dict:
-    """What a PNG records about image ``index`` of a job (``spec``: a ``service.jobs.JobSpec``)."""
+    """What a PNG records about image ``index`` of a job (``spec``: a ``service.jobstore.JobSpec``)."""
     image = spec.images[index]
     sampler = spec.sampler
     # No job id and a rounded norm: the same request and seed still give byte-identical PNGs.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
-from service.jobs import JOB_KINDS
+from service.jobstore import JOB_KINDS
 
 # Counters and histograms would each add a ``*_created`` series (a timestamp no dashboard reads): off, once.
 disable_created_metrics()

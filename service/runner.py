@@ -197,7 +197,7 @@ class ModelRunner:
 
     @classmethod
     def from_loaded(cls, loaded, codec, capacity: int, max_rows: int, **kwargs) -> "ModelRunner":
-        """From ``models.checkpoint.load_model``'s result (model already on its device and dtype)."""
+        """From ``models.load_model``'s result (model already on its device and dtype)."""
         return cls(loaded.field, codec=codec, null_label=loaded.spec.config.null_label,
                    guided_channels=loaded.spec.guided_channels, capacity=capacity, max_rows=max_rows, **kwargs)
 

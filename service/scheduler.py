@@ -130,11 +130,6 @@ class Scheduler:
         job.cancelled = True
         return True
 
-    def set_limits(self, capacity: int | None = None, max_rows: int | None = None) -> None:
-        """Change the budget (e.g. after an out-of-memory); running samples above it stay and drain."""
-        self.capacity = capacity or self.capacity
-        self.max_rows = max_rows or self.max_rows
-
     # -- state ----------------------------------------------------------------------------------
     @property
     def num_running(self) -> int:

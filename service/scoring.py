@@ -7,7 +7,7 @@ without any sampling. A score job (kind ``score``) holds model-sized PNG uploads
 image, ``grad_norm`` and ``in_distribution``.
 
 Calibration (``in_distribution``): the norm is turned into an empirical p-value against the
-bundled model's held-out data, the 20% test split of the digits (``models.digits.load_digits_split``),
+bundled model's held-out data, the 20% test split of the digits (``models.eqm.digits.load_digits_split``),
 never seen in training: ``in_distribution = fraction of held-out digits whose norm is >= this image's``
 (1 = as typical as the data, ~0 = farther than every held-out digit). Unconditional scores compare
 with every held-out digit's unconditional norm; a score conditional on label ``c`` with the held-out
@@ -56,7 +56,7 @@ class Calibration:
 
 
 def score_input_key(prefix: str, job_id: str, k: int) -> str:
-    """Redis key of upload ``k`` of a score job (see ``service.jobs``)."""
+    """Redis key of upload ``k`` of a score job (see ``service.jobstore``)."""
     return f"{prefix}:score:{job_id}:input:{k}"
 
 
@@ -109,10 +109,9 @@ def score_latents(model, x: torch.Tensor, label: int | None, null_label: int,
 
 def calibrate_digits(checkpoint: str = "digits") -> dict:
     """Held-out reference norms of the digits model (its test split), unconditional and per class."""
-    from models import resolve_checkpoint
-    from models.checkpoint import load_model
-    from models.digits import load_digits_split
-    loaded = load_model(resolve_checkpoint(checkpoint), device="cpu")
+    from models import load_model
+    from models.eqm.digits import load_digits_split
+    loaded = load_model(checkpoint, device="cpu")
     model, null = loaded.field, loaded.model.config.null_label
     from models.codecs import IdentityCodec
     split = load_digits_split()

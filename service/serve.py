@@ -35,9 +35,10 @@ from pathlib import Path
 import redis
 
 from service.embedded_redis import EmbeddedRedis, free_port
-from service.jobs import JobStore
+from service.jobstore import JobStore
 from service.lifecycle import die_with_parent
 from service.settings import Settings
+from service.worker_config import WorkerConfig, check_device, worker_flags
 
 log = logging.getLogger("eqm.serve")
 
@@ -79,18 +80,10 @@ class Stack:
         return self.redis.url
 
     def start_workers(self, redis_url: str, device: str, metrics_port: int, threads: int | None = None) -> None:
-        s = self.settings
-        argv = [sys.executable, "-m", "service.cli", "worker", "--devices", device, "--redis-url", redis_url,
-                "--checkpoint", s.checkpoint, "--prefix", s.key_prefix, "--metrics-port", str(metrics_port),
-                "--metrics-host", s.host, "--grace-s", str(WORKER_GRACE_S)]
-        if s.ebm:
-            argv += ["--ebm", s.ebm]
-        if s.vae:
-            argv += ["--vae", s.vae]
-        if s.model_name:
-            argv += ["--model-name", s.model_name]
-        if threads is not None:
-            argv += ["--threads", str(threads)]
+        cfg = WorkerConfig.from_settings(self.settings, redis_url=redis_url, grace_s=WORKER_GRACE_S,
+                                         metrics_port=metrics_port, metrics_host=self.settings.host, threads=threads)
+        argv = [sys.executable, "-m", "service.cli", "worker", "--devices", device, "--metrics-port", str(metrics_port),
+                *worker_flags(cfg)]
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         # Own session: terminal signals reach only `eqm serve`, which stops the workers after the API.
@@ -196,7 +189,6 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
 
     from service.api.app import create_app
     from service.api.modelinfo import load_model_info
-    from service.cli.worker import check_device
     from service.api.server import uvicorn_options
 
     import service.worker  # noqa: F401  the worker's imports: a package this machine lacks fails here, not in a child

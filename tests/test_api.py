@@ -19,11 +19,11 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from models.checkpoint import ModelSpec, save_safetensors
-from models.digits import CLASS_NAMES, DIGITS_DEFAULTS, digits_config
-from models.eqm import EqM, EqMConfig
+from models.eqm.checkpoint import ModelSpec, save_safetensors
+from models.eqm.digits import CLASS_NAMES, DIGITS_DEFAULTS, digits_config
+from models.eqm.network import EqM, EqMConfig
 from service.api import create_app
-from service.jobs import ImageResult, JobSpec, JobStore
+from service.jobstore import ImageResult, JobSpec, JobStore
 from service.settings import Settings
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from service.api.app import create_app
 from service.api.server import uvicorn_options
 from service.embedded_redis import EmbeddedRedis, free_port
-from service.jobs import ImageSpec, JobSpec, JobStore, QueueFull, SamplerSpec
+from service.jobstore import ImageSpec, JobSpec, JobStore, QueueFull, SamplerSpec
 from service.settings import Settings
 from tests.test_api import digits_file, heartbeat, make_client  # noqa: F401  (fixtures)
 from tests.test_worker_redis import (CLAIM_IDLE_MS, HEARTBEAT_S, checkpoint, events,  # noqa: F401

@@ -7,8 +7,8 @@ import collections
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, ModelSpec, convert, load_model, read_state_dict, save_safetensors
-from models.eqm import EqM, EqMConfig, config_for
+from models.eqm.checkpoint import CheckpointError, ModelSpec, convert, load_model, read_state_dict, save_safetensors
+from models.eqm.network import EqM, EqMConfig, config_for
 from service.cli import main as cli
 from tinymodels import random_model
 

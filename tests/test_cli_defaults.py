@@ -83,7 +83,7 @@ def test_train_digits_writes_to_the_current_folder_unless_told(tmp_path, monkeyp
 
 
 def test_em_digits_progress_counts_heun_steps_and_says_what_it_wrote(tmp_path, monkeypatch, capsys, torch_threads):
-    monkeypatch.setattr("service.cli.sample.PROGRESS_EVERY_S", 0.0)      # a line per step
+    monkeypatch.setattr("service.cli.common.PROGRESS_EVERY_S", 0.0)      # a line per step
     assert main(["sample", "--checkpoint", "em-digits", "--n", "2", "--steps", "3", "--images-out",
                  str(tmp_path / "em.npy"), "--energies-out", str(tmp_path / "v.npy"), "--out",
                  str(tmp_path / "png")]) == 0

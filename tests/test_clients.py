@@ -23,7 +23,7 @@ from models import resolve_checkpoint
 from service.api import create_app
 from service.embedded_redis import free_port
 from service.images import read_provenance
-from service.jobs import ImageResult, JobStore
+from service.jobstore import ImageResult, JobStore
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not resolve_checkpoint("digits").is_file(), reason="the bundled digits model is missing")
@@ -167,7 +167,7 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def test_scores_separate_digits_from_noise(alice):
-    from models.digits import to_uint8_images
+    from models.eqm.digits import to_uint8_images
     from sklearn.datasets import load_digits
     digits = to_uint8_images(load_digits().data[-8:])[..., 0]           # real digits
     rng = np.random.default_rng(0)

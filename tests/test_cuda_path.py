@@ -60,7 +60,7 @@ def _call_order(func: ast.FunctionDef) -> list[str]:
 
 
 def test_worker_claims_its_device_before_any_other_cuda_work():
-    tree = ast.parse((ROOT / "service" / "worker.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "service" / "worker" / "loop.py").read_text(encoding="utf-8"))
     build = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "build_engine")
     order = _call_order(build)
     assert "claim_device" in order, "build_engine does not claim its device"
@@ -181,9 +181,10 @@ def test_a_subset_step_passes_the_plan_width_so_the_kernel_sees_one_k(model, mon
     for seed, rows in ((0, [(1, 1.5), (TINY.null_label, -0.5)]), (1, [(2, 1.0)])):
         batch.admit(noise_for_seed(seed, (1, 8, 8)), rows, SamplerParams(step_size=0.05, max_steps=5))
     widths = []
-    real = batch._run
-    monkeypatch.setattr(batch, "_run", lambda bucket, slots, rows, weights, k: widths.append(rows.shape[1])
-                        or real(bucket, slots, rows, weights, k))
+    descent = batch.rules["nag"]
+    real = descent.launch
+    monkeypatch.setattr(descent, "launch", lambda batch_, out, slots, rows, weights, k: widths.append(rows.shape[1])
+                        or real(batch_, out, slots, rows, weights, k))
     batch.step()
     batch.step(slots=[batch.order[1]])
     assert widths == [MAX_ROWS_PER_SAMPLE, MAX_ROWS_PER_SAMPLE]

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from models import BUNDLED, resolve_checkpoint
-from models.checkpoint import CheckpointError, load_model
+from models import load_model
+from models.files import CheckpointError
 from models.codecs import IdentityCodec
-from models.digits import (CLASS_NAMES, DIGITS_DEFAULTS, TrainConfig, digits_config, eqm_loss, load_digits_split,
+from models.eqm.digits import (CLASS_NAMES, DIGITS_DEFAULTS, TrainConfig, digits_config, eqm_loss, load_digits_split,
                            to_uint8_images)
 from models.sampler import Condition, noise_for_seed, sample
 from service.cli import main

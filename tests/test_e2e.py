@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models import resolve_checkpoint
 from service.embedded_redis import free_port
-from service.jobs import JobStore
+from service.jobstore import JobStore
 from tests.clientstack import service_env as _env, start as _start, stop as _stop, wait_ready as _wait_for
 
 API_KEY = "e2e-secret"

@@ -14,9 +14,10 @@ from PIL import Image
 
 import clientstack
 from models import resolve_checkpoint
-from models.checkpoint import load_model
+from models import load_model
 from models.codecs import IdentityCodec
-from models.heun_sde import HeunSDEParams, sample_heun
+from heun_reference import sample_heun
+from models.heun_sde import HeunSDEParams
 from models.sampler import noise_for_seed
 from service.images import read_provenance
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_model
-from models.eqm import EqMConfig
-from models.family import EqMEnergyField, ImplicitField
+from models import load_model
+from models.files import CheckpointError
+from models.eqm.network import EqMConfig
+from models.eqm.field import EqMEnergyField, ImplicitField
 from service.cli import main as cli
 from tinymodels import random_model
 

@@ -12,7 +12,7 @@ from models.codecs import IdentityCodec
 from models.sampler import Condition, SamplerParams, noise_for_seed, partially_noised, sample
 from service.engine import Engine, JobError
 from service.images import encode_image
-from service.jobs import ImageSpec, JobSpec, SamplerSpec
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner
 from service.scheduler import Scheduler

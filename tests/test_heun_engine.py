@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.energy_matching import ARCHITECTURES, EnergyMatchingField, EnergyMatchingNet
-from models.heun_sde import HeunSDEParams, sample_heun
+from models.energy_matching.network import ARCHITECTURES, EnergyMatchingField, EnergyMatchingNet
+from heun_reference import sample_heun
 from models.sampler import Condition, SamplerParams, SlotBatch, sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from clientstack import serve, stop
-from models.checkpoint import ModelSpec, load_model, save_safetensors
+from models import load_model
+from models.eqm.checkpoint import ModelSpec, save_safetensors
 from models.codecs import IdentityCodec
-from models.digits import DIGITS_DEFAULTS, digits_config, load_digits_split
+from models.eqm.digits import DIGITS_DEFAULTS, digits_config, load_digits_split
 from models.sampler import Condition, SamplerParams, noise_for_seed, sample
 from service.embedded_redis import free_port
 from service.images import read_provenance

@@ -10,7 +10,7 @@ import redis
 
 from models.codecs import IdentityCodec
 from service.engine import Engine
-from service.jobs import ImageSpec, JobSpec, JobStore, SamplerSpec
+from service.jobstore import ImageSpec, JobSpec, JobStore, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner
 from service.worker import Worker, WorkerConfig

@@ -114,7 +114,7 @@ def test_scaled_object_scales_the_workers_on_the_consumer_group_lag(docs):
     worker = by_kind(docs, "Deployment", spec["scaleTargetRef"]["name"])[0]
     assert worker["metadata"]["name"] == "eqm-worker" and spec["minReplicaCount"] <= spec["maxReplicaCount"]
     trigger = spec["triggers"][0]["metadata"]
-    # The stream and group the workers really use (service.jobs: "<prefix>:jobs", group "<prefix>:workers").
+    # The stream and group the workers really use (service.jobstore: "<prefix>:jobs", group "<prefix>:workers").
     config = by_kind(docs, "ConfigMap", "eqm-config")[0]["data"]
     prefix = config["EQM_KEY_PREFIX"]
     assert (trigger["stream"], trigger["consumerGroup"]) == (f"{prefix}:jobs", f"{prefix}:workers")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.eqm import ARCHITECTURES, EqM, EqMConfig, config_for
+from models.eqm.network import ARCHITECTURES, EqM, EqMConfig, config_for
 from tinymodels import random_model
 
 # Published sizes (depth, hidden, heads) of the official configs, per family.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.eqm import EqMConfig
+from models.eqm.network import EqMConfig
 from service.cli import main as cli
 from tinymodels import random_model
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.eqm import EqM
+from models.eqm.network import EqM
 from models.sampler import (Condition, SamplerParams, SlotBatch, condition_rows, default_row_buckets,
                             noise_for_seed, sample)
 from models.codecs import IdentityCodec
 from service.engine import Engine
-from service.jobs import ImageSpec, JobSpec, SamplerSpec
+from service.jobstore import ImageSpec, JobSpec, SamplerSpec
 from service.metrics import Metrics
 from service.runner import ModelRunner, configure_device_math, model_dtype
 from service.scheduler import Scheduler

@@ -26,8 +26,8 @@ from PIL import Image
 
 from browser import chromium_page
 from models import resolve_checkpoint
-from models.checkpoint import ModelSpec, save_safetensors
-from models.eqm import EqM, EqMConfig
+from models.eqm.checkpoint import ModelSpec, save_safetensors
+from models.eqm.network import EqM, EqMConfig
 from service.embedded_redis import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

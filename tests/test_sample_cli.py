@@ -61,10 +61,10 @@ def test_names_the_files_it_wrote(tmp_path):
 
 
 def test_progress_without_a_terminal_prints_lines(monkeypatch):
-    from service.cli import sample
-    monkeypatch.setattr(sample, "PROGRESS_EVERY_S", 0.05)
+    from service.cli import common
+    monkeypatch.setattr(common, "PROGRESS_EVERY_S", 0.05)
     stream = io.StringIO()
-    report = sample._progress_bar(100, stream)
+    report = common.progress_bar(100, stream)
     for step in range(1, 101):
         report(step, 100)
         time.sleep(0.002)

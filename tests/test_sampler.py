@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from models.eqm import EqMConfig
+from models.eqm.network import EqMConfig
 from models.sampler import (Condition, SamplerParams, SlotBatch, condition_rows, noise_for_seed, partially_noised,
                             sample)
 from tinymodels import random_model

@@ -159,7 +159,7 @@ def test_shrinking_limits_lets_running_samples_drain():
     s.add_job(job("a", 6, rows=2))
     step(s)
     assert s.num_running == 4
-    s.set_limits(max_rows=4)
+    s.max_rows = 4                                         # a smaller budget (e.g. after an out-of-memory)
     done = {SampleKey("a", 0): SampleStatus(5, 0.1, True)}
     step(s, finished=done)
     out, _ = step(s)

@@ -182,7 +182,7 @@ def test_webhooks_off_without_a_secret(redis_url):
 
 def _cancelled_job_with_hook(redis_client, url: str) -> str:
     """A job followed for ``completed`` and cancelled while queued (its final event), by hand."""
-    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.jobstore import ImageSpec, JobSpec, JobStore
     from service.webhooks import WebhookTarget, register_webhook
 
     store = JobStore(redis_client)
@@ -297,7 +297,7 @@ def test_a_poisoned_delivery_is_dropped_not_retried(redis_client, caplog):
 def test_a_hook_registered_before_its_job_exists_is_not_dropped(redis_client):
     """The hook is written before the job record; a dispatcher pass in that gap must keep following the
     job, so its events are delivered once the record and its events appear."""
-    from service.jobs import ImageSpec, JobSpec, JobStore
+    from service.jobstore import ImageSpec, JobSpec, JobStore
     from service.webhooks import HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
 
     settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))

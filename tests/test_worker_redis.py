@@ -20,11 +20,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import ModelSpec, save_safetensors
-from models.eqm import EqM, EqMConfig
+from models.eqm.checkpoint import ModelSpec, save_safetensors
+from models.eqm.network import EqM, EqMConfig
 from service.embedded_redis import free_port
 from service.images import encode_image
-from service.jobs import ImageSpec, JobSpec, JobStore, SamplerSpec
+from service.jobstore import ImageSpec, JobSpec, JobStore, SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAIM_IDLE_MS = 1500

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models.eqm import EqM, EqMConfig
+from models.eqm.network import EqM, EqMConfig
 
 # One-channel 8x8 latents, two blocks: the engine, packing and worker tests' network.
 TINY = EqMConfig(arch="custom", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,

@@ -34,7 +34,7 @@ from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.api.redoc_script import serve_local_redoc_script
 from service.api.openapi_schema import finish_openapi, operation_id
-from service.jobs import is_oom
+from service.jobstore import is_oom
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
 

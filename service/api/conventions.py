@@ -21,6 +21,7 @@ from fastapi import Header, Query, Request
 from starlette.datastructures import UploadFile
 
 from service.api.deps import key_id
+from service.api.errors import field_error
 from service.settings import Settings
 
 ANONYMOUS = "-"
@@ -141,6 +142,5 @@ def reject_unknown_query(request: Request) -> None:
     allowed = _query_names(dependant)
     for name in request.query_params.keys():
         if name not in allowed:
-            from service.api.submit import field_error
             known = ", ".join(sorted(allowed)) or "none"
             raise field_error(("query", name), f"unknown query parameter {name!r}; this route takes: {known}")

@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.api.events import EventHub
 from service.api.metrics import ApiMetrics
 from service.api.modelinfo import ModelInfo, load_model_info
-from service.jobs import JobStore
+from service.jobstore import JobStore
 from service.settings import Settings
 
 

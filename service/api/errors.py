@@ -10,8 +10,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import typing
+from typing import Sequence
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 
 JSON_HEADER_HINT = "body: expected a JSON object; send it with the header 'Content-Type: application/json'"
@@ -93,3 +95,8 @@ def malformed_json_reason(cause: BaseException | None) -> str:
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
         return "a number with too many digits"
     return "not valid JSON"
+
+
+def field_error(loc: Sequence[str | int], msg: str) -> RequestValidationError:
+    """A 422 in the same shape as FastAPI's own validation errors."""
+    return RequestValidationError([{"loc": tuple(loc), "msg": msg, "type": "value_error"}])

@@ -11,7 +11,7 @@ from service.api.schemas import GenerationRequest, JobCreated, JobStatus, error_
 from service.api.submit import (check_image_count, check_model, deadline, first_seed, resolve_labels, sampler_spec,
                                 submit)
 from service.api.uploads import LimitedBodyRoute
-from service.jobs import ImageSpec, JobSpec
+from service.jobstore import ImageSpec, JobSpec
 
 WAIT_DOC = ("wait for the job (at most the server's EQM_WAIT_TIMEOUT_S seconds): 200 with the finished job, "
             "or 202 with its status if it is still running then")

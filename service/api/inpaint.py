@@ -26,7 +26,7 @@ from service.api.schemas import JobCreated, JobStatus, SamplingOptions, error_re
 from service.api.submit import (check_image_count, check_model, deadline, field_error, first_seed, resolve_labels,
                                 sampler_spec, submit)
 from service.api.uploads import LimitedBodyRoute, UploadError
-from service.jobs import ImageSpec, JobSpec
+from service.jobstore import ImageSpec, JobSpec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, dependencies=[Depends(require_api_key)])
 

@@ -1,6 +1,7 @@
 """``/v1/jobs/{id}``: status, images, server-sent events and cancellation of one job."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -17,7 +18,7 @@ from service.api.listing import check_owner, check_owner_async, not_found, queue
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
-from service.jobs import FINAL_STATUSES, IMAGE_FORMATS
+from service.jobstore import FINAL_STATUSES, IMAGE_FORMATS
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=LimitedBodyRoute,
                    dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
@@ -70,6 +71,20 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
                      queue_position=queue_position, eta_s=eta_s, images=images, links=links)
 
 
+def job_status_json(request: Request, state: ApiState, job_id: str, inline: bool = False) -> dict:
+    """The job's status as JSON; with ``inline`` every ready image's bytes as base64 (blocking Redis calls)."""
+    status = read_job_status(request, state, job_id)
+    body = status.model_dump(mode="json")
+    if inline:
+        ready = [img for img in body["images"] if img["ready"]]
+        pipe = state.redis.pipeline(transaction=False)
+        for img in ready:
+            pipe.get(state.store.keys.image(job_id, img["index"]))
+        for img, data in zip(ready, pipe.execute()):
+            img["b64_json"] = base64.b64encode(data).decode() if data is not None else None
+    return body
+
+
 def job_links(request: Request, job_id: str, num_images: int) -> JobLinks:
     """Absolute URLs of a job's status, events and images (``conventions.public_base``)."""
     base = public_base(request, request.app.state.api.settings)
@@ -90,7 +105,6 @@ def get_job(request: Request, job_id: str = JobId, state: ApiState = Depends(get
     gradient updates taken, the last gradient norm and whether it can be downloaded yet. While queued:
     the jobs ahead of it and an estimate of when it will be done."""
     if inline:
-        from service.api.submit import job_status_json
         return JSONResponse(job_status_json(request, state, job_id, inline=True))
     return read_job_status(request, state, job_id)
 

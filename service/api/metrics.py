@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobs import JOB_KINDS
+from service.jobstore import JOB_KINDS
 
 disable_created_metrics()          # no ``*_created`` series beside each counter and histogram
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

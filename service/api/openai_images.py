@@ -42,7 +42,7 @@ from service.api.submit import (check_image_count, check_model, deadline, enqueu
                                 resolve_labels, sampler_spec, wait_until_final)
 from service.api.errors import validation_message
 from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload, unreadable_form
-from service.jobs import ImageSpec, JobSpec
+from service.jobstore import ImageSpec, JobSpec
 
 _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 415: "invalid_request_error",

@@ -24,7 +24,7 @@ from service.api.listing import not_found, require_owner
 from service.api.schemas import error_responses
 from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
 from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, decode_upload, unreadable_form
-from service.jobs import ImageSpec, JobSpec
+from service.jobstore import ImageSpec, JobSpec
 from service.scoring import SCORE_KIND, score_input_key
 
 router = APIRouter(prefix="/v1", tags=["scores"], route_class=LimitedBodyRoute,

@@ -8,32 +8,26 @@ one step), 507 when Redis is out of memory. All carry ``Retry-After``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import secrets
 from typing import Sequence
 
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.conventions import caller, idempotency_key, public_base, request_fingerprint, wait_seconds
 from service.api.deps import ApiState
-from service.api.jobs import job_links, read_job_status
+from service.api.errors import field_error
+from service.api.jobs import job_links, job_status_json
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
 from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
-from service.jobs import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
+from service.jobstore import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
 from service.webhooks import WebhookTarget, register_webhook, unregister_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5
 RETRY_NO_WORKER_S = 10
-
-
-def field_error(loc: Sequence[str | int], msg: str) -> RequestValidationError:
-    """A 422 in the same shape as FastAPI's own validation errors."""
-    return RequestValidationError([{"loc": tuple(loc), "msg": msg, "type": "value_error"}])
 
 
 def check_model(requested: str | None, model: ModelInfo, loc: Sequence[str | int]) -> None:
@@ -178,20 +172,6 @@ async def submit(request: Request, state: ApiState, spec: JobSpec, input_png: by
     body = JobCreated(id=spec.id, status="queued", kind=spec.kind, model=spec.model, num_images=len(spec.images),
                       links=links)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
-
-
-def job_status_json(request: Request, state: ApiState, job_id: str, inline: bool = False) -> dict:
-    """The job's status as JSON; with ``inline`` every ready image's bytes as base64 (blocking Redis calls)."""
-    status = read_job_status(request, state, job_id)
-    body = status.model_dump(mode="json")
-    if inline:
-        ready = [img for img in body["images"] if img["ready"]]
-        pipe = state.redis.pipeline(transaction=False)
-        for img in ready:
-            pipe.get(state.store.keys.image(job_id, img["index"]))
-        for img, data in zip(ready, pipe.execute()):
-            img["b64_json"] = base64.b64encode(data).decode() if data is not None else None
-    return body
 
 
 def _webhook(options: SamplingOptions | None, settings) -> WebhookTarget | None:

@@ -33,7 +33,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, printed as one line: the checkpoint and codec errors count only
     once their modules are loaded (a handler that never loaded them cannot raise them)."""
     errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError]
-    for module, name in (("models.checkpoint", "CheckpointError"), ("models.codecs", "CodecError")):
+    for module, name in (("models.files", "CheckpointError"), ("models.codecs", "CodecError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -5,7 +5,7 @@ import argparse
 import os
 import signal
 
-from service.cli.serve import check_checkpoint_file, common_arguments, settings_from_args
+from service.cli.common import check_checkpoint_file, common_arguments, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -23,34 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from service.cli.energy_sample import is_energy_checkpoint
-    if is_energy_checkpoint(args.src):
-        return run_convert_energy(args)
-    from models.checkpoint import convert, describe
-    loaded = convert(args.src, args.dst, arch=args.arch, weights=args.weights, guidance_mode=args.guidance_channels,
-                     ebm=args.ebm)
-    print(f"wrote {args.dst}: {describe(loaded.spec.config)}, {args.weights} weights, "
-          f"guidance on {loaded.spec.guided_channels} channels, energy form {loaded.spec.energy_form}")
-    return 0
-
-
-def run_convert_energy(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from models.checkpoint import CheckpointError
-    from models.em_checkpoint import load_energy_matching, save_energy_matching
-    from service.cli.energy_sample import parse_model_flags
-    dst = Path(args.dst)
-    if dst.suffix != ".safetensors":
-        raise CheckpointError(f"{dst}: the output name must end in .safetensors")
-    if not dst.parent.exists():
-        raise CheckpointError(f"{dst.parent}: output folder does not exist")
-    if args.arch:
-        raise CheckpointError("--arch names EqM sizes; an Energy Matching checkpoint takes --model-flag NAME=VALUE")
-    loaded = load_energy_matching(args.src, weights=args.weights, overrides=parse_model_flags(args.model_flag))
-    save_energy_matching(loaded.network, dst, extra={"source_weights": args.weights},
-                         sampler_defaults=loaded.sampler_defaults)
-    c = loaded.config
-    print(f"wrote {args.dst}: Energy Matching {c.arch} ({c.in_channels}x{c.input_size}x{c.input_size}, "
-          f"UNet {c.num_channels} channels, ViT {c.transformer_nlayers}x{c.embed_dim}), {args.weights} weights")
+    from models.registry import convert_model
+    from service.cli.common import parse_model_flags
+    summary = convert_model(args.src, args.dst, arch=args.arch, weights=args.weights,
+                            guidance_mode=args.guidance_channels, ebm=args.ebm,
+                            overrides=parse_model_flags(args.model_flag))
+    print(f"wrote {args.dst}: {summary}")
     return 0

@@ -1,4 +1,4 @@
-"""``eqm sample`` for Energy Matching checkpoints: the Euler-Heun SDE from noise, energies of the results."""
+"""``eqm sample`` for models whose sampler is the Euler-Heun SDE (Energy Matching): its flags, energies of the results."""
 from __future__ import annotations
 
 import argparse
@@ -6,30 +6,21 @@ import sys
 import time
 from pathlib import Path
 
-from models.em_checkpoint import is_energy_matching_file as is_energy_checkpoint  # noqa: F401  (handlers only)
-
 GD_FLAGS = {"labels": "--labels", "sampler": "--sampler", "step_size": "--step-size", "mu": "--mu",
             "cfg_scale": "--cfg-scale", "guidance_channels": "--guidance-channels", "start": "--start",
             "noise_level": "--noise-level"}
 
 
-def parse_model_flags(items: list[str]) -> dict[str, str]:
-    from service.cli import UsageError
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"--model-flag {item!r}: expected NAME=VALUE (e.g. num_heads=4)")
-        out[name.strip()] = value.strip()
-    return out
-
-
 def heun_settings(args: argparse.Namespace, model_defaults: dict):
     """Flags given > the checkpoint's recommended settings > the official CIFAR-10 setting (t_end 3.25)."""
+    from dataclasses import asdict
+
     from models.heun_sde import HeunSDEParams
     from service.cli import UsageError
-    merged = {"dt": 0.01, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0}
-    merged.update({k: v for k, v in model_defaults.items() if k in merged or k == "max_steps"})
+    official = HeunSDEParams()
+    merged = {k: v for k, v in asdict(official).items() if k != "max_steps"}
+    recorded = {("dt" if k == "step_size" else k): v for k, v in model_defaults.items()}
+    merged.update({k: v for k, v in recorded.items() if k in merged or k == "max_steps"})
     for key, value in (("dt", args.dt), ("epsilon_max", args.epsilon_max), ("time_cutoff", args.time_cutoff),
                        ("grad_norm_threshold", args.grad_norm_threshold)):
         if value is not None:
@@ -40,25 +31,22 @@ def heun_settings(args: argparse.Namespace, model_defaults: dict):
         if args.steps is not None:
             merged["max_steps"] = args.steps
         elif args.t_end is not None or "max_steps" not in merged:
-            return HeunSDEParams.for_t_end(3.25 if args.t_end is None else args.t_end, **merged)
+            return HeunSDEParams.for_t_end(official.t_end if args.t_end is None else args.t_end, **merged)
         return HeunSDEParams(**merged)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
-def run_energy_sample(args: argparse.Namespace) -> int:
+def run_energy_sample(args: argparse.Namespace, loaded) -> int:
     """Sampling goes through the engine's slot batch (``models.sampler.sample``) with the heun-sde sampler."""
     import numpy as np
     import torch
 
-    from models import resolve_checkpoint
     from models.codecs import make_codec
-    from models.em_checkpoint import load_energy_matching
-    from models.energy_matching import EnergyMatchingField
     from models.heun_sde import NFE_PER_STEP
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
-    from service.cli.sample import DTYPES, _inpaint_inputs, _load_npy, _progress_bar, _save_npy
+    from service.cli.common import inpaint_inputs, load_npy, save_npy
 
     given = [flag for name, flag in GD_FLAGS.items() if getattr(args, name, None) is not None]
     if given:
@@ -68,13 +56,9 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         raise UsageError("--ebm: an Energy Matching model has its own energy, the potential V(x)")
     if bool(args.inpaint) != bool(args.mask):
         raise UsageError("--inpaint IMAGE and --mask MASK go together")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_energy_matching(resolve_checkpoint(args.checkpoint), weights=args.weights,
-                                  overrides=parse_model_flags(args.model_flag), device=device, dtype=dtype)
-    cfg = loaded.config
+    cfg = loaded.spec.config
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    noise = _load_npy(args.noise, "--noise") if args.noise else None
+    noise = load_npy(args.noise, "--noise") if args.noise else None
     n = noise.shape[0] if noise is not None else args.n
     if not n:
         raise UsageError("give --n or --noise to say how many images to make")
@@ -82,7 +66,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--noise has shape {noise.shape}, expected ({n}, {', '.join(map(str, shape))})")
     if not (args.out or args.images_out or args.latents_out or args.energies_out):
         raise UsageError("nothing to write: give --out DIR, --images-out, --latents-out or --energies-out FILE.npy")
-    heun = heun_settings(args, loaded.sampler_defaults)
+    heun = heun_settings(args, loaded.spec.sampler_defaults)
     params = SamplerParams(sampler="heun-sde", step_size=heun.dt, max_steps=heun.max_steps,
                            epsilon_max=heun.epsilon_max, time_cutoff=heun.time_cutoff,
                            grad_norm_threshold=heun.grad_norm_threshold)
@@ -91,11 +75,11 @@ def run_energy_sample(args: argparse.Namespace) -> int:
     codec = make_codec("identity", channels=cfg.in_channels, latent_size=cfg.input_size)
     holds, inpaint = None, None
     if args.inpaint:
-        inpaint = _inpaint_inputs(args, codec, cfg.input_size)
+        inpaint = inpaint_inputs(args, codec, cfg.input_size)
         holds = [inpaint[2]] * n
     stats: dict = {}
     t0 = time.perf_counter()
-    result = sample(EnergyMatchingField(loaded.network), x0, [Condition()] * n, params, null_label=0,
+    result = sample(loaded.field, x0, [Condition()] * n, params, null_label=0,
                     guided_channels=cfg.in_channels, progress=_heun_progress(params.max_steps), stats=stats,
                     seeds=seeds, holds=holds)
     elapsed = time.perf_counter() - t0
@@ -104,11 +88,11 @@ def run_energy_sample(args: argparse.Namespace) -> int:
           f"V mean {np.mean(result.energies):.4g}", file=sys.stderr)
     if args.latents_out:
         latents = result.latents.numpy().astype(np.float32)
-        _save_npy(args.latents_out, latents)
+        save_npy(args.latents_out, latents)
         print(f"wrote {args.latents_out}: latents, float32 {tuple(latents.shape)}", file=sys.stderr)
     if args.energies_out:
         energies = np.asarray(result.energies, dtype=np.float32)
-        _save_npy(args.energies_out, energies)
+        save_npy(args.energies_out, energies)
         print(f"wrote {args.energies_out}: energies V(x), float32 {tuple(energies.shape)}", file=sys.stderr)
     if args.out or args.images_out:
         images = codec.decode(result.latents)
@@ -116,7 +100,7 @@ def run_energy_sample(args: argparse.Namespace) -> int:
             from models.inpaint import composite
             images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
-            _save_npy(args.images_out, images)
+            save_npy(args.images_out, images)
             print(f"wrote {args.images_out}: images, uint8 {tuple(images.shape)}", file=sys.stderr)
         if args.out:
             from PIL import Image
@@ -131,6 +115,6 @@ def run_energy_sample(args: argparse.Namespace) -> int:
 def _heun_progress(heun_steps: int):
     """The progress line in Heun steps (the unit of --steps and of the summary), not field evaluations."""
     from models.heun_sde import NFE_PER_STEP
-    from service.cli.sample import _progress_bar
-    report = _progress_bar(heun_steps)
+    from service.cli.common import progress_bar
+    report = progress_bar(heun_steps)
     return lambda evaluations, _total: report(evaluations // NFE_PER_STEP, heun_steps)

@@ -7,11 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from service.cli.common import DTYPES, inpaint_inputs, load_npy, parse_model_flags, progress_bar, save_npy
 from service.cli.threads import add_threads_argument, apply_threads
-
-# Model dtypes by the names the flag accepts (torch attribute names, plus short forms).
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,21 +92,6 @@ def parse_labels(text: str) -> list[tuple[int, ...]]:
     return out
 
 
-def _load_npy(path: str, what: str):
-    import numpy as np
-
-    from service.cli import UsageError
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path}: no such file") from None
-    except (ValueError, OSError) as exc:
-        raise UsageError(f"{what} {path}: not a .npy array ({exc})") from None
-    if arr.ndim != 4 or arr.dtype.kind != "f":
-        raise UsageError(f"{what} {path}: expected float32 of shape (n, C, H, W), got {arr.dtype} {arr.shape}")
-    return arr.astype(np.float32)
-
-
 def run_sample(args: argparse.Namespace) -> int:
     from service.cli import UsageError
     if args.from_png:
@@ -119,22 +101,22 @@ def run_sample(args: argparse.Namespace) -> int:
     check_checkpoint_exists(args.checkpoint)            # at once: before torch and the model load
     from models import resolve_checkpoint
     apply_threads(args.threads, args.device, resolve_checkpoint(args.checkpoint))
-    from models.checkpoint import load_model
+    from models import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, noise_for_seed, partially_noised, sample
     import numpy as np
     import torch
 
     from service.cli import UsageError
-    from service.cli.energy_sample import is_energy_checkpoint, run_energy_sample
-    if is_energy_checkpoint(resolve_checkpoint(args.checkpoint)):
-        return run_energy_sample(args)
+    from service.cli.energy_sample import run_energy_sample
 
     dtype = getattr(torch, DTYPES[args.dtype])
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(resolve_checkpoint(args.checkpoint), arch=args.arch, weights=args.weights,
+    loaded = load_model(args.checkpoint, arch=args.arch, weights=args.weights,
                         guidance_mode=args.guidance_channels, device=args.device, dtype=dtype,
-                        ebm=getattr(args, "ebm", None))
+                        ebm=getattr(args, "ebm", None), overrides=parse_model_flags(args.model_flag))
+    if loaded.spec.sampler_defaults.get("sampler") == "heun-sde":
+        return run_energy_sample(args, loaded)     # the SDE's own flags (--dt, --t-end, ...)
     cfg, spec = loaded.model.config, loaded.spec
     if args.energies_out and not loaded.field.has_energy:
         raise UsageError("--energies-out: this model has no energy (implicit EqM); an EqM-E checkpoint "
@@ -143,8 +125,8 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError("--inpaint IMAGE and --mask MASK go together")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     label_sets = parse_labels(args.labels) if args.labels else None
-    noise = _load_npy(args.noise, "--noise") if args.noise else None
-    start = _load_npy(args.start, "--start") if args.start else None
+    noise = load_npy(args.noise, "--noise") if args.noise else None
+    start = load_npy(args.start, "--start") if args.start else None
     n = len(label_sets) if label_sets else (noise.shape[0] if noise is not None else
                                             start.shape[0] if start is not None else args.n)
     if not n:
@@ -172,22 +154,22 @@ def run_sample(args: argparse.Namespace) -> int:
                   for labels in label_sets]
     holds, inpaint = None, None
     if args.inpaint:
-        inpaint = _inpaint_inputs(args, codec, cfg.input_size * getattr(codec, "downsample", 1))
+        inpaint = inpaint_inputs(args, codec, cfg.input_size * getattr(codec, "downsample", 1))
         holds = [inpaint[2]] * n
     t0 = time.perf_counter()
     result = sample(loaded.field, x0, conditions, params, null_label=cfg.null_label,
-                    guided_channels=spec.guided_channels, progress=_progress_bar(params.max_steps), holds=holds)
+                    guided_channels=spec.guided_channels, progress=progress_bar(params.max_steps), holds=holds)
     elapsed = time.perf_counter() - t0
     print(f"sampled {n} in {elapsed:.1f}s; steps per sample: mean {np.mean(result.steps):.1f}, "
           f"min {min(result.steps)}, max {max(result.steps)}", file=sys.stderr)
 
     if args.latents_out:
         latents = result.latents.numpy().astype(np.float32)
-        _save_npy(args.latents_out, latents)
+        save_npy(args.latents_out, latents)
         print(f"wrote {args.latents_out}: latents, float32 {tuple(latents.shape)}", file=sys.stderr)
     if args.energies_out:
         energies = np.asarray(result.energies, dtype=np.float32)
-        _save_npy(args.energies_out, energies)
+        save_npy(args.energies_out, energies)
         print(f"wrote {args.energies_out}: energies, float32 {tuple(energies.shape)}", file=sys.stderr)
     if codec is not None and (args.out or args.images_out):
         images = codec.decode(result.latents)
@@ -195,7 +177,7 @@ def run_sample(args: argparse.Namespace) -> int:
             from models.inpaint import composite
             images = np.stack([composite(img, inpaint[0], inpaint[1]) for img in images])
         if args.images_out:
-            _save_npy(args.images_out, images)
+            save_npy(args.images_out, images)
             print(f"wrote {args.images_out}: images, uint8 {tuple(images.shape)}", file=sys.stderr)
         if args.out:
             from PIL import Image
@@ -211,31 +193,15 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _inpaint_inputs(args: argparse.Namespace, codec, size: int):
-    """(pixels (H, W, C) uint8, regenerate (H, W) bool, (known, keep) on the latent grid) of --inpaint/--mask."""
-    from models.inpaint import MaskError, latent_hold, mask_from_png
-    from service.cli import UsageError
-    from service.images import ImageError, decode_image
-    channels = getattr(codec, "channels", 3) if codec.name == "identity" else 3
-    try:
-        pixels = decode_image(Path(args.inpaint).read_bytes(), size, channels)
-        regenerate = mask_from_png(Path(args.mask).read_bytes(), size)
-    except OSError as exc:
-        raise UsageError(f"--inpaint/--mask: {exc}") from None
-    except (ImageError, MaskError) as exc:
-        raise UsageError(f"--inpaint/--mask: {exc}") from None
-    return pixels, regenerate, latent_hold(codec, pixels, regenerate)
-
-
 def run_from_png(args: argparse.Namespace) -> int:
     """``--from-png FILE``: sample again with the seed, labels and settings the PNG records; compare."""
     from models import resolve_checkpoint
-    from models.checkpoint import load_model
+    from models import load_model
     from models.codecs import make_codec
     from models.sampler import Condition, SamplerParams, noise_for_seed, sample
     from service.cli import UsageError
     from service.images import ImageError, encode_image, provenance_record, read_provenance
-    from service.jobs import ImageSpec, JobSpec, SamplerSpec
+    from service.jobstore import ImageSpec, JobSpec, SamplerSpec
     try:
         data = Path(args.from_png).read_bytes()
         rec = read_provenance(data)
@@ -296,43 +262,6 @@ def sampler_settings(args: argparse.Namespace, model_defaults: dict):
     merged.update({k: v for k, v in given.items() if v is not None})
     cfg_scale = float(merged.pop("cfg_scale"))
     return SamplerParams(**merged), cfg_scale
-
-
-def _save_npy(path: str, arr) -> None:
-    """Atomic write: nothing half-written is left behind."""
-    import numpy as np
-
-    tmp = Path(path + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-PROGRESS_EVERY_S = 5.0      # without a terminal: one line this often
-
-
-def _progress_bar(total: int, stream=None):
-    """A progress callback ``(step, total)``: a bar on a terminal, else a line every ``PROGRESS_EVERY_S``
-    (logs and CI show long runs moving) and one at the end."""
-    stream = stream or sys.stderr
-    if stream.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=total, desc="sampling", unit="step", leave=False, file=stream)
-
-        def update(step: int, _total: int) -> None:
-            bar.n = step
-            bar.refresh()
-            if step >= _total:
-                bar.close()
-        return update
-    started = last = time.monotonic()
-
-    def report(step: int, _total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= PROGRESS_EVERY_S or (step >= _total and now - started >= PROGRESS_EVERY_S):
-            last = now
-            print(f"sampling: step {step}/{_total} ({now - started:.0f} s)", file=stream, flush=True)
-    return report
 
 
 def check_checkpoint_exists(name_or_path: str) -> None:

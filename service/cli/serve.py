@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from service.cli.common import check_checkpoint_file, common_arguments, settings_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run Redis, a worker and the API on this machine (no setup needed)",
@@ -24,39 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--redis-dir", help="keep the embedded Redis' append-only file in this folder (default: none, "
                    "jobs are lost at exit)")
     s.set_defaults(handler=run_serve)
-
-
-def common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="address to listen on (default EQM_HOST, 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, help="port to listen on (default EQM_PORT, 8000)")
-    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
-    p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
-    p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
-                   help="energy form of a checkpoint that records none (official --ebm; default EQM_EBM)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-
-
-def settings_from_args(args: argparse.Namespace):
-    from service.settings import Settings
-    overrides = {name: getattr(args, name, None) for name in ("host", "port", "checkpoint", "vae", "redis_url", "ebm")}
-    return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def check_checkpoint_file(args: argparse.Namespace, settings) -> None:
-    """A served checkpoint that is neither a bundled name nor a file: one line naming where the name came from
-    (the flag or the variable the user set), before torch and the API's modules load (seconds)."""
-    from models import BUNDLED, resolve_checkpoint
-    from service.cli import UsageError
-    path = resolve_checkpoint(settings.checkpoint)
-    if path.is_file():
-        return
-    source = f"--checkpoint {args.checkpoint}" if getattr(args, "checkpoint", None) else \
-        f"EQM_CHECKPOINT={settings.checkpoint}"
-    if settings.checkpoint in BUNDLED:
-        raise UsageError(f"{source}: the bundled file {path} is missing (it ships with the package: reinstall it)")
-    what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
-    raise UsageError(f"{source}: {what} (a checkpoint file: .pt or .safetensors, or a bundled model: "
-                     f"{', '.join(BUNDLED)})")
 
 
 def run_serve(args: argparse.Namespace) -> int:

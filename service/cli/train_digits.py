@@ -1,7 +1,7 @@
 """``eqm train-digits``: train the bundled 8x8 digits EqM on scikit-learn's digits (CPU, minutes).
 
 The defaults are the setting that made the bundled weights, read from their training record (json,
-so ``--help`` needs no torch); ``models.digits.TrainConfig`` fills any the record lacks.
+so ``--help`` needs no torch); ``models.eqm.digits.TrainConfig`` fills any the record lacks.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from models.digits import TrainConfig, save_digits_model, train_digits
+    from models.eqm.digits import TrainConfig, save_digits_model, train_digits
     from service.cli import UsageError
 
     for name, value in vars(TrainConfig()).items():        # flags the record did not give a default

@@ -23,11 +23,12 @@ import time
 from dataclasses import dataclass
 
 from service.lifecycle import die_with_parent
+from service.worker_config import (EXIT_CONFIG_ERROR, add_worker_arguments, check_device, config_from_args,
+                                   default_devices, worker_flags)
 
 log = logging.getLogger("eqm.supervisor")
 
 BACKOFF_START_S, BACKOFF_MAX_S, HEALTHY_AFTER_S = 1.0, 30.0, 60.0
-EXIT_CONFIG_ERROR = 2       # a worker's setup error (bad checkpoint, codec, settings): a restart cannot help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,59 +42,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default EQM_METRICS_PORT; 0 = off)")
     add_worker_arguments(p)
     p.set_defaults(handler=run_worker)
-
-
-def add_worker_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``python -m service.worker`` and ``eqm worker`` (defaults: EQM_* settings)."""
-    p.add_argument("--redis-url", help="Redis URL (default EQM_REDIS_URL)")
-    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
-    p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
-    p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
-    p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
-                   help="energy form of a checkpoint that records none (official --ebm; default EQM_EBM, else "
-                        "what the file records, else none)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (default EQM_DTYPE, auto: bfloat16 on CUDA, float32 elsewhere; float32 on CUDA "
-                        "turns TF32 on; the iterate stays float32)")
-    p.add_argument("--compile", choices=["off", "compile", "cudagraphs"],
-                   help="forward per row bucket through torch.compile or CUDA graphs (default EQM_COMPILE, off)")
-    p.add_argument("--capacity", type=int, help="sample slots per worker (default EQM_CAPACITY, 64)")
-    p.add_argument("--max-rows", type=int, help="model rows per worker (default 3 x capacity)")
-    p.add_argument("--prefix", dest="key_prefix", help="Redis key prefix (default EQM_KEY_PREFIX, 'eqm')")
-    p.add_argument("--claim-idle-ms", type=int, help="reclaim a dead worker's job after this idle time")
-    p.add_argument("--heartbeat-s", type=float, help="heartbeat period in seconds")
-    p.add_argument("--max-deliveries", type=int, help="dead-letter a job delivered more often than this")
-    p.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, let in-flight samples run this long")
-    p.add_argument("--threads", type=int, help="torch CPU threads per CPU worker (default 1: "
-                   "7-11x the images/s of 2 threads with the bundled model on a shared machine, bench/RESULTS.md; "
-                   "0 = torch's default, every core)")
-    p.add_argument("--metrics-host", help="address the metrics endpoint binds (default EQM_HOST, 127.0.0.1, where "
-                   "the API binds; 0.0.0.0 for Prometheus on other machines)")
-
-
-def default_devices() -> list[str]:
-    import torch
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-
-
-def check_device(device: str) -> str:
-    """``device`` if this machine can run it, else a one-line error (before any process starts)."""
-    import torch
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
-                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise ValueError(f"device {device!r}: only cpu and cuda devices are served")
-    return device
 
 
 @dataclass
@@ -177,11 +125,11 @@ class Supervisor:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from service.cli.serve import check_checkpoint_file
+    from service.cli.common import check_checkpoint_file
     from service.settings import Settings
     # A missing checkpoint is one line at once, before torch loads (service.worker imports it).
     check_checkpoint_file(args, Settings.from_env(**({"checkpoint": args.checkpoint} if args.checkpoint else {})))
-    from service.worker import config_from_args
+    import service.worker  # noqa: F401  the worker's imports: a package this machine lacks fails here, not in a child
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor] %(message)s")
     cfg = config_from_args(args, metrics_port=args.metrics_port)      # validates settings and the Redis URL
@@ -192,21 +140,17 @@ def run_worker(args: argparse.Namespace) -> int:
         check_device(device)
     children = []
     for i, device in enumerate(devices):
-        argv = [sys.executable, "-m", "service.worker", "--device", device, "--redis-url", cfg.redis_url,
-                "--checkpoint", cfg.checkpoint, "--capacity", str(cfg.capacity), "--max-rows", str(cfg.rows),
-                "--prefix", cfg.key_prefix, "--claim-idle-ms", str(cfg.claim_idle_ms),
-                "--heartbeat-s", str(cfg.heartbeat_s), "--max-deliveries", str(cfg.max_deliveries),
-                "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--compile", cfg.compile, "--parent-pid", str(os.getpid()),
-                "--metrics-host", cfg.metrics_host]
-        if device == "cpu":
-            argv += ["--threads", str(cfg.threads)]
-        if cfg.ebm:
-            argv += ["--ebm", cfg.ebm]
-        if cfg.vae:
-            argv += ["--vae", cfg.vae]
-        if cfg.model_name:
-            argv += ["--model-name", cfg.model_name]
+        argv = [sys.executable, "-m", "service.worker", "--device", device, *worker_flags(cfg),
+                "--parent-pid", str(os.getpid())]
+        if device != "cpu":
+            argv = _without(argv, "--threads")
         if cfg.metrics_port:
             argv += ["--metrics-port", str(cfg.metrics_port + i)]
         children.append((device, argv))
     return Supervisor(children, cfg.grace_s).run()
+
+
+def _without(argv: list[str], flag: str) -> list[str]:
+    """``argv`` less ``flag`` and its value."""
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 2:]

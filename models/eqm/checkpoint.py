@@ -1,4 +1,4 @@
-"""Loading EqM weights: official ``train.py`` checkpoints, bare state dicts and safetensors files.
+"""EqM checkpoints: official ``train.py`` checkpoints, bare state dicts and safetensors files.
 
 Nothing is unpickled beyond tensors and the ``argparse.Namespace`` the official trainer stores
 (``torch.load(weights_only=True)``). Every failure is a ``CheckpointError`` with a one-line message
@@ -6,106 +6,21 @@ that says what was wrong; the CLI prints it without a traceback.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import zipfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from .eqm import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
-from .family import ENERGY_FORMS, GradientField, field_for
+from models.family import LoadedModel, ModelSpec
+from models.files import CheckpointError, load_strict, read_checkpoint_file, write_safetensors  # noqa: F401
+
+from .field import ENERGY_FORMS, field_for
+from .network import ARCHITECTURES, EqM, EqMConfig, arch_name, config_for
 
 METADATA_FORMAT = "eqm-safetensors/1"
 GUIDANCE_MODES = ("all", "official")   # CFG on all latent channels, or the official first-3-channels quirk
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be read or does not fit the requested model (one-line message)."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to run a loaded network: its architecture and how to guide and decode it."""
-
-    config: EqMConfig
-    guidance_mode: str = "official"      # "official" = first 3 channels (released EqM weights), "all" = every channel
-    codec: str = "sd-vae"                # "sd-vae" (latents of the SD VAE) or "identity" (pixel space)
-    class_names: tuple[str, ...] = ()    # optional, index = label
-    # Recommended sampler settings of this model (SamplerParams fields + "cfg_scale"); empty = paper's XL/2 ones.
-    sampler_defaults: dict = field(default_factory=dict, compare=False)
-    energy_form: str = "none"            # "none" = implicit EqM; "dot" | "l2" | "mean" = EqM-E (official --ebm)
-
-    @property
-    def guided_channels(self) -> int:
-        if self.guidance_mode == "official":
-            return min(3, self.config.in_channels)
-        return self.config.in_channels
-
-
-@dataclass
-class LoadedModel:
-    model: EqM                 # the network (weights, config)
-    spec: ModelSpec
-    source: str
-    field: GradientField | None = None   # the model seam: what samplers call (set by load_model)
-
-    def __post_init__(self):
-        if self.field is None:
-            self.field = field_for(self.model, self.spec.energy_form)
-
-
-def _torch_load(path: Path) -> object:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types on bad input; each becomes one line
-        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: refuses to unpickle objects other than tensors ({_first_unsafe(exc)})") from None
-        with open(path, "rb") as fh:
-            is_zip = fh.read(2) == b"PK"     # torch.save writes a zip archive since torch 1.6
-        if is_zip or isinstance(exc, (EOFError, zipfile.BadZipFile)):
-            raise CheckpointError(f"{path}: file is truncated or corrupt ({_first_line(exc)})") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0][:160] if lines else type(exc).__name__
-
-
-def _first_unsafe(exc: Exception) -> str:
-    for line in str(exc).splitlines():
-        if "Unsupported global" in line:
-            return line.strip().split("Unsupported global:")[-1].strip().split(" ")[0].strip("GLOBAL ")
-    return "unsupported object"
-
-
-def read_checkpoint_file(path: str | os.PathLike) -> tuple[dict, dict[str, str]]:
-    """The raw contents of a checkpoint file of any family: (a safetensors file's tensors and metadata) or
-    (a ``torch.save``'d dict, {}); one-line errors for a file that is missing, empty or unreadable."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty")
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                metadata = dict(fh.metadata() or {})
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
-    obj = _torch_load(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict of tensors)")
-    return obj, {}
 
 
 def read_state_dict(path: str | os.PathLike, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -201,9 +116,6 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         raise CheckpointError(f"guidance mode must be one of {', '.join(GUIDANCE_MODES)}, not {guidance_mode!r}")
     if ebm is not None and ebm not in ENERGY_FORMS:
         raise CheckpointError(f"unknown energy form --ebm {ebm!r}; choose one of {', '.join(ENERGY_FORMS)}")
-    energy = _load_energy_matching(path, weights, device, dtype)
-    if energy is not None:
-        return energy
     state, meta = read_state_dict(path, weights)
     recorded = meta.get("ebm")
     if recorded is not None and recorded not in ENERGY_FORMS:
@@ -225,7 +137,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
     if num_classes is not None and num_classes != found.num_classes:
         raise CheckpointError(f"{path}: checkpoint has {found.num_classes} classes, not {num_classes}")
     model = EqM(found)
-    _load_strict(model, state, str(path), found)
+    load_strict(model, state, str(path), network_name=describe(found), expects=f"{describe(found)} expects")
     spec = ModelSpec(
         config=found,
         guidance_mode=guidance_mode or meta.get("guidance_mode", "official"),
@@ -235,42 +147,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None, weights: str = 
         energy_form=energy_form,
     )
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return LoadedModel(model=model, spec=spec, source=str(path))
-
-
-def _load_energy_matching(path, weights: str, device, dtype) -> LoadedModel | None:
-    """An Energy Matching file as a loaded model (its field: direction -dV/dx, energy V); None otherwise."""
-    from .em_checkpoint import is_energy_matching_file, load_energy_matching
-    if not is_energy_matching_file(path):
-        return None
-    from .energy_matching import EnergyMatchingField
-    loaded = load_energy_matching(path, weights=weights, device=device, dtype=dtype)
-    rec = {"dt": 0.01, "max_steps": 325, "epsilon_max": 0.01, "time_cutoff": 1.0, "grad_norm_threshold": 0.0,
-           **loaded.sampler_defaults}
-    defaults = {"sampler": "heun-sde", "step_size": rec["dt"], "max_steps": rec["max_steps"],
-                "epsilon_max": rec["epsilon_max"], "time_cutoff": rec["time_cutoff"],
-                "grad_norm_threshold": rec["grad_norm_threshold"], "cfg_scale": 1.0}
-    spec = ModelSpec(config=loaded.config, guidance_mode="all", codec="identity", sampler_defaults=defaults,
-                     energy_form="potential")
-    return LoadedModel(model=loaded.network, spec=spec, source=str(path), field=EnergyMatchingField(loaded.network))
-
-
-def _load_strict(model: EqM, state: dict[str, torch.Tensor], source: str, config: EqMConfig) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
-        raise CheckpointError(f"{source}: does not match {describe(config)}: {'; '.join(parts)}")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
-                                  f"{describe(config)} expects {tuple(tensor.shape)}")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return LoadedModel(model=model, spec=spec, source=str(path), field=field_for(model, energy_form))
 
 
 def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra: dict[str, str] | None = None) -> None:
@@ -291,15 +168,7 @@ def save_safetensors(model: EqM, spec: ModelSpec, path: str | os.PathLike, extra
         meta["sampler_defaults"] = json.dumps(spec.sampler_defaults)
     meta["ebm"] = spec.energy_form
     meta.update(extra or {})
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)     # a weights file is data to share, whatever the writer's umask-less temp mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}, path, meta)
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, arch: str | None = None, weights: str = "ema",

@@ -15,10 +15,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, read_checkpoint_file
-from .energy_matching import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
+from models.files import CheckpointError, load_strict, read_checkpoint_file, write_safetensors
+from .network import ARCHITECTURES, FAMILY, EnergyMatchingConfig, EnergyMatchingNet, parse_int_list
 
 METADATA_FORMAT = "eqm-safetensors/1"
 OFFICIAL_WEIGHTS = {"ema": "ema_model", "model": "net_model"}
@@ -139,19 +138,8 @@ def load_energy_matching(path: str | os.PathLike, weights: str = "ema", override
         network = EnergyMatchingNet(config)
     except ValueError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = ([f"missing {len(missing)} keys (e.g. {missing[0]})"] if missing else []) + \
-                ([f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})"] if unexpected else [])
-        raise CheckpointError(f"{source}: does not match the Energy Matching network of these flags: "
-                              f"{'; '.join(parts)} (set the training flags with --model-flag NAME=VALUE)")
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, the flags give "
-                                  f"{tuple(tensor.shape)} (set the training flags with --model-flag NAME=VALUE)")
-    network.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    load_strict(network, state, source, network_name="the Energy Matching network of these flags",
+                expects="the flags give", hint=" (set the training flags with --model-flag NAME=VALUE)")
     network = network.to(device=device, dtype=dtype).eval().requires_grad_(False)
     defaults = json.loads(meta["sampler_defaults"]) if "sampler_defaults" in meta else {}
     return LoadedEnergyModel(network=network, config=config, source=source, sampler_defaults=defaults)
@@ -167,12 +155,5 @@ def save_energy_matching(network: EnergyMatchingNet, path: str | os.PathLike, ex
     if sampler_defaults:
         meta["sampler_defaults"] = json.dumps(sampler_defaults)
     meta.update(extra or {})
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_safetensors({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in network.state_dict().items()},
+                      path, meta)

@@ -1,8 +1,8 @@
-"""One worker process: one device, one ``Engine``, jobs from the shared Redis stream.
+"""The loop of one worker process: one device, one ``Engine``, jobs from the shared Redis stream.
 
 Run it as ``python -m service.worker --device cuda:0 ...`` (``eqm worker`` starts and supervises one
 per device). Any number of workers on any number of machines share one queue by pointing at the
-same Redis URL; the keys are those of ``service.jobs``.
+same Redis URL; the keys are those of ``service.jobstore``.
 
 Delivery: at least once; results: exactly once.
 
@@ -48,24 +48,27 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import redis
 
-from models.checkpoint import CheckpointError
+from models.files import CheckpointError
 from models.codecs import CodecError
 from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
-from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
+from service.jobstore import REDIS_BUSY, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
-from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
-from service.settings import Settings
+from service.scoring import SCORE_KIND
+from service.worker.cancels import CancelListening
+from service.worker.heartbeat import Heartbeat
+from service.worker.results import ResultWriting
+from service.worker.scores import ScoreJobs
+from service.worker_config import (EXIT_CONFIG_ERROR, WorkerConfig, add_worker_arguments, check_device,
+                                   config_from_args)
 
 log = logging.getLogger("eqm.worker")
 
-EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would not help
 RESTART_PRIORITY_BOOST = 10   # a reclaimed job is admitted before any job of the API's priorities (0..9)
 
 
@@ -73,62 +76,12 @@ class SetupError(Exception):
     """A worker that cannot start as configured (e.g. its metrics port is taken): exit 2, no restart."""
 
 
-@dataclass
-class WorkerConfig:
-    redis_url: str
-    checkpoint: str = "digits"
-    device: str = "cpu"
-    key_prefix: str = "eqm"
-    model_name: str = ""
-    vae: str = ""
-    ebm: str = ""                       # energy form for a checkpoint that records none ("" = recorded / none)
-    dtype: str = "auto"                 # auto: bfloat16 on CUDA, float32 elsewhere (service.runner.model_dtype)
-    compile: str = "off"                # off | compile | cudagraphs (service.runner.COMPILE_MODES)
-    capacity: int = 64
-    max_rows: int = 0                   # 0 = 3 x capacity
-    claim_idle_ms: int = 30_000
-    heartbeat_s: float = 2.0
-    max_deliveries: int = 3
-    result_ttl_s: int = 3600
-    metrics_port: int = 0               # 0 = no endpoint
-    metrics_host: str = "127.0.0.1"     # where the endpoint binds (default: where the API binds, EQM_HOST)
-    grace_s: float = 10.0               # shutdown: how long in-flight samples may still run
-    progress_interval_s: float = 0.3    # progress events per job at most this often
-    threads: int = 1                    # torch CPU threads (0 = torch's default: every core); 1 gave 7-11x the
-                                        # images/s of 2 for the bundled model on a shared CPU (bench/RESULTS.md)
-    name: str = ""                      # consumer name (default host:pid:device)
-    parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
-    warmup: bool = True
-
-    @property
-    def rows(self) -> int:
-        return self.max_rows or 3 * self.capacity
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
-        base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
-                    model_name=settings.model_name, vae=settings.vae, ebm=settings.ebm, dtype=settings.dtype, compile=settings.compile,
-                    device=settings.device or _default_device(), capacity=settings.capacity,
-                    max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
-                    heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
-                    result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
-                    metrics_host=settings.host)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-
-def _default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
     """Load the checkpoint and codec on the device, warm every bucket, wrap it all in an engine."""
     import torch
 
-    from models import resolve_checkpoint
+    from models import load_model, resolve_checkpoint
     from models.codecs import make_codec
-    from models.checkpoint import load_model
     from models.device import claim_device
     from service.runner import ModelRunner, configure_device_math, model_dtype
 
@@ -150,7 +103,7 @@ def build_engine(cfg: WorkerConfig, metrics: Metrics) -> Engine:
                   encode_pool=ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode"))
 
 
-class Worker:
+class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
     """The loop of one worker process (see the module docstring)."""
 
     def __init__(self, cfg: WorkerConfig, engine: Engine | None = None, metrics: Metrics | None = None):
@@ -400,22 +353,6 @@ class Worker:
             self._reclaimed.add(job_id)
         log.info("job %s: %s, %d images%s", job_id, spec.kind, len(spec.images), " (reclaimed)" if reclaimed else "")
 
-    def _score(self, job_id: str, entry_id: str, spec: JobSpec) -> None:
-        if self._calibration is None:
-            from models import resolve_checkpoint
-            self._calibration = (Calibration.load(calibration_path(resolve_checkpoint(self.cfg.checkpoint))),)
-        scores = run_score_job(self.r, self.keys.prefix, spec, self.engine.runner, self.engine.null_label,
-                               self._calibration[0])
-        results = [ImageResult(index=s["index"], steps=0, grad_norm=s["grad_norm"], stopped_early=False,
-                               energy=s.get("energy"))
-                   for s in scores]
-        # The scores go in with the final status (one fenced write): a job cancelled, expired or taken
-        # over meanwhile gets neither.
-        if self.store.finish(job_id, "done", images=results, worker=self.name,
-                             extra={"scores": json.dumps(scores)}) == 1:
-            self.metrics.jobs_total.labels("done").inc()
-        self._ack(entry_id)
-
     def _mark_started(self, out: StepOutput) -> None:
         """Jobs whose first samples the engine admitted in this step now run: say so in the record
         (one script, which also notices a job cancelled, finished, expired or taken over meanwhile)."""
@@ -455,219 +392,8 @@ class Worker:
         """Ack and delete the entry, unless another worker claimed it meanwhile (that claim stands)."""
         self.store.scripts.ack(keys=[self.keys.stream], args=[self.keys.group, self.name, entry_id])
 
-    # -- cancellation ---------------------------------------------------------------------------
-    def _drain_cancels(self) -> None:
-        while True:
-            try:
-                job_id, why = self._lost.get_nowait()
-            except queue.Empty:
-                break
-            if job_id in self.engine.job_ids() and job_id not in self._dropped:
-                self._drop(job_id, ack=why != "lost", why=why)
-        while True:
-            try:
-                job_id = self._cancels.get_nowait()
-            except queue.Empty:
-                return
-            if self.engine.cancel(job_id):
-                log.info("job %s: cancel requested", job_id)
-
-    def _listen_cancels(self) -> None:
-        while not self._closed.is_set():
-            try:
-                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(self.keys.cancel_channel)
-                while not self._closed.is_set():
-                    msg = pubsub.get_message(timeout=0.2)
-                    if msg and msg.get("type") == "message":
-                        self._cancels.put(msg["data"].decode())
-                pubsub.close()
-            except redis.RedisError as exc:
-                log.warning("cancel listener: %s; reconnecting", exc)
-                self._closed.wait(0.5)
-
-    # -- heartbeat ------------------------------------------------------------------------------
-    def _heartbeat_loop(self) -> None:
-        while not self._closed.wait(self.cfg.heartbeat_s):
-            try:
-                self._beat()
-            except redis.RedisError as exc:
-                log.warning("heartbeat: %s", exc)
-
-    def _beat(self) -> None:
-        k = self.keys
-        with self._lock:
-            inflight = dict(self._inflight)
-        info = {"device": self.cfg.device, "model": self.engine.model_name if self.engine else "",
-                "metrics_url": self._metrics_url, "seen": time.time(), "pid": os.getpid(),
-                "capacity": self.cfg.capacity, "jobs": len(inflight)}
-        # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours (first:
-        # XCLAIM works in a full Redis, which refuses the registry write below); the ones another worker
-        # claimed meanwhile are dropped by the loop (fencing).
-        if inflight:
-            lost = {e.decode() for e in self.store.scripts.refresh(keys=[k.stream],
-                                                                  args=[k.group, self.name, *inflight.values()])}
-            for job_id, entry_id in inflight.items():
-                if entry_id in lost:
-                    self._lost.put((job_id, "lost"))
-            inflight = {j: e for j, e in inflight.items() if e not in lost}
-        self.r.hset(k.workers, self.name, json.dumps(info))
-        self.metrics.queue_depth.set(self.store.queue_depth())
-        self._beats += 1
-        if self._beats % 5 == 1:
-            self._prune_dead_workers()
-        if not inflight:
-            return
-        # Backstop for cancel messages lost while the listener reconnected; a record that expired while
-        # its job ran ends the job here (nothing is written for it any more, nothing re-creates it).
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in inflight:
-            pipe.hmget(k.job(job_id), "status", "cancel")
-        for job_id, (status, flag) in zip(inflight, pipe.execute()):
-            if status is None:
-                self._lost.put((job_id, "expired"))
-            elif flag == b"1":
-                self._cancels.put(job_id)
-
-    def _prune_dead_workers(self) -> None:
-        """Remove workers silent for longer than ``claim_idle_ms`` (and 10 heartbeats) that hold no pending
-        entries any more: their registry entry and their consumer in the group."""
-        k = self.keys
-        stale_s = max(self.cfg.claim_idle_ms / 1000, 10 * self.cfg.heartbeat_s)
-        now = time.time()
-        registry = {n.decode(): json.loads(v) for n, v in self.r.hgetall(k.workers).items()}
-        try:
-            consumers = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: c
-                         for c in self.r.xinfo_consumers(k.stream, k.group)}
-        except redis.ResponseError:
-            consumers = {}
-        for name in set(registry) | set(consumers):
-            if name == self.name:
-                continue
-            info = registry.get(name)
-            if info is not None and now - float(info.get("seen", 0)) <= stale_s:
-                continue
-            consumer = consumers.get(name)
-            if consumer is not None and (consumer["pending"] or consumer["idle"] < stale_s * 1000):
-                continue
-            if self.store.scripts.prune(keys=[k.stream, k.workers], args=[k.group, name]):
-                log.info("pruned dead worker %s", name)
-
-    # -- results --------------------------------------------------------------------------------
-    def _flush_unwritten(self, wait: bool = True) -> None:
-        """Write finished steps in order; ``wait=False`` stops at the first whose images are still encoding."""
-        while self._unwritten:
-            if not wait and not all(_ready(img.data) for img in self._unwritten[0].images):
-                return
-            out = self._without_dropped(self._unwritten[0])
-            try:
-                self._mark_started(out)
-                self._write(out)
-                self._backoff_s = 0.0
-            except REDIS_BUSY as exc:
-                log.warning("could not store results (%s)", type(exc).__name__)
-                self._back_off(exc)
-                return
-            self._unwritten.pop(0)
-
-    def _without_dropped(self, out: StepOutput) -> StepOutput:
-        """The step's output less the jobs this worker writes nothing for (taken over, final or gone)."""
-        if not self._dropped:
-            return out
-        for job in out.jobs:
-            if job.job_id in self._dropped:           # the engine let go of it: forget it
-                self._dropped.discard(job.job_id)
-                self._progress.pop(job.job_id, None)
-                self._last_progress.pop(job.job_id, None)
-                self._started.discard(job.job_id)
-        keep = lambda job_id: job_id not in self._dropped and job_id in self._progress    # noqa: E731
-        return StepOutput(images=[i for i in out.images if keep(i.job_id)],
-                          jobs=[j for j in out.jobs if keep(j.job_id)],
-                          progress=[p for p in out.progress if keep(p.job_id)], rows=out.rows, seconds=out.seconds)
-
-    def _write(self, out: StepOutput) -> None:
-        k, ttl = self.keys, self.cfg.result_ttl_s
-        now_m, now = time.monotonic(), time.time()
-        pipe = self.r.pipeline(transaction=False)
-        touched: set[str] = set()
-        published: list[tuple[JobProgress, int | None]] = []      # norms to forget once written
-        for img in out.images:
-            idx = img.result.index
-            pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
-            prog = self._progress.get(img.job_id)
-            norms = prog.finish(idx, img.result.steps, img.result.grad_norm, img.result.stopped_early) if prog else []
-            published += [(prog, idx)] if prog else []
-            # ``ready:<k>`` in the record (status reads need no EXISTS per image), after the bytes
-            self._event(pipe, img.job_id, "image", {"id": img.job_id, **asdict(img.result), "norms": norms},
-                        mark=f"ready:{idx}")
-        for p in out.progress:
-            prog = self._progress.get(p.job_id)
-            if prog is not None and prog.update(p.index, p.steps, p.grad_norm):
-                touched.add(p.job_id)
-                if p.preview is not None:
-                    prog.preview(p.index, p.preview)
-        for job_id in touched:
-            if now_m - self._last_progress.get(job_id, 0.0) >= self.cfg.progress_interval_s:
-                self._last_progress[job_id] = now_m
-                prog = self._progress[job_id]
-                self._event(pipe, job_id, "progress", {"id": job_id, "time": now, "images": prog.event_images()},
-                            progress=json.dumps(prog.summary()))
-                published.append((prog, None))
-        pipe.execute()
-        for prog, index in published:
-            prog.sent(index)
-        # Images are stored before the final status, so "done" always means the images are there.
-        for job in out.jobs:
-            prog = self._progress.get(job.job_id)
-            written = self.store.finish(job.job_id, job.status, images=job.images, worker=self.name,
-                                        progress=json.dumps(prog.summary() if prog else []))
-            with self._lock:
-                entry_id = self._inflight.pop(job.job_id, None)
-            if entry_id is not None and written >= 0:      # -1: another worker holds it now; its entry stays
-                self._ack(entry_id)
-            self._started.discard(job.job_id)
-            self._reclaimed.discard(job.job_id)
-            self._progress.pop(job.job_id, None)
-            self._last_progress.pop(job.job_id, None)
-            log.info("job %s: %s in %.2fs", job.job_id, job.status, job.latency_s)
-
-    def _event(self, pipe, job_id: str, event: str, data: dict, progress: str | None = None,
-               mark: str | None = None) -> None:
-        """An event (and the record's progress, or a ``mark`` field set to 1) in the pipeline, written only
-        while this worker holds the job and its record exists: an expired record is never re-created."""
-        self.store.publish(job_id, event, data, worker=self.name, progress=progress, mark=mark, client=pipe)
-
-    def _hand_back(self) -> None:
-        """Put unfinished jobs back in the queue for another worker (graceful stop only)."""
-        with self._lock:
-            inflight = dict(self._inflight)
-            self._inflight.clear()
-        for job_id, entry_id in inflight.items():
-            requeued = self.store.scripts.hand_back(keys=[self.keys.job(job_id), self.keys.stream, self.keys.queued],
-                                                    args=[self.keys.group, entry_id, job_id, self.name])
-            if requeued:
-                self.store.publish(job_id, "queued", {"id": job_id, "time": time.time(), "handed_back": self.name})
-            log.info("job %s: %s", job_id, "handed back to the queue" if requeued else "already final")
-
-
-def _ready(data) -> bool:
-    return not isinstance(data, Future) or data.done()
-
-
-def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
-    settings = Settings.from_env()
-    names = ("redis_url", "checkpoint", "model_name", "vae", "ebm", "dtype", "compile", "capacity", "max_rows", "key_prefix",
-             "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
-    overrides = {n: getattr(args, n, None) for n in names}
-    overrides.update(extra)
-    cfg = WorkerConfig.from_settings(settings, **overrides)
-    if not cfg.redis_url:
-        raise ValueError("no Redis URL: pass --redis-url or set EQM_REDIS_URL")
-    return cfg
-
 
 def main(argv: list[str] | None = None) -> int:
-    from service.cli.worker import add_worker_arguments, check_device
     p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
     add_worker_arguments(p)
     p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")
@@ -692,7 +418,3 @@ def main(argv: list[str] | None = None) -> int:
         # A setup error, not a crash: exit code 2 tells the supervisor not to restart.
         print(f"eqm worker: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelSpec, save_safetensors
-from .eqm import EqM, EqMConfig
-from .family import field_for
-from .sampler import SamplerParams
+from .network import EqM, EqMConfig
+from .field import field_for
+from models.sampler import SamplerParams
 
 # The one split every digits figure uses: stratified 80/20, seed 0 (training never sees the test part).
 SPLIT_SEED = 0

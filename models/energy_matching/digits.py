@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .digits import TrainConfig, _lr_at, ema_update, load_digits_split
-from .em_checkpoint import save_energy_matching
-from .energy_matching import ARCHITECTURES, EnergyMatchingNet
+from models.eqm.digits import TrainConfig, _lr_at, ema_update, load_digits_split
+from .checkpoint import save_energy_matching
+from .network import ARCHITECTURES, EnergyMatchingNet
 
 # Sampler settings recorded in the weights file: the deterministic flow to t = 1 (where flow matching
 # put the data), the time a warm-up-only landscape is trained for.
@@ -111,10 +111,10 @@ def save_em_digits(result: EMTrainResult, cfg: TrainConfig, weights_path: Path, 
     return record
 
 
-if __name__ == "__main__":       # python -m models.em_digits [steps]: retrain the bundled weights
+if __name__ == "__main__":       # python -m models.energy_matching.digits [steps]: retrain the bundled weights
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else EM_TRAIN.steps
     cfg = replace(EM_TRAIN, steps=steps)
     out = Path(__file__).resolve().parent / "weights" / "em-digits.safetensors"
     res = train_em_digits(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-    save_em_digits(res, cfg, out, f"python -m models.em_digits {steps}")
+    save_em_digits(res, cfg, out, f"python -m models.energy_matching.digits {steps}")
     print(f"wrote {out}: {steps} steps in {res.seconds:.0f}s, final flow loss {res.final_loss:.4f}")

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 
-from .em_unet import UNet
-from .family import ExplicitEnergyField
+from .unet import UNet
+from models.family import ExplicitEnergyField
 
 FAMILY = "energy-matching"
 UNET_TIME = 0.5          # the fixed dummy time the official potential feeds its UNet
@@ -121,13 +121,6 @@ class EnergyMatchingNet(UNet):
         if self.config.energy_clamp is not None:
             energy = self.config.energy_clamp * torch.tanh(energy / self.config.energy_clamp)
         return energy
-
-    def velocity(self, x: torch.Tensor) -> torch.Tensor:
-        """-dV/dx (N, C, H, W) by autograd; no graph is kept."""
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.potential(x_in).sum(), x_in)
-        return -grad
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:   # type: ignore[override]
         """V(x); ``y`` (labels) is accepted and ignored: the potential is unconditional."""

@@ -1,0 +1,6 @@
+"""``python -m service.worker``: one worker process (``eqm worker`` starts and supervises them)."""
+import sys
+
+from service.worker.loop import main
+
+sys.exit(main())
