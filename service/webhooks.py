@@ -127,6 +127,9 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
 # -- submission side -----------------------------------------------------------------------------
 
 def _host_port(url: str) -> tuple[str, str, int]:
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):   # httpx would quietly encode a space
+        raise ValueError("webhook is not a URL the sender can use: it contains spaces or control characters; "
+                         "remove them (percent-encode a space as %20)")
     try:
         httpx.URL(url)        # the sender's own parser: urlsplit silently drops tabs and newlines, httpx refuses them
     except httpx.InvalidURL as exc:
@@ -137,9 +140,13 @@ def _host_port(url: str) -> tuple[str, str, int]:
     if not parts.hostname or parts.username or parts.password:
         raise ValueError("webhook must be an absolute URL with a host and no user:password part")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
         raise ValueError("webhook URL has an invalid port") from None
+    if port == 0:                               # not "no port": nothing can listen on port 0
+        raise ValueError("webhook URL has port 0, which no receiver can listen on; give the receiver's port")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
     return parts.scheme, parts.hostname.lower(), port
 
 

@@ -63,7 +63,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
     timings = Timings(queued_s=_span(created, started or end),
                       running_s=_span(started, end) if started else None, total_s=_span(created, end))
     return JobStatus(id=job_id, status=rec["status"], kind=spec["kind"], model=spec["model"], created=created,
-                     started=started, finished=finished, timings=timings, guidance_scale=spec["cfg_scale"],
+                     started=started, finished=finished, timings=timings, guidance_scale=None if spec.get("compose_mode") == "sum" else spec["cfg_scale"],
                      sampler=SamplerSettings(**spec["sampler"]), format=spec["format"],
                      noise_level=spec.get("noise_level"), deadline=spec.get("deadline"), worker=rec["worker"],
                      attempts=rec["attempts"], error=rec["error"], cancel_requested=rec["cancel_requested"],
