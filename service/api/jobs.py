@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
-from service.api.events import Event, event_of
+from service.api.replays import REPLAY_PAGE, chunks
 from service.api.listing import check_owner, check_owner_async, not_found, queue_estimate
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
@@ -176,19 +176,11 @@ def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-def _through_final(events: list[Event], previews: bool) -> tuple[bytes, bool]:
-    """The frames of ``events`` up to the first final one, as one chunk (with live previews only for a
-    client that asked), and whether one was final."""
-    for k, event in enumerate(events):
-        if event.name in FINAL_STATUSES:
-            return b"".join(e.frame_for(previews) for e in events[:k + 1]), True
-    return b"".join(e.frame_for(previews) for e in events), False
-
-
 async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool = False) -> AsyncIterator[bytes]:
-    """Replay with plain XREADs, then follow through the process' shared reader (no connection held
-    per stream), which frames each entry once for all its followers; whatever is pending goes out as
-    one chunk. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
+    """Replay with plain XREADs (each page read once for the streams opening at about the same time),
+    then follow through the process' shared reader (no connection held per stream), which frames each
+    entry once for all its followers; whatever is pending goes out at once, in writes of at most
+    ``replays.CHUNK_BYTES``. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
     final with its final event trimmed)."""
     keys = state.store.keys
     key = keys.events(job_id)
@@ -197,17 +189,16 @@ async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool 
     try:
         if asked is not None:
             await asked.refresh()
-        while True:         # replay: everything after `last`, in pages
-            reply = await state.aredis.xread({key: last}, count=500)
-            entries = reply[0][1] if reply else []
-            if entries:
-                events = [event_of(entry_id, fields) for entry_id, fields in entries]
+        while True:         # replay: everything after `last`, in pages shared with streams opening meanwhile
+            events = await state.replays.page(state.aredis, key, last)
+            if events:
                 last = events[-1].id
-                chunk, final = _through_final(events, previews)
-                yield chunk
+                pieces, final = chunks(events, previews)
+                for piece in pieces:
+                    yield piece
                 if final:
                     return
-            if len(entries) < 500:
+            if len(events) < REPLAY_PAGE:
                 break
         follower = state.events.follow(key, last)
         while True:
@@ -219,8 +210,9 @@ async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool 
             if asked is not None:
                 await asked.refresh()
             if events:
-                chunk, final = _through_final(events, previews)
-                yield chunk
+                pieces, final = chunks(events, previews)
+                for piece in pieces:
+                    yield piece
                 if final:
                     return
                 continue
