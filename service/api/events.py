@@ -30,6 +30,7 @@ import ctypes.util
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import redis
 import redis.asyncio as aredis
@@ -136,7 +137,8 @@ class FreeHeap:
     otherwise keeps what a thousand streams' buffers used, and the process stays at its high-water
     mark. A no-op where the C library has no ``malloc_trim``."""
 
-    def __init__(self):
+    def __init__(self, followers: Callable[[], int]):
+        self._followers = followers    # how many followers there are now
         path = ctypes.util.find_library("c")
         try:
             self._trim = ctypes.CDLL(path).malloc_trim if path else None
@@ -145,16 +147,17 @@ class FreeHeap:
         self.peak = 0                  # most followers at once since the last trim
         self.trims = 0
 
-    def count(self, followers: int, now_followers) -> None:
-        """Followers came or went (``followers`` now); ``now_followers()`` tells the count later."""
+    def changed(self) -> None:
+        """A follower came or went."""
+        followers = self._followers()
         self.peak = max(self.peak, followers)
         if followers == 0 and self.peak >= TRIM_AFTER_FOLLOWERS and self._trim is not None:
             self.peak = 0
             loop = asyncio.get_running_loop()
-            loop.call_later(TRIM_DELAY_S, self._trim_if_idle, loop, now_followers)
+            loop.call_later(TRIM_DELAY_S, self._trim_if_idle, loop)
 
-    def _trim_if_idle(self, loop, now_followers) -> None:
-        if now_followers() == 0:           # in a thread: it walks the whole heap
+    def _trim_if_idle(self, loop) -> None:
+        if self._followers() == 0:         # in a thread: it walks the whole heap
             self.trims += 1
             loop.run_in_executor(None, self._trim, 0)
 
@@ -177,12 +180,12 @@ class EventHub:
         self._task: asyncio.Task | None = None
         self._stop_task: asyncio.Task | None = None
         self.frames_encoded = 0                      # entries framed by the reader (once each, whatever the followers)
-        self.free_heap = FreeHeap()
         self._count = 0                              # followers now
+        self.free_heap = FreeHeap(lambda: self._count)
 
     @property
     def followers(self) -> int:
-        return sum(len(f) for f in self._followers.values())
+        return self._count
 
     def start(self, stopping: asyncio.Event | None = None) -> None:
         """Start reading; once ``stopping`` is set, every follower's wait returns at once."""
@@ -219,7 +222,7 @@ class EventHub:
         group = self._followers.setdefault(key, {})
         group[follower] = None
         self._count += 1
-        self.free_heap.count(self._count, lambda: self._count)
+        self.free_heap.changed()
         cursor = self._cursor.get(key)
         if cursor is None or _id(last) < _id(cursor):
             self._cursor[key] = last
@@ -233,7 +236,7 @@ class EventHub:
         group.pop(follower)
         follower.released = True
         self._count -= 1
-        self.free_heap.count(self._count, lambda: self._count)
+        self.free_heap.changed()
         if not group:
             del self._followers[follower.key]
             self._cursor.pop(follower.key, None)
