@@ -144,7 +144,8 @@ def test_an_admin_key_lists_every_job(make_client):
         resp = client.post("/v1/generations", json={"labels": [1]}, headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 202, resp.text
         made[key] = resp.json()["id"]
-    listed = lambda key: [j["id"] for j in client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).json()["jobs"]]  # noqa: E731
+    def listed(key: str) -> list[str]:
+        return [j["id"] for j in client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).json()["jobs"]]
     assert listed("key-a") == [made["key-a"]]
     assert sorted(listed("key-admin")) == sorted(made.values())
     for job_id in made.values():                     # what it lists, it can read

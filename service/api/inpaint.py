@@ -40,7 +40,8 @@ class InpaintForm(SamplingOptions):
 
     model_config = ConfigDict(extra="ignore", strict=False)
 
-    label: str | None = Field(None, max_length=MAX_LABEL_CHARS, description="class to complete towards (empty = unconditional)",
+    label: str | None = Field(None, max_length=MAX_LABEL_CHARS,
+                              description="class to complete towards (empty = unconditional)",
                               examples=["3"])
 
 

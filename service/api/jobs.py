@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
-from service.api.replays import REPLAY_PAGE, chunks
 from service.api.listing import check_owner, check_owner_async, not_found, queue_estimate
+from service.api.replays import REPLAY_PAGE, chunks
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
@@ -63,7 +63,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
     timings = Timings(queued_s=_span(created, started or end),
                       running_s=_span(started, end) if started else None, total_s=_span(created, end))
     return JobStatus(id=job_id, status=rec["status"], kind=spec["kind"], model=spec["model"], created=created,
-                     started=started, finished=finished, timings=timings, guidance_scale=None if spec.get("compose_mode") == "sum" else spec["cfg_scale"],
+                     started=started, finished=finished, timings=timings, guidance_scale=_guidance_scale(spec),
                      sampler=SamplerSettings(**spec["sampler"]), format=spec["format"],
                      noise_level=spec.get("noise_level"), deadline=spec.get("deadline"), worker=rec["worker"],
                      attempts=rec["attempts"], error=rec["error"], cancel_requested=rec["cancel_requested"],
@@ -136,6 +136,11 @@ def get_image(request: Request, job_id: str = JobId,
         raise HTTPException(404, f"image {index} of job {job_id} was not produced: the job is {status}")
     raise HTTPException(409, f"image {index} of job {job_id} is not finished yet (job {status}); "
                              f"follow the job's events or retry", headers={"Retry-After": "1"})
+
+
+def _guidance_scale(spec: dict) -> float | None:
+    """The scale the job runs with; none for a composition in "sum" mode, which has no unconditional row."""
+    return None if spec.get("compose_mode") == "sum" else spec["cfg_scale"]
 
 
 # -- events -----------------------------------------------------------------------------------

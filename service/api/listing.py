@@ -1,7 +1,7 @@
 """``GET /v1/jobs``: the caller's jobs, newest first; and the queue position / ETA of a queued job.
 
-Listing: with API keys on, a caller sees only the jobs made with its key (an admin key: every job; and ``check_owner`` makes
-another key's job a 404 on every ``/v1/jobs/{id}`` route); with keys off, every job.
+Listing: with API keys on, a caller sees only the jobs made with its key (an admin key: every job; and
+``check_owner`` makes another key's job a 404 on every ``/v1/jobs/{id}`` route); with keys off, every job.
 Pages are ``limit`` jobs long; ``next`` carries the cursor (the creation time of the last job shown)
 for the following page, so pages stay stable while new jobs arrive. Expired jobs drop out.
 

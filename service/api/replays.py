@@ -45,10 +45,6 @@ class ReplayPages:
             asyncio.get_running_loop().call_later(SHARED_FOR_S, self._drop, (key, after), task)
         return await asyncio.shield(hit[1])       # a stream that goes away leaves the read to the others
 
-    @property
-    def held(self) -> int:
-        return len(self._pages)
-
     def _drop(self, key: tuple[str, str], task: asyncio.Task) -> None:
         current = self._pages.get(key)
         if current is not None and current[1] is task:

@@ -14,7 +14,8 @@ from service.classnames import MAX_LABEL_CHARS
 
 
 def _label(value: object) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > MAX_LABEL_CHARS):
+    too_long = isinstance(value, str) and len(value) > MAX_LABEL_CHARS
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or too_long:
         raise ValueError(f"a label is a class index (an integer) or a class name (a string of at most "
                          f"{MAX_LABEL_CHARS} characters)")
     return value
