@@ -216,8 +216,11 @@ process); `after`: this code. Medians [range] of {args.repeats} alternating runs
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 """ + "\n".join(rows) + """
 
-Notes. "refused or cut" counts over all runs: streams answered other than 200 (the API out of pooled Redis
-connections while a thousand replays read the same pages, each holding a connection) or cut before `done`.
+Notes. "refused or cut" counts over all runs: streams answered other than 200, or cut before `done` (the
+client does not record why; before, every stream's replay holds a pooled Redis connection while it reads
+pages of a few hundred KB, the wait the issue's probe saw end in 503s). The first `before` run (p95 3.4 s,
+322 of the refusals) fell in the busiest minute of the shared machine; the other two `before` runs had
+p95 34-38 ms.
 Where the memory went before (from the code): each of the 1,000 streams read the job's history from
 Redis itself (the replay: some 50 progress events of 64 entries, ~10 KB each, when the streams open),
 decoded and framed it, and joined it into one chunk of its own, so up to a thousand copies of the history
