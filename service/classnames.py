@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Sequence
 
 
+MAX_LABEL_CHARS = 200        # one limit for a label on every route (JSON, forms, prompts' parts)
+
+
 class LabelError(ValueError):
     """A label that names no class, or more than one (one-line message)."""
 
@@ -43,6 +46,9 @@ class ClassIndex:
                 raise LabelError(f"label {label} is out of range: class indices are 0..{self.num_classes - 1}")
             return label
         text = str(label).strip()
+        if len(text) > MAX_LABEL_CHARS:       # checked first: the text is neither parsed nor echoed back
+            raise LabelError(f"a label is at most {MAX_LABEL_CHARS} characters (a class index or name), "
+                             f"not {len(text)}")
         for i, table in enumerate(self._tables):
             hits = table.get(text if i == 0 else text.casefold())
             if hits and len(hits) == 1:
@@ -51,6 +57,8 @@ class ClassIndex:
                 listed = ", ".join(f"{h} ({self.names[h]})" for h in hits[:5])
                 raise LabelError(f"class name {text!r} fits several classes: {listed}; pass the index instead")
         if text.isascii() and text.isdecimal():       # "３" or "٣" are not indices (int() would take them)
+            if len(text.lstrip("0")) > len(str(self.num_classes)):     # int() of 4,300+ digits raises
+                raise LabelError(f"label {text[:20]}... is out of range: class indices are 0..{self.num_classes - 1}")
             return self.resolve(int(text))
         hint = f"e.g. {self.names[0]!r} or 0" if self.names else "this model has no class names"
         raise LabelError(f"unknown class {text!r}: give an index 0..{self.num_classes - 1} or a class name ({hint})")

@@ -32,7 +32,8 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
 - ``P:deadletter``           stream of ``{"id", "reason"}`` for jobs whose workers died ``max_deliveries`` times.
 - ``P:idem:<caller>:<h>``    string, JSON ``{"job", "fingerprint"}``: the job an ``Idempotency-Key`` (SHA-256
                              ``h``) of that caller created. SET NX, TTL: result_ttl_s.
-- ``P:owned:<caller>``       sorted set job id -> created (unix seconds): the caller's jobs, newest last;
+- ``P:owned:<caller>``       sorted set job id -> created (unix seconds): the caller's jobs, newest last
+                             (``P:owned:*``: every caller's, what an admin key lists);
                              entries older than result_ttl_s are trimmed at each submission. The record
                              holds the same caller in its ``owner`` field.
 - ``P:recent``               sorted set job id -> created of the last 200 submitted jobs of every caller
@@ -70,6 +71,7 @@ JOB_KINDS = ("generate", "denoise", "compose", "inpaint")
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATUSES = ("done", "failed", "cancelled")
 RECENT_JOBS = 200
+EVERY_CALLER = "*"           # the owned index of every caller's jobs (no key digest is "*")
 IMAGE_FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -326,12 +328,12 @@ class JobStore:
 
     def record_owner(self, caller: str, job_id: str, created: float) -> None:
         """Index a submitted job under its caller (listings) and note the caller in the record."""
-        index = self.owned_key(caller)
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.keys.job(job_id), "owner", caller)
-        pipe.zadd(index, {job_id: created})
-        pipe.zremrangebyscore(index, "-inf", f"({created - self.ttl_s}")
-        pipe.expire(index, self.ttl_s)
+        for index in {self.owned_key(caller), self.owned_key(EVERY_CALLER)}:     # the second: admin listings
+            pipe.zadd(index, {job_id: created})
+            pipe.zremrangebyscore(index, "-inf", f"({created - self.ttl_s}")
+            pipe.expire(index, self.ttl_s)
         pipe.zadd(self.recent_key, {job_id: created})
         pipe.zremrangebyrank(self.recent_key, 0, -RECENT_JOBS - 1)
         pipe.execute()

@@ -8,11 +8,19 @@ rest, ending with its final norm. Concatenating an image's ``norms`` over its ev
 gives its gradient norm at every evaluation (the last one is below the threshold when it stopped
 early). Entries also name their ``index`` (their position in ``images`` is the same).
 
+A job that runs again (its worker died and another reclaimed it, or it went back to the queue) starts
+its images over, so its first evaluations repeat ones whose norms an earlier run already published in
+the same event stream: ``published_norm_counts`` counts those, and ``JobProgress`` leaves out that many
+evaluations per image, so the concatenation still has ``steps`` (or ``steps + 1``) norms.
+
 Norms stay here until the worker says they were written (``sent``), so a Redis write that fails and
 is retried with the same step output publishes them again, not never. Only what was not yet
 published is held, so a worker's memory does not grow with the steps.
 """
 from __future__ import annotations
+
+import json
+from typing import Iterable, Sequence
 
 NORM_DIGITS = 5          # significant digits of the norms in events (plots need no more)
 
@@ -24,9 +32,12 @@ def _rounded(value: float) -> float:
 class JobProgress:
     """Steps, last norm and unpublished norms of each image of one job."""
 
-    def __init__(self, num_images: int):
+    def __init__(self, num_images: int, published: Sequence[int] = ()):
         self.images = [{"index": k, "steps": 0, "grad_norm": None} for k in range(num_images)]
         self._unsent: list[list[float]] = [[] for _ in range(num_images)]
+        # evaluations made by this run, and how many an earlier run of the job already published
+        self._evaluations = [0] * num_images
+        self._published = [published[k] if k < len(published) else 0 for k in range(num_images)]
         self._finished: set[int] = set()
         self._previews: dict[int, str] = {}      # newest unpublished preview per running image
 
@@ -36,9 +47,14 @@ class JobProgress:
             return False
         entry = self.images[index]
         if grad_norm is not None and steps > entry["steps"]:      # a new evaluation (a repeated report is not)
-            self._unsent[index].append(_rounded(grad_norm))
+            self._evaluated(index, grad_norm)
         entry["steps"], entry["grad_norm"] = steps, grad_norm
         return True
+
+    def _evaluated(self, index: int, grad_norm: float) -> None:
+        self._evaluations[index] += 1
+        if self._evaluations[index] > self._published[index]:     # not a repeat of an earlier run's
+            self._unsent[index].append(_rounded(grad_norm))
 
     def preview(self, index: int, data_url: str) -> None:
         """The newest preview of a running image (published with the next progress event)."""
@@ -56,7 +72,7 @@ class JobProgress:
         if index not in self._finished:
             self._finished.add(index)
             if grad_norm is not None and (steps > entry["steps"] or stopped_early):
-                self._unsent[index].append(_rounded(grad_norm))
+                self._evaluated(index, grad_norm)
             entry["steps"], entry["grad_norm"] = steps, grad_norm
         return list(self._unsent[index])
 
@@ -80,3 +96,18 @@ class JobProgress:
     def summary(self) -> list[dict]:
         """The job record's ``progress`` field: ``{"index", "steps", "grad_norm"}`` per image."""
         return [dict(entry) for entry in self.images]
+
+
+def published_norm_counts(entries: Iterable[tuple[bytes, dict]], num_images: int) -> list[int]:
+    """Norms per image already in a job's event stream (raw ``XRANGE`` entries), from its earlier runs."""
+    counts = [0] * num_images
+    for _, fields in entries:
+        event = fields.get(b"event", b"").decode()
+        if event not in ("progress", "image"):
+            continue
+        data = json.loads(fields[b"data"])
+        for entry in data.get("images", []) if event == "progress" else [data]:
+            index = entry.get("index")
+            if isinstance(index, int) and 0 <= index < num_images:
+                counts[index] += len(entry.get("norms") or [])
+    return counts

@@ -57,7 +57,7 @@ class Settings:
     header_timeout_s: float = 10.0           # API: a request's headers must arrive within this
     body_timeout_s: float = 30.0             # API: longest wait for the next chunk of a request body
     body_deadline_s: float = 120.0           # API: a whole request body must arrive within this
-    max_connections: int = 1000              # API: open connections per process beyond this get 503
+    max_connections: int = 2000              # API: open connections per process beyond this get 503 (health: +64)
     capacity: int = 64                       # worker sample slots
     max_rows: int = 0                        # worker model rows (0 = 3 x capacity)
     claim_idle_ms: int = 30_000              # a pending job idle this long is reclaimed by another worker

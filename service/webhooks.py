@@ -8,14 +8,18 @@ A job submitted with ``webhook`` (and optionally ``webhook_events_filter``) is *
    a delivery ``P:hooks:msg:<mid>`` due now (``P:hooks:due``), and moves the cursor, in one MULTI.
    Progress is throttled to one event per 0.5 s of the job's own clock (at most 2 per second).
    The job is no longer followed after its final event (``completed``);
-2. **delivers** due messages, up to ``DELIVERY_WORKERS`` jobs at once (one job's messages in order, one
-   after another), so a slow or dead receiver holds up only its own job's deliveries: ``POST url`` with headers ``webhook-id`` (stable across retries, so the
+2. **delivers** due messages, up to ``DELIVERY_WORKERS`` jobs at once and at most
+   ``PER_RECEIVER`` of them to one receiver (``scheme://host:port``); one job's messages go in order,
+   one after another, and a failed attempt ends its job's turn (the later ones wait for it). So a hung
+   or slow receiver spends only its own slots and time: others' deliveries are neither queued behind
+   it nor starved of connections. ``POST url`` with headers ``webhook-id`` (stable across retries, so the
    receiver can drop duplicates), ``webhook-timestamp`` (unix seconds of this attempt) and
    ``webhook-signature: v1,<base64 HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`` where the key is the
    base64 part of ``EQM_WEBHOOK_SECRET`` (``whsec_<base64>``). A 2xx answer ends the delivery; anything
    else (refused connection, timeout, non-2xx, redirects are not followed) schedules another attempt
    after ``min(0.5 s * 2^attempts, EQM_WEBHOOK_MAX_BACKOFF_S)``, until ``EQM_WEBHOOK_RETRY_WINDOW_S``
-   after the first attempt.
+   after the first attempt. ``410 Gone`` means the receiver wants no more: that delivery, the job's
+   pending ones and its hook are dropped, and nothing more of that job is sent.
 
 All of this state lives in Redis, so an API or worker restart loses nothing: the events are in the
 job's stream, the cursor and the pending deliveries in their keys. The dispatcher runs in every API
@@ -65,8 +69,10 @@ PROGRESS_INTERVAL_S = 0.5          # at most 2 progress deliveries per second pe
 LEASE_MS = 5000
 DELIVERY_TIMEOUT_S = 5.0
 FIRST_BACKOFF_S = 0.5
-BATCH = 50
-DELIVERY_WORKERS = 8               # jobs whose deliveries are in flight at once
+BATCH = 50                         # events collected per followed job per pass
+DUE_SCAN = 2000                    # due deliveries looked at per pass (those of busy receivers are skipped)
+DELIVERY_WORKERS = 32              # jobs whose deliveries are in flight at once, over every receiver
+PER_RECEIVER = 2                   # of those, at most this many to one receiver (scheme://host:port)
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,9 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
 # -- submission side -----------------------------------------------------------------------------
 
 def _host_port(url: str) -> tuple[str, str, int]:
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):   # httpx would quietly encode a space
+        raise ValueError("webhook is not a URL the sender can use: it contains spaces or control characters; "
+                         "remove them (percent-encode a space as %20)")
     try:
         httpx.URL(url)        # the sender's own parser: urlsplit silently drops tabs and newlines, httpx refuses them
     except httpx.InvalidURL as exc:
@@ -137,10 +146,24 @@ def _host_port(url: str) -> tuple[str, str, int]:
     if not parts.hostname or parts.username or parts.password:
         raise ValueError("webhook must be an absolute URL with a host and no user:password part")
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port
     except ValueError:
         raise ValueError("webhook URL has an invalid port") from None
+    if port == 0:                               # not "no port": nothing can listen on port 0
+        raise ValueError("webhook URL has port 0, which no receiver can listen on; give the receiver's port")
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
     return parts.scheme, parts.hostname.lower(), port
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a delivery goes to, ``scheme://host:port`` (its deliveries share its slots); "" when
+    the URL is unusable (its attempt drops it)."""
+    try:
+        scheme, host, port = _host_port(url)
+    except ValueError:
+        return ""
+    return f"{scheme}://{host}:{port}"
 
 
 def host_allowed(url: str, allowed: tuple[str, ...]) -> bool:
@@ -194,10 +217,11 @@ class WebhookDispatcher:
         self.name = name or uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # As many connections as attempts in flight: a hung receiver never holds one another needs.
         self._http = httpx.Client(timeout=DELIVERY_TIMEOUT_S, follow_redirects=False, trust_env=False,
                                   limits=httpx.Limits(max_connections=DELIVERY_WORKERS))
         self._pool = ThreadPoolExecutor(DELIVERY_WORKERS, thread_name_prefix="webhook-delivery")
-        self._inflight: set[str] = set()           # jobs whose deliveries a pool thread is attempting
+        self._inflight: dict[str, str] = {}        # job -> receiver, for jobs a pool thread is delivering
         self._inflight_lock = threading.Lock()
 
     def start(self) -> "WebhookDispatcher":
@@ -314,19 +338,30 @@ class WebhookDispatcher:
 
     # -- deliver --------------------------------------------------------------------------------
     def deliver_due(self) -> bool:
-        """Hand every due delivery to the pool, grouped by job (a job's messages go in order, one at a
-        time); jobs already in flight are left for a later round. True when any delivery was handed out."""
+        """Hand due deliveries to the pool, grouped by job (a job's messages go in order, one at a time),
+        at most ``PER_RECEIVER`` jobs per receiver and ``DELIVERY_WORKERS`` in all; jobs already in flight
+        are left for a later round. True when any delivery was handed out."""
         now = time.time()
-        due = [m.decode() for m in self.r.zrangebyscore(self.k.due, "-inf", now, start=0, num=BATCH)]
+        due = [m.decode() for m in self.r.zrangebyscore(self.k.due, "-inf", now, start=0, num=DUE_SCAN)]
         groups: dict[str, list[str]] = {}
         for mid in due:
             groups.setdefault(message_job(mid), []).append(mid)
+        with self._inflight_lock:
+            waiting = [(job_id, mids) for job_id, mids in groups.items() if job_id not in self._inflight]
+        if not waiting:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        for _, mids in waiting:
+            pipe.hget(self.k.msg(mids[0]), "url")
         started = False
-        for job_id, mids in groups.items():
+        for (job_id, mids), url in zip(waiting, pipe.execute()):
+            receiver = receiver_of(url.decode()) if url else ""
             with self._inflight_lock:
-                if job_id in self._inflight or self._stop.is_set():
+                busy = list(self._inflight.values())
+                if (self._stop.is_set() or len(busy) >= DELIVERY_WORKERS
+                        or (receiver and busy.count(receiver) >= PER_RECEIVER)):
                     continue
-                self._inflight.add(job_id)
+                self._inflight[job_id] = receiver
             self._pool.submit(self._deliver_job, job_id, mids)
             started = True
         return started
@@ -346,25 +381,48 @@ class WebhookDispatcher:
             for mid in mids:
                 if self._stop.is_set():
                     break
-                self._attempt(mid)
+                outcome = self._attempt(mid)
+                if outcome == "gone":
+                    self._end_hook(job_id)
+                if outcome != "done":        # a retry waits its turn, and the job's later messages with it
+                    break
         except redis.RedisError as exc:
             log.warning("webhooks: Redis unreachable while delivering (%s); retrying later", exc)
         except Exception:                    # never let one bad record stop later deliveries
             log.exception("webhooks: unexpected error while delivering; continuing")
         finally:
             with self._inflight_lock:
-                self._inflight.discard(job_id)
+                self._inflight.pop(job_id, None)
 
-    def _attempt(self, mid: str) -> None:
+    def _end_hook(self, job_id: str) -> None:
+        """The receiver answered 410 Gone: no more deliveries of this job, pending or to come."""
+        pattern = "msg_" + "".join("\\" + c if c in "*?[]\\" else c for c in job_id) + "_*"     # glob-escaped
+        pending = [m.decode() for m, _ in self.r.zscan_iter(self.k.due, match=pattern, count=500)]
+        pending = [m for m in pending if message_job(m) == job_id]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(self.k.follow, job_id)
+        pipe.delete(self.k.hook(job_id))
+        if pending:
+            pipe.zrem(self.k.due, *pending)
+            pipe.delete(*[self.k.msg(m) for m in pending])
+        pipe.execute()
+        log.info("webhook receiver of job %s answered 410 Gone: %d pending deliveries dropped, hook ended",
+                 job_id, len(pending))
+
+    def _attempt(self, mid: str) -> str:
+        """One attempt of one delivery: ``done`` (delivered, or dropped for good), ``retry`` (rescheduled,
+        or not due any more) or ``gone`` (the receiver answered 410: nothing more for this hook)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self.k.msg(mid))
         pipe.zscore(self.k.due, mid)
         raw, due_at = pipe.execute()
         if not raw:
             self.r.zrem(self.k.due, mid)
-            return
-        if due_at is None or due_at > time.time():     # delivered, or rescheduled since it was listed
-            return
+            return "done"
+        if due_at is None:                             # delivered since it was listed
+            return "done"
+        if due_at > time.time():                       # rescheduled since it was listed
+            return "retry"
         msg = {k.decode(): v.decode() for k, v in raw.items()}
         url, body = msg["url"], msg["body"]
         attempts, first = int(msg["attempts"]) + 1, float(msg["first"])
@@ -373,12 +431,12 @@ class WebhookDispatcher:
         except ValueError as exc:                      # a record written before the URL was checked by httpx
             log.warning("webhook %s dropped: %s", mid, exc)
             self._done(mid)
-            return
+            return "done"
         if not allowed:
             log.warning("webhook %s to %r dropped: the host is no longer allowed", mid, url)
             self._done(mid)
-            return
-        timestamp = int(time.time())
+            return "done"
+        timestamp, resp = int(time.time()), None
         headers = {"content-type": "application/json", "user-agent": "eqm-webhooks", "webhook-id": mid,
                    "webhook-timestamp": str(timestamp), "webhook-signature": sign(self.key, mid, timestamp, body)}
         try:
@@ -387,23 +445,27 @@ class WebhookDispatcher:
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:   # permanent: retrying cannot help
             log.warning("webhook %s to %r dropped: %s", mid, url, exc)
             self._done(mid)
-            return
+            return "done"
         except httpx.HTTPError as exc:
             ok, why = False, type(exc).__name__
         if ok:
             self._done(mid)
-            return
+            return "done"
+        if resp is not None and resp.status_code == 410:
+            self._done(mid)
+            return "gone"
         now = time.time()
         if now - first > self.settings.webhook_retry_window_s:
             log.warning("webhook %s to %s given up after %d attempts (%s)", mid, url, attempts, why)
             self._done(mid)
-            return
+            return "done"
         delay = min(FIRST_BACKOFF_S * 2 ** (attempts - 1), self.settings.webhook_max_backoff_s)
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(self.k.msg(mid), "attempts", attempts)
         pipe.zadd(self.k.due, {mid: now + delay})
         pipe.execute()
         log.info("webhook %s to %s failed (%s); attempt %d in %.1fs", mid, url, why, attempts + 1, delay)
+        return "retry"
 
     def _done(self, mid: str) -> None:
         pipe = self.r.pipeline(transaction=True)

@@ -393,6 +393,8 @@ def test_fuzz_no_server_errors(stack):
               negative_data_rejection]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
+    fuzzed = {(op.method.upper(), op.path) for op in operations}     # the multipart routes too (and test_multipart_fuzz)
+    assert {("POST", p) for p in ("/v1/scores", "/v1/inpaint", "/v1/denoise", "/v1/images/edits")} <= fuzzed
     for operation in operations:
         cases = st.one_of(operation.as_strategy(schemathesis.GenerationMode.POSITIVE),
                           operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))

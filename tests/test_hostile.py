@@ -3,6 +3,7 @@ too many connections, bad resume ids, and the Nagle delay on a reused connection
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import statistics
 import time
@@ -145,6 +146,62 @@ def test_connections_past_the_cap_get_503(api):
         time.sleep(0.2)
     else:
         pytest.fail("the API did not take connections again after the held ones closed")
+
+
+def _hold_unfinished_bodies(port: int, count: int) -> list[socket.socket]:
+    held = []
+    for _ in range(count):
+        sock = _connect(port)
+        sock.sendall(b"POST /v1/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        held.append(sock)
+    time.sleep(0.3)                                  # every one accepted and counted by the server
+    return held
+
+
+def _get(port: int, path: str) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, closed) of one GET on a new connection."""
+    sock = _connect(port)
+    try:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data, closed = _read_response(sock, 5)
+    finally:
+        sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body, closed
+
+
+def test_operations_endpoints_are_answered_past_the_cap_and_others_get_a_json_503(api):
+    """At the cap, a liveness probe must not fail (it would restart a healthy API): /healthz, /readyz and
+    /metrics are answered; any other request gets a JSON 503 with Retry-After, like every other error."""
+    held = _hold_unfinished_bodies(api, MAX_CONNECTIONS)
+    try:
+        status, _, body, _ = _get(api, "/healthz")
+        assert status == 200 and b'"ok"' in body
+        status, _, body, _ = _get(api, "/metrics")
+        assert status == 200 and b"eqm_api_requests_total" in body
+        status, _, body, _ = _get(api, "/readyz")
+        assert status in (200, 503) and b'"status"' in body          # its own answer, not the cap's
+        status, headers, body, closed = _get(api, "/v1/models")
+        assert status == 503 and headers["content-type"] == "application/json" and headers["retry-after"]
+        assert "EQM_MAX_CONNECTIONS" in json.loads(body)["detail"]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_the_cap_counts_no_connection_twice(api):
+    """With one connection fewer than the cap held, a new request is served: the asking connection is
+    one of the cap's, not one more than it."""
+    held = _hold_unfinished_bodies(api, MAX_CONNECTIONS - 1)
+    try:
+        status, _, body, _ = _get(api, "/v1/models")
+        assert status == 200, body[:200]
+    finally:
+        for sock in held:
+            sock.close()
 
 
 @pytest.mark.parametrize("last_id", ["99999999999999999999999-0", "３-0", "1-٣", "18446744073709551616-0"])

@@ -58,3 +58,31 @@ def test_unknown_index_and_missing_norms_are_ignored():
     # a deadline stop reports the state already published: nothing new
     assert prog.finish(0, 2, 1.23456789, stopped_early=False) == []
     assert not prog.update(0, 3, 1.0)              # finished: later reports are ignored
+
+
+def test_a_rerun_publishes_only_the_evaluations_an_earlier_run_did_not():
+    """A job that runs again (worker lost) starts its images over: the evaluations its first run already
+    published in the stream are left out, so each image's concatenated norms still number its steps."""
+    import json
+
+    from service.progress import published_norm_counts
+
+    first = JobProgress(2)
+    for step in range(1, 6):
+        first.update(0, step, 3.0 - 0.1 * step)
+        first.update(1, step, 4.0 - 0.1 * step)
+    stream = [(b"1-0", {b"event": b"started", b"data": b"{}"}),
+              (b"1-1", {b"event": b"progress", b"data": json.dumps({"images": first.event_images()}).encode()})]
+    first.sent()
+    first.update(0, 6, 2.3)                              # evaluated, never published: the worker died
+    assert published_norm_counts(stream, 2) == [5, 5]
+
+    rerun = JobProgress(2, published_norm_counts(stream, 2))
+    for step in range(1, 9):
+        rerun.update(0, step, 3.0 - 0.1 * step)
+        rerun.update(1, step, 4.0 - 0.1 * step)
+    progress = rerun.event_images()
+    assert [len(e["norms"]) for e in progress] == [3, 3]             # evaluations 6, 7 and 8 only
+    rerun.sent()
+    # image 0 stops early at 8 steps: 5 + 3 published, then its last evaluation (steps + 1 norms in all)
+    assert rerun.finish(0, 8, 2.2, stopped_early=True) == [2.2]

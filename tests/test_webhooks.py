@@ -328,3 +328,105 @@ def test_a_refused_submission_leaves_no_hook_behind(redis_url, redis_client):
         resp = client.post("/v1/generations", json={"labels": [1], "webhook": "http://127.0.0.1:9/hook"})
     assert resp.status_code == 503, resp.text
     assert redis_client.scard(HookKeys("eqm").follow) == 0
+
+
+class HangingReceiver:
+    """A receiver that accepts connections and reads requests but answers none until ``release()``;
+    ``in_flight`` is how many requests it holds now, ``most_at_once`` the largest that ever was."""
+
+    def __init__(self):
+        self.release_event = threading.Event()
+        self.in_flight = self.most_at_once = self.requests = 0
+        self._lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["content-length"]))
+                with outer._lock:
+                    outer.requests += 1
+                    outer.in_flight += 1
+                    outer.most_at_once = max(outer.most_at_once, outer.in_flight)
+                outer.release_event.wait(30)
+                with outer._lock:
+                    outer.in_flight -= 1
+                try:
+                    self.send_response(204)
+                    self.end_headers()
+                except OSError:                 # the sender gave up (its timeout) and closed
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release_event.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_a_hung_receiver_delays_no_other_receivers_deliveries(redis_client):
+    """30 jobs whose receiver never answers, listed before 10 jobs of a healthy receiver: the healthy one
+    gets all 10 while the hung one still holds its first attempts (before any could time out), and the
+    hung receiver never holds more than its own slots."""
+    from service.webhooks import DELIVERY_TIMEOUT_S, HookKeys, WebhookDispatcher
+
+    hung, healthy = HangingReceiver(), Receiver(free_port()).up()
+    settings = Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",))
+    keys = HookKeys("eqm")
+    hung_jobs = [_cancelled_job_with_hook(redis_client, hung.url) for _ in range(30)]
+    healthy_jobs = [_cancelled_job_with_hook(redis_client, healthy.url) for _ in range(10)]
+    dispatcher = WebhookDispatcher(redis_client, settings)
+    try:
+        assert dispatcher.collect()
+        by_job = {json.loads(redis_client.hget(keys.msg(m.decode()), "body"))["data"]["id"]: m
+                  for m in redis_client.zrange(keys.due, 0, -1)}
+        redis_client.zadd(keys.due, {by_job[j]: 1 + k for k, j in enumerate(hung_jobs + healthy_jobs)})
+        t0 = time.monotonic()
+        dispatcher.start()
+        _wait_for(lambda: len(healthy.received) == 10, DELIVERY_TIMEOUT_S - 1, "the healthy receiver's 10 deliveries")
+        assert time.monotonic() - t0 < DELIVERY_TIMEOUT_S and hung.requests >= 1    # hung attempts still open
+        assert {json.loads(b)["data"]["id"] for _, b in healthy.received} == set(healthy_jobs)
+        assert hung.most_at_once <= 2                   # the README's slots per receiver
+    finally:
+        dispatcher.stop()
+        hung.close()
+        healthy.down()
+
+
+def test_410_gone_ends_the_hook_without_retries(redis_client):
+    """A receiver that answers 410 Gone to a job's first delivery gets nothing more of that job: its
+    other pending deliveries and its hook are dropped, and a later event is not collected."""
+    from service.jobstore import ImageSpec, JobSpec, JobStore
+    from service.webhooks import EVENTS, HookKeys, WebhookDispatcher, WebhookTarget, register_webhook
+
+    gone = Receiver(free_port(), status=410).up()
+    keys, store = HookKeys("eqm"), JobStore(redis_client)
+    spec = JobSpec(kind="generate", model="digits", images=[ImageSpec(seed=0, labels=[1])])
+    register_webhook(redis_client, "eqm", spec.id, WebhookTarget(gone.url, EVENTS), "http://api", 60)
+    store.submit(spec)
+    store.publish(spec.id, "started", {"id": spec.id, "time": time.time()})
+    store.publish(spec.id, "progress", {"id": spec.id, "time": time.time(), "images": []})
+    dispatcher = WebhookDispatcher(redis_client, Settings(webhook_secret=SECRET, webhook_allowed_hosts=("127.0.0.1",)))
+    try:
+        assert dispatcher.collect()
+        assert redis_client.zcard(keys.due) == 2                     # started and progress
+        assert dispatcher.deliver_due() and dispatcher.wait_idle(10)
+        store.cancel(spec.id)                                        # a later event: not followed any more
+        dispatcher.collect()
+        for _ in range(20):
+            dispatcher.deliver_due()
+            time.sleep(0.05)
+        assert dispatcher.wait_idle(10)
+        assert len(gone.received) == 1                               # the first delivery only, never retried
+        assert redis_client.zcard(keys.due) == 0 and not redis_client.keys("eqm:hooks:msg:*")
+        assert not redis_client.exists(keys.hook(spec.id)) and not redis_client.sismember(keys.follow, spec.id)
+    finally:
+        dispatcher.stop()
+        gone.down()

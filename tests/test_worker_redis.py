@@ -7,6 +7,7 @@ Every process a test starts is killed at its end, also when the test fails.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -245,6 +246,22 @@ def test_killed_worker_job_completes_once_with_the_same_images(store, procs):
     assert [i["steps"] for i in done["images"]] == [3000, 3000]
     log = events(store, victim_job)
     assert log.count("started") == 2 and log.count("done") == 1 and log.count("image") == 2
+    # The replayed stream still has one norm per evaluation: the rerun repeats, and does not publish
+    # again, the evaluations the first run had published.
+    for k, steps in enumerate(i["steps"] for i in done["images"]):
+        assert len(image_norms(store, victim_job, k)) in (steps, steps + 1)
+
+
+def image_norms(store: JobStore, job_id: str, index: int) -> list[float]:
+    """Image ``index``'s norms concatenated over the job's progress and image events, as a client sees them."""
+    norms = []
+    for _, fields in store.r.xrange(store.keys.events(job_id)):
+        data = json.loads(fields[b"data"])
+        if fields[b"event"] == b"progress":
+            norms += next((e.get("norms", []) for e in data["images"] if e["index"] == index), [])
+        elif fields[b"event"] == b"image" and data.get("index") == index:
+            norms += data.get("norms", [])
+    return norms
 
 
 def test_cancel_reaches_the_worker_within_a_step(store, procs, redis_client):

@@ -12,6 +12,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.events import EventHub
+from service.api.replays import ReplayPages
 from service.api.metrics import ApiMetrics
 from service.api.modelinfo import ModelInfo, load_model_info
 from service.jobstore import JobStore
@@ -32,6 +33,7 @@ class ApiState:
     decodes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(2))   # upload decoding
     stopping: asyncio.Event = field(default_factory=asyncio.Event)   # the server stops: waits and streams end now
     no_worker_hint: str = "start one with `eqm worker` (or use `eqm serve`)"    # what a 503 tells to do
+    replays: ReplayPages = field(default_factory=ReplayPages)    # replay pages shared by streams opening at once
 
     @classmethod
     def open(cls, settings: Settings, metrics: ApiMetrics) -> "ApiState":

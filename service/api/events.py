@@ -25,9 +25,12 @@ entry in order, none dropped.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import redis
 import redis.asyncio as aredis
@@ -38,6 +41,8 @@ BLOCK_MS = 5000              # longest single XREAD BLOCK of the reader
 WAKE_INTERVAL_S = 0.02       # at most one wake-up of the reader this often
 READ_COUNT = 100             # entries per key per read
 WAKE_BATCH = 16              # followers handed an entry per turn of the event loop
+TRIM_AFTER_FOLLOWERS = 100   # the freed heap is handed back once a hold at least this large has ended
+TRIM_DELAY_S = 3.0           # ... this long after its last follower left (shared replay pages expire first)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,36 @@ class Follower:
         return self.pending.pop(0) if self.pending else None
 
 
+class FreeHeap:
+    """Hands freed heap back to the system (glibc ``malloc_trim``) once a large hold has ended: glibc
+    otherwise keeps what a thousand streams' buffers used, and the process stays at its high-water
+    mark. A no-op where the C library has no ``malloc_trim``."""
+
+    def __init__(self, followers: Callable[[], int]):
+        self._followers = followers    # how many followers there are now
+        path = ctypes.util.find_library("c")
+        try:
+            self._trim = ctypes.CDLL(path).malloc_trim if path else None
+        except (OSError, AttributeError):
+            self._trim = None
+        self.peak = 0                  # most followers at once since the last trim
+        self.trims = 0
+
+    def changed(self) -> None:
+        """A follower came or went."""
+        followers = self._followers()
+        self.peak = max(self.peak, followers)
+        if followers == 0 and self.peak >= TRIM_AFTER_FOLLOWERS and self._trim is not None:
+            self.peak = 0
+            loop = asyncio.get_running_loop()
+            loop.call_later(TRIM_DELAY_S, self._trim_if_idle, loop)
+
+    def _trim_if_idle(self, loop) -> None:
+        if self._followers() == 0:         # in a thread: it walks the whole heap
+            self.trims += 1
+            loop.run_in_executor(None, self._trim, 0)
+
+
 class EventHub:
     """The shared reader. ``start()`` in the app's lifespan, ``follow``/``leave`` per follower, ``close()``."""
 
@@ -145,10 +180,12 @@ class EventHub:
         self._task: asyncio.Task | None = None
         self._stop_task: asyncio.Task | None = None
         self.frames_encoded = 0                      # entries framed by the reader (once each, whatever the followers)
+        self._count = 0                              # followers now
+        self.free_heap = FreeHeap(lambda: self._count)
 
     @property
     def followers(self) -> int:
-        return sum(len(f) for f in self._followers.values())
+        return self._count
 
     def start(self, stopping: asyncio.Event | None = None) -> None:
         """Start reading; once ``stopping`` is set, every follower's wait returns at once."""
@@ -184,6 +221,8 @@ class EventHub:
         follower.released = self._stop_task is not None and self._stop_task.done()
         group = self._followers.setdefault(key, {})
         group[follower] = None
+        self._count += 1
+        self.free_heap.changed()
         cursor = self._cursor.get(key)
         if cursor is None or _id(last) < _id(cursor):
             self._cursor[key] = last
@@ -192,10 +231,12 @@ class EventHub:
 
     def leave(self, follower: Follower) -> None:
         group = self._followers.get(follower.key)
-        if group is None:
+        if group is None or follower not in group:
             return
-        group.pop(follower, None)
+        group.pop(follower)
         follower.released = True
+        self._count -= 1
+        self.free_heap.changed()
         if not group:
             del self._followers[follower.key]
             self._cursor.pop(follower.key, None)

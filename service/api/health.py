@@ -6,12 +6,12 @@ import gzip
 from urllib.parse import urlsplit
 
 import redis
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
-from service.api.deps import ApiState, get_state, require_api_key
+from service.api.deps import ApiState, check_api_key, get_state, require_api_key
 from service.api.metrics import worker_label
 from service.api.schemas import Health, Readiness, error_responses
 
@@ -21,6 +21,15 @@ router = APIRouter(tags=["operations"])
 @router.get("/healthz", response_model=Health, summary="Liveness: the API process answers")
 def healthz() -> Health:
     return Health(status="ok")
+
+
+def _has_key(request: Request) -> bool:
+    """True when the server has no keys or the request carries a valid one."""
+    try:
+        check_api_key(request)
+    except HTTPException:
+        return False
+    return True
 
 
 @router.get("/readyz", response_model=Readiness, summary="Readiness: Redis reachable and a live worker",
@@ -52,8 +61,11 @@ def readyz(state: ApiState = Depends(get_state)):
 def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
     """Requests, submissions and the queue depth (refreshed from Redis at each scrape), and the live
     workers' engine metrics (label ``worker``) unless the server sets ``EQM_METRICS_FROM_WORKERS=false``;
-    each worker also serves them on its own port: see ``/sd/workers``."""
-    body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s)
+    each worker also serves them on its own port: see ``/sd/workers``. With API keys on, ``worker`` names
+    the worker's host:port only for a request with a key (else an opaque name): no key is needed, and none
+    reveals internal addresses."""
+    body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s,
+                                show_addresses=_has_key(request))
     if "gzip" in request.headers.get("accept-encoding", ""):        # Prometheus asks for it: ~10x fewer bytes
         return Response(gzip.compress(body, compresslevel=1), media_type=CONTENT_TYPE_LATEST,
                         headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})

@@ -26,6 +26,7 @@ from service.api.schemas import JobCreated, JobStatus, SamplingOptions, error_re
 from service.api.submit import (check_image_count, check_model, deadline, field_error, first_seed, resolve_labels,
                                 sampler_spec, submit)
 from service.api.uploads import LimitedBodyRoute, UploadError
+from service.classnames import MAX_LABEL_CHARS
 from service.jobstore import ImageSpec, JobSpec
 
 router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, dependencies=[Depends(require_api_key)])
@@ -39,7 +40,8 @@ class InpaintForm(SamplingOptions):
 
     model_config = ConfigDict(extra="ignore", strict=False)
 
-    label: str | None = Field(None, max_length=200, description="class to complete towards (empty = unconditional)",
+    label: str | None = Field(None, max_length=MAX_LABEL_CHARS,
+                              description="class to complete towards (empty = unconditional)",
                               examples=["3"])
 
 
@@ -101,6 +103,9 @@ async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
     for name in raw.keys():
         if name not in known:
             raise field_error(("body", name), f"unknown form field {name!r}; the fields are: {', '.join(sorted(known))}")
+    for part in ("image", "mask"):              # one of each: a second would be silently dropped
+        if len(raw.getlist(part)) > 1:
+            raise field_error(("body", part), f"send exactly one {part}")
     check_model(form.model, model, ("body", "model"))
     labels = resolve_labels([form.label], model, ("body", "label")) if form.label else []
     check_image_count(form.n, state, ("body", "n"), f"n = {form.n}")

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.conventions import public_base, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
-from service.api.events import Event, event_of
 from service.api.listing import check_owner, check_owner_async, not_found, queue_estimate
+from service.api.replays import REPLAY_PAGE, chunks
 from service.api.schemas import (CancelResult, ImageStatus, JobLinks, JobStatus, SamplerSettings, Timings,
                                  error_responses)
 from service.api.uploads import LimitedBodyRoute
@@ -64,7 +64,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
     timings = Timings(queued_s=_span(created, started or end),
                       running_s=_span(started, end) if started else None, total_s=_span(created, end))
     return JobStatus(id=job_id, status=rec["status"], kind=spec["kind"], model=spec["model"], created=created,
-                     started=started, finished=finished, timings=timings, guidance_scale=spec["cfg_scale"],
+                     started=started, finished=finished, timings=timings, guidance_scale=_guidance_scale(spec),
                      sampler=SamplerSettings(**spec["sampler"]), format=spec["format"],
                      noise_level=spec.get("noise_level"), deadline=spec.get("deadline"), worker=rec["worker"],
                      attempts=rec["attempts"], error=rec["error"], cancel_requested=rec["cancel_requested"],
@@ -152,6 +152,11 @@ def get_image(request: Request, job_id: str = JobId,
                              f"follow the job's events or retry", headers={"Retry-After": "1"})
 
 
+def _guidance_scale(spec: dict) -> float | None:
+    """The scale the job runs with; none for a composition in "sum" mode, which has no unconditional row."""
+    return None if spec.get("compose_mode") == "sum" else spec["cfg_scale"]
+
+
 # -- events -----------------------------------------------------------------------------------
 
 def _stream_id(text: str) -> bool:
@@ -190,19 +195,11 @@ def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-def _through_final(events: list[Event], previews: bool) -> tuple[bytes, bool]:
-    """The frames of ``events`` up to the first final one, as one chunk (with live previews only for a
-    client that asked), and whether one was final."""
-    for k, event in enumerate(events):
-        if event.name in FINAL_STATUSES:
-            return b"".join(e.frame_for(previews) for e in events[:k + 1]), True
-    return b"".join(e.frame_for(previews) for e in events), False
-
-
 async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool = False) -> AsyncIterator[bytes]:
-    """Replay with plain XREADs, then follow through the process' shared reader (no connection held
-    per stream), which frames each entry once for all its followers; whatever is pending goes out as
-    one chunk. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
+    """Replay with plain XREADs (each page read once for the streams opening at about the same time),
+    then follow through the process' shared reader (no connection held per stream), which frames each
+    entry once for all its followers; whatever is pending goes out at once, in writes of at most
+    ``replays.CHUNK_BYTES``. While quiet, a comment every ``KEEPALIVE_S`` and a look at the record (expired, or
     final with its final event trimmed)."""
     keys = state.store.keys
     key = keys.events(job_id)
@@ -211,17 +208,16 @@ async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool 
     try:
         if asked is not None:
             await asked.refresh()
-        while True:         # replay: everything after `last`, in pages
-            reply = await state.aredis.xread({key: last}, count=500)
-            entries = reply[0][1] if reply else []
-            if entries:
-                events = [event_of(entry_id, fields) for entry_id, fields in entries]
+        while True:         # replay: everything after `last`, in pages shared with streams opening meanwhile
+            events = await state.replays.page(state.aredis, key, last)
+            if events:
                 last = events[-1].id
-                chunk, final = _through_final(events, previews)
-                yield chunk
+                pieces, final = chunks(events, previews)
+                for piece in pieces:
+                    yield piece
                 if final:
                     return
-            if len(entries) < 500:
+            if len(events) < REPLAY_PAGE:
                 break
         follower = state.events.follow(key, last)
         while True:
@@ -233,8 +229,9 @@ async def _event_stream(state: ApiState, job_id: str, last: str, previews: bool 
             if asked is not None:
                 await asked.refresh()
             if events:
-                chunk, final = _through_final(events, previews)
-                yield chunk
+                pieces, final = chunks(events, previews)
+                for piece in pieces:
+                    yield piece
                 if final:
                     return
                 continue

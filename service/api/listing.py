@@ -1,7 +1,7 @@
 """``GET /v1/jobs``: the caller's jobs, newest first; and the queue position / ETA of a queued job.
 
-Listing: with API keys on, a caller sees only the jobs made with its key (and ``check_owner`` makes
-another key's job a 404 on every ``/v1/jobs/{id}`` route); with keys off, every job.
+Listing: with API keys on, a caller sees only the jobs made with its key (an admin key: every job; and
+``check_owner`` makes another key's job a 404 on every ``/v1/jobs/{id}`` route); with keys off, every job.
 Pages are ``limit`` jobs long; ``next`` carries the cursor (the creation time of the last job shown)
 for the following page, so pages stay stable while new jobs arrive. Expired jobs drop out.
 
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from service.api.conventions import absolute, caller, reject_unknown_query
 from service.api.deps import ApiState, get_state, may_see, require_api_key
 from service.api.schemas import error_responses
+from service.jobstore import EVERY_CALLER
 
 router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key), Depends(reject_unknown_query)])
 
@@ -54,8 +55,11 @@ def list_jobs(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE, descri
               before: float | None = Query(None, ge=0, le=1e11, description="cursor: jobs created before this "
                                            "time (unix seconds; from `next`)"),
               state: ApiState = Depends(get_state)) -> JobPage:
-    """The caller's jobs (all jobs when the server has no API keys) still within the result TTL."""
+    """The caller's jobs (all jobs when the server has no API keys, or for an admin key) still within the
+    result TTL."""
     store, who = state.store, caller(request, state.settings)
+    if getattr(request.state, "api_admin", False):       # an admin key sees every job, so it lists them too
+        who = EVERY_CALLER
     out: list[JobSummary] = []
     cursor, exhausted = before, False
     while len(out) < limit and not exhausted:

@@ -5,7 +5,8 @@ time, job latency) live in each worker's own registry and endpoint (``service.me
 API's ``/metrics`` includes them too: at each scrape it reads every live worker's endpoint (from the
 worker registry in Redis, 1 s timeout each) and adds its ``eqm_*`` series with a ``worker`` label,
 plus ``eqm_worker_metrics_up{worker}`` (0 when an endpoint did not answer); ``worker`` is the endpoint's
-``host:port``. Series the API has itself
+``host:port`` (with API keys on and none sent: an opaque name, since ``/sd/workers`` keeps the addresses
+behind a key). Series the API has itself
 (``eqm_queue_depth``, process metrics) are not repeated. ``EQM_METRICS_FROM_WORKERS=0`` turns this
 off, for a Prometheus that scrapes the workers directly (the compose setup, through ``/sd/workers``).
 One source per deployment: ``/sd/workers`` lists the workers only when this page does not include them,
@@ -15,6 +16,10 @@ current even when no worker runs.
 from __future__ import annotations
 
 import gzip
+import hashlib
+import hmac
+import secrets
+import threading
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -79,6 +84,8 @@ class ApiMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, worker_metrics: bool = False):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self._render_lock = threading.Lock()
+        self._label_key = secrets.token_bytes(16)
         r = self.registry
         ProcessCollector(registry=r)
         self.requests_total = Counter(
@@ -111,8 +118,9 @@ class ApiMetrics:
             self.workers = WorkerMetrics(skip={family.name for family in r.collect()})
             r.register(self.workers)
 
-    def render(self, store, model: str, heartbeat_s: float) -> bytes:
-        """Refresh the Redis-backed gauges, then the exposition text."""
+    def render(self, store, model: str, heartbeat_s: float, show_addresses: bool = True) -> bytes:
+        """Refresh the Redis-backed gauges, then the exposition text. Without ``show_addresses`` the
+        ``worker`` label is an opaque name instead of the worker's host:port (``opaque_worker_label``)."""
         try:
             self.queue_depth.set(store.queue_depth())
             workers = store.live_workers(heartbeat_s)
@@ -121,10 +129,18 @@ class ApiMetrics:
         except redis.RedisError:
             self.redis_up.set(0)
             workers = {}
-        if self.workers is not None:
-            self.workers.targets = {worker_label(w["metrics_url"]): w["metrics_url"] for w in workers.values()
-                                    if w.get("metrics_url")}
-        return generate_latest(self.registry)
+        name = worker_label if show_addresses else self.opaque_worker_label
+        with self._render_lock:            # the targets are the collector's state: one scrape at a time
+            if self.workers is not None:
+                self.workers.targets = {name(w["metrics_url"]): w["metrics_url"] for w in workers.values()
+                                        if w.get("metrics_url")}
+            return generate_latest(self.registry)
+
+    def opaque_worker_label(self, metrics_url: str) -> str:
+        """A worker's label for callers without a key: the same worker gets the same name while this
+        process runs, and the name does not give its address away (keyed with a secret of the process)."""
+        digest = hmac.new(self._label_key, worker_label(metrics_url).encode(), hashlib.sha256).hexdigest()
+        return f"worker-{digest[:12]}"
 
 
 class RequestMetricsMiddleware:

@@ -9,20 +9,25 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
+from service.classnames import MAX_LABEL_CHARS
+
 
 
 def _label(value: object) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and len(value) > 200):
-        raise ValueError("a label is a class index (an integer) or a class name (a string of at most 200 characters)")
+    too_long = isinstance(value, str) and len(value) > MAX_LABEL_CHARS
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or too_long:
+        raise ValueError(f"a label is a class index (an integer) or a class name (a string of at most "
+                         f"{MAX_LABEL_CHARS} characters)")
     return value
 
 
 Label = Annotated[Union[int, str], PlainValidator(_label),
-                  WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 200}]})]
+                  WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": MAX_LABEL_CHARS}]})]
 LABEL_DOC = ("a class index (integer), or a class name as a string (case-insensitive; for ImageNet models "
              "also a WordNet id such as \"n02099601\" or any synonym); a decimal string is an index")
 MAX_COMPOSITION_LABELS = 7       # the engine combines at most 8 model rows per image: 7 labels + the null row
 SEED_MAX = 2**32 - 1
+MAX_MODEL_CHARS = 200
 
 
 class SamplingOptions(BaseModel):
@@ -31,7 +36,7 @@ class SamplingOptions(BaseModel):
     # Strict: JSON ``true`` is not the integer 1, nor ``"3"`` the number 3 (forms, all text, relax this).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
-    model: str | None = Field(None, max_length=200, description="model to use; default: the served model",
+    model: str | None = Field(None, max_length=MAX_MODEL_CHARS, description="model to use; default: the served model",
                               examples=["digits"])
     # No schema maximum: the one limit is the server's per-job count (GET /v1/models), checked with one message.
     n: int = Field(1, ge=1, description="images to make (generations: per label); the total per job is "
@@ -106,7 +111,7 @@ class DenoiseForm(SamplingOptions):
     # The form also holds the file, so extras cannot be forbidden here; the handler rejects unknown fields.
     model_config = ConfigDict(extra="ignore", strict=False)
 
-    label: str | None = Field(None, max_length=200, description="class to denoise towards, " + LABEL_DOC +
+    label: str | None = Field(None, max_length=MAX_LABEL_CHARS, description="class to denoise towards, " + LABEL_DOC +
                               "; empty = unconditional", examples=["3"])
     noise_level: float | None = Field(None, ge=0, le=1, description="g in x = g*image + (1-g)*noise before the "
                                       "descent: 1 keeps the upload as it is, 0 replaces it by noise; empty = no "
@@ -172,7 +177,8 @@ class JobStatus(BaseModel):
     started: float | None = None
     finished: float | None = None
     timings: Timings
-    guidance_scale: float
+    guidance_scale: float | None = Field(description="the classifier-free guidance scale the job runs with; null "
+                                         "when it has none (a composition in \"sum\" mode)")
     sampler: SamplerSettings
     format: str
     noise_level: float | None = None

@@ -21,9 +21,10 @@ from service.api.conventions import absolute, reject_unknown_query
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.jobs import JobId
 from service.api.listing import not_found, require_owner
-from service.api.schemas import error_responses
+from service.api.schemas import MAX_MODEL_CHARS, error_responses
 from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
 from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, decode_upload, unreadable_form
+from service.classnames import MAX_LABEL_CHARS
 from service.jobstore import ImageSpec, JobSpec
 from service.scoring import SCORE_KIND, score_input_key
 
@@ -57,6 +58,20 @@ class ScoreResult(BaseModel):
     url: str = Field(description="this result, to fetch it again")
 
 
+def text_field(form, name: str, max_chars: int) -> str | None:
+    """A text field of the form sent at most once, within the same length limit as on the other routes."""
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise field_error(("body", name), f"send {name} once, not {len(values)} times")
+    if not values:
+        return None
+    if not isinstance(values[0], str):
+        raise field_error(("body", name), f"{name} is a text field, not a file")
+    if len(values[0]) > max_chars:
+        raise field_error(("body", name), f"{name} is at most {max_chars} characters, not {len(values[0])}")
+    return values[0]
+
+
 def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult, bool]:
     rec = state.store.get(job_id)
     if rec is None or rec["spec"]["kind"] != SCORE_KIND:
@@ -78,9 +93,9 @@ def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult
                  "type": "object", "required": ["image"],
                  "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
                                           "description": "one or more images (repeat the field); " + PREPROCESSING},
-                                "label": {"type": "string", "maxLength": 200,
+                                "label": {"type": "string", "maxLength": MAX_LABEL_CHARS,
                                           "description": "score under this class's field (default: unconditional)"},
-                                "model": {"type": "string", "maxLength": 200}}}}}}})
+                                "model": {"type": "string", "maxLength": MAX_MODEL_CHARS}}}}}}})
 async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     """Per image: the gradient norm of the model's field at the image (one forward; conditional on
     ``label`` when given) and ``in_distribution``, that norm calibrated on the model's held-out data.
@@ -100,10 +115,9 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     if not files:
         raise field_error(("body", "image"), "send at least one image file in the field 'image'")
     check_image_count(len(files), state, ("body", "image"), f"{len(files)} uploads")
-    model_name = form.get("model")
-    check_model(model_name if isinstance(model_name, str) else None, model, ("body", "model"))
-    label_text = form.get("label")
-    labels = resolve_labels([label_text], model, ("body", "label")) if isinstance(label_text, str) and label_text else []
+    model_name, label_text = text_field(form, "model", MAX_MODEL_CHARS), text_field(form, "label", MAX_LABEL_CHARS)
+    check_model(model_name, model, ("body", "model"))
+    labels = resolve_labels([label_text], model, ("body", "label")) if label_text else []
     inputs, keys = [], state.store.keys
     spec = JobSpec(kind=SCORE_KIND, model=model.name, images=[ImageSpec(seed=0, labels=list(labels)) for _ in files])
     for k, upload in enumerate(files):

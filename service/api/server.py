@@ -17,12 +17,17 @@ uvicorn's h11 protocol plus, per connection:
 - ``TCP_NODELAY``: a response is written in pieces (head, body), and with Nagle's algorithm on, each
   reused connection waits ~40 ms for the client's delayed ACK between them.
 
-``max_connections`` caps the open connections of the process (uvicorn's ``limit_concurrency``): past it,
-requests get 503 at once instead of the process running out of descriptors or memory.
+``max_connections`` caps the open connections of the process: past it, a request gets a JSON 503 with
+``Retry-After`` at once and its connection is closed, instead of the process running out of descriptors
+or memory. The operations endpoints (``/healthz``, ``/readyz``, ``/metrics``) are answered past the cap,
+up to ``OPERATIONS_RESERVE`` more connections, so a liveness probe never restarts an API that is only
+busy. (uvicorn's own ``limit_concurrency`` answers everything alike in plain text, health checks
+included, and counts the asking connection and requests in flight against the limit.)
 """
 from __future__ import annotations
 
 import functools
+import json
 import socket
 from typing import Any
 
@@ -32,6 +37,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from service.settings import Settings
 
 MAX_HEADER_BYTES = 64 * 1024         # a request head larger than this is refused (431)
+OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPERATIONS_RESERVE = 64              # connections past max_connections that only the operations paths may use
+RETRY_AT_CAP_S = 1
 KEEP_ALIVE_S = 5                     # idle keep-alive connections are closed after this
 BODY_DEADLINE_GRACE_S = 5.0          # the protocol's own cut comes this long after the routes' 408
 
@@ -39,10 +47,13 @@ BODY_DEADLINE_GRACE_S = 5.0          # the protocol's own cut comes this long af
 class TimedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with head and body deadlines, a head limit per write and no Nagle delay."""
 
-    def __init__(self, *args, header_timeout_s: float = 10.0, body_deadline_s: float = 120.0, **kwargs):
+    def __init__(self, *args, header_timeout_s: float = 10.0, body_deadline_s: float = 120.0,
+                 max_connections: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.body_deadline_s = body_deadline_s
+        if max_connections is not None:      # every request goes through the cap (see ``_capped``)
+            self.app = functools.partial(_capped, self.app, self.connections, max_connections)
         self._header_timer = None
         self._body_timer = None
 
@@ -119,6 +130,23 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+async def _capped(app, connections: set, max_connections: int, scope, receive, send) -> None:
+    """``app``, unless this process holds more than ``max_connections`` open connections (this one
+    included): then a JSON 503 with ``Retry-After``, and the connection is closed. The operations paths
+    get ``OPERATIONS_RESERVE`` connections more."""
+    open_now = len(connections)
+    limit = max_connections + (OPERATIONS_RESERVE if scope.get("path") in OPERATIONS_PATHS else 0)
+    if open_now <= limit:
+        await app(scope, receive, send)
+        return
+    body = json.dumps({"detail": f"the API holds {open_now - 1} connections, its limit (EQM_MAX_CONNECTIONS = "
+                                 f"{max_connections}); retry in a moment"}).encode()
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(RETRY_AT_CAP_S).encode()), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _refuse_head(head: bytes) -> tuple[int, str, str] | None:
     """(status, reason, message) when the start of a request (the bytes so far) must be refused, else None."""
     end = head.find(b"\r\n\r\n")
@@ -134,8 +162,27 @@ def _refuse_head(head: bytes) -> tuple[int, str, str] | None:
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (a partial, so it pickles to workers)."""
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (a partial, so it pickles to workers);
+    also raises the open-file limit the connection cap needs."""
+    raise_open_file_limit(settings)
     return {"http": functools.partial(TimedH11Protocol, header_timeout_s=settings.header_timeout_s,
-                                      body_deadline_s=settings.body_deadline_s),
-            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "timeout_keep_alive": KEEP_ALIVE_S,
-            "limit_concurrency": settings.max_connections}
+                                      body_deadline_s=settings.body_deadline_s,
+                                      max_connections=settings.max_connections),
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "timeout_keep_alive": KEEP_ALIVE_S}
+
+
+def raise_open_file_limit(settings: Settings) -> None:
+    """Raise this process' soft limit on open files towards what the connection cap needs (each
+    connection is a descriptor; Redis, logs and the model take some more), within the hard limit."""
+    try:
+        import resource
+    except ImportError:                     # not on POSIX: nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = settings.max_connections + OPERATIONS_RESERVE + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass

@@ -58,7 +58,7 @@ from models.codecs import CodecError
 from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobstore import REDIS_BUSY, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
-from service.progress import JobProgress
+from service.progress import JobProgress, published_norm_counts
 from service.scoring import SCORE_KIND
 from service.worker.cancels import CancelListening
 from service.worker.heartbeat import Heartbeat
@@ -347,7 +347,9 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             return
         with self._lock:
             self._inflight[job_id] = entry_id
-        self._progress[job_id] = JobProgress(len(spec.images))
+        # A job that ran before (reclaimed, or requeued at a stop) repeats evaluations it already published.
+        earlier = published_norm_counts(self.r.xrange(k.events(job_id)), len(spec.images))
+        self._progress[job_id] = JobProgress(len(spec.images), earlier)
         self._last_progress[job_id] = time.monotonic()
         if reclaimed:
             self._reclaimed.add(job_id)
