@@ -59,14 +59,17 @@ class EMTrainResult:
     seconds: float
 
 
-def train_em_digits(cfg: TrainConfig = EM_TRAIN, *, log=print) -> EMTrainResult:
-    """Warm-up training on the digits train split; returns the EMA network (what gets saved)."""
+def train_em_digits(cfg: TrainConfig = EM_TRAIN, *, log=print, init: EnergyMatchingNet | None = None) -> EMTrainResult:
+    """Warm-up training on the digits train split; returns the EMA network (what gets saved).
+
+    ``init``: continue from these weights (a longer warm-up without paying again for its start)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_train = load_digits_split().x_train
-    net = EnergyMatchingNet(ARCHITECTURES["EM-digits"]).train()
+    net = (deepcopy(init).requires_grad_(True) if init is not None
+           else EnergyMatchingNet(ARCHITECTURES["EM-digits"])).train()
     ema = deepcopy(net).eval().requires_grad_(False)
     # The official optimiser: Adam, betas (0.9, 0.95), linear warm-up, gradient clipping at 1.
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
