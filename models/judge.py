@@ -148,15 +148,11 @@ class Judge:
 
     @torch.no_grad()
     def features(self, images) -> np.ndarray:
-        pixels = images if isinstance(images, torch.Tensor) and images.dtype == torch.float64 \
-            and images.ndim == 2 else as_judged_pixels(images)
-        return self.net(pixels)[0].numpy()
+        return self.net(_judged(images))[0].numpy()
 
     @torch.no_grad()
     def predict(self, images) -> np.ndarray:
-        pixels = images if isinstance(images, torch.Tensor) and images.dtype == torch.float64 \
-            and images.ndim == 2 else as_judged_pixels(images)
-        return self.net(pixels)[1].argmax(1).numpy()
+        return self.net(_judged(images))[1].argmax(1).numpy()
 
     def score(self, images, labels=None) -> Scores:
         """Judge ``images`` against the held-out digits; ``labels`` (N,), the requested classes (-1: none)."""
@@ -183,6 +179,13 @@ class Judge:
         """Uniform noise images (``count``, fixed seed): what no generator should score worse than."""
         noise = np.random.default_rng(0).integers(0, 256, size=(count, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
         return self.score(noise, np.arange(count) % 10)
+
+
+def _judged(images) -> torch.Tensor:
+    # Already judged pixels (N, 64) float64 pass through; anything else goes through the uint8 round trip.
+    if isinstance(images, torch.Tensor) and images.dtype == torch.float64 and images.ndim == 2:
+        return images
+    return as_judged_pixels(images)
 
 
 def _train_feature_net(cfg: JudgeConfig, pixels: torch.Tensor, labels: torch.Tensor) -> FeatureNet:
