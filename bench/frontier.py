@@ -59,16 +59,16 @@ def _grid(name: str) -> list[tuple[str, str, dict]]:
         return points
     energy = name == "digits-e"
     steps_grid = (3, 5, 7, 10, 20) if energy else (3, 5, 7, 10, 15, 30, 60)
-    points = [(f"NAG eta 0.05 mu 0.3 CFG 1.0 fixed", f"{n}", _nag(steps=n)) for n in steps_grid]
-    points += [(f"NAG eta 0.05 mu 0.3 CFG 1.5 fixed", f"{n}", _nag(cfg=1.5, steps=n)) for n in (5, 10, 20, 60)]
-    points += [(f"NAG eta 0.05 mu 0.3 CFG 1.0 norm<thr", f"thr {t}", _nag(thr=t)) for t in (1.0, 2.0, 3.0, 4.0)]
+    points = [("NAG eta 0.05 mu 0.3 CFG 1.0 fixed", f"{n}", _nag(steps=n)) for n in steps_grid]
+    points += [("NAG eta 0.05 mu 0.3 CFG 1.5 fixed", f"{n}", _nag(cfg=1.5, steps=n)) for n in (5, 10, 20, 60)]
+    points += [("NAG eta 0.05 mu 0.3 CFG 1.0 norm<thr", f"thr {t}", _nag(thr=t)) for t in (1.0, 2.0, 3.0, 4.0)]
     points += [("NAG eta 0.05 mu 0.3 CFG 1.5 norm<thr", "thr 1.0 (old default)", _nag(cfg=1.5, thr=1.0))]
     if not energy:
         points += [(f"GD eta {e} CFG 1.0 fixed", f"{n}", _nag(eta=e, mu=0.0, steps=n, sampler="gd"))
                    for e in (0.05, 0.1) for n in (5, 10, 20)]
-        points += [(f"NAG eta 0.1 mu 0.3 CFG 1.0 fixed", f"{n}", _nag(eta=0.1, steps=n)) for n in (3, 5, 7)]
-        points += [(f"NAG eta 0.05 mu 0.5 CFG 1.0 fixed", f"{n}", _nag(mu=0.5, steps=n)) for n in (3, 5, 7)]
-        points += [(f"NAG eta 0.05 mu 0.3 CFG 1.25 fixed", f"{n}", _nag(cfg=1.25, steps=n)) for n in (5, 7, 10)]
+        points += [("NAG eta 0.1 mu 0.3 CFG 1.0 fixed", f"{n}", _nag(eta=0.1, steps=n)) for n in (3, 5, 7)]
+        points += [("NAG eta 0.05 mu 0.5 CFG 1.0 fixed", f"{n}", _nag(mu=0.5, steps=n)) for n in (3, 5, 7)]
+        points += [("NAG eta 0.05 mu 0.3 CFG 1.25 fixed", f"{n}", _nag(cfg=1.25, steps=n)) for n in (5, 7, 10)]
         # The official sample_gd.py: fixed NAG-GD steps with CFG on every request (paper: 250 steps, CFG 1.5).
         points += [("official loop (fixed NAG-GD, CFG 1.5)", f"{n} steps", _nag(cfg=1.5, steps=n)) for n in (249,)]
     return points

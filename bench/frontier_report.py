@@ -101,7 +101,7 @@ def section(data: dict) -> str:
         out.append("")
         stop = [r for r in data.get("stopping", []) if r["model"] == name]
         if stop:
-            out += [f"Stopping rules on one reference NAG-GD loop (eta 0.05, mu 0.3, CFG 1.0, cap 60):", "",
+            out += ["Stopping rules on one reference NAG-GD loop (eta 0.05, mu 0.3, CFG 1.0, cap 60):", "",
                     "| workload | rule | value | mean NFE | FD | precision | recall | accuracy |",
                     "|---|---|---:|---:|---:|---:|---:|---:|"]
             for r in stop:
