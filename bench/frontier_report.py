@@ -23,6 +23,13 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 PANEL_W, PANEL_H, MARGIN = 560, 420, 60
 
 
+def _models(data: dict) -> list[str]:
+    """The bundled models first, in their usual order, then any other."""
+    found = list(dict.fromkeys(r["model"] for r in data["sweep"]))
+    known = [m for m in ("digits", "digits-e", "em-digits") if m in found]
+    return known + [m for m in found if m not in known]
+
+
 def _axis(value: float, lo: float, hi: float, size: int) -> float:
     return (math.log10(max(value, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo)) * size
 
@@ -66,7 +73,7 @@ def _panel(draw: ImageDraw.ImageDraw, x0: int, rows: list[dict], name: str, floo
 
 
 def render(data: dict, marks: dict[str, dict[str, tuple[float, float]]], path: Path = PNG_PATH) -> None:
-    models = list(dict.fromkeys(r["model"] for r in data["sweep"]))
+    models = _models(data)
     image = Image.new("RGB", (PANEL_W * len(models), PANEL_H), "white")
     draw = ImageDraw.Draw(image)
     for i, name in enumerate(models):
@@ -88,7 +95,7 @@ def section(data: dict) -> str:
            "(300 unconditional for `em-digits`), noise seeds 1000+i. NFE = forward rows per image (a CFG step costs "
            "2; the evaluation that stops a sample counts). Plot: `bench/frontier.png`.", ""]
     out += _summary(data)
-    for name in dict.fromkeys(r["model"] for r in data["sweep"]):
+    for name in _models(data):
         fl = data["floor"][name]
         out += [f"### {name}", "",
                 f"floor (train digits vs held-out, same count): FD {fl['floor']['fd']}, precision "
@@ -128,7 +135,7 @@ def _summary(data: dict) -> list[str]:
     """Defaults before/after per model, and the official loop at its own best fixed-step setting."""
     out = ["Recorded defaults, former and now (same weights, same samples):", "",
            "| model | former defaults: FD at NFE | now: FD at NFE | precision, recall, accuracy now |", "|---|---|---|---|"]
-    for name in dict.fromkeys(r["model"] for r in data["sweep"]):
+    for name in _models(data):
         rows = [r for r in data["sweep"] if r["model"] == name]
         now = next(r for r in rows if r["series"] == "recorded defaults")
         old = next((r for r in rows if "old default" in r["label"] or r["series"] == "recorded before"), None)
