@@ -160,8 +160,10 @@ def run(quick: bool, write: bool) -> str:
         "alternating rounds). Baseline: the implicit field of the same network (one forward). EqM-E adds the "
         "backward to the input (its graph is dropped after the step).", "",
         "| network | implicit ms | EqM-E (dot) ms | EqM-E / implicit |", "|---|---|---|---|", *cost, "",
-        "**Sample quality** (class-conditional samples, the default digits sampler: NAG-GD eta 0.05, mu 0.3, "
-        "CFG 1.5, at most 60 updates, stop below norm 1.0; judged by an RBF SVM trained on the train split).", "",
+        f"**Sample quality** (class-conditional samples, the default digits sampler: NAG-GD eta "
+        f"{DIGITS_DEFAULTS.params.step_size}, mu {DIGITS_DEFAULTS.params.mu}, CFG {DIGITS_DEFAULTS.cfg_scale}, at most "
+        f"{DIGITS_DEFAULTS.params.max_steps} updates, stop below norm {DIGITS_DEFAULTS.grad_norm_threshold}; judged by "
+        "an RBF SVM trained on the train split).", "",
         "| model | classifier accuracy | samples | seconds |", "|---|---|---|---|", *qual, "",
         f"**OOD detection** (AUROC, {n_test} held-out digits vs {n_test} of each outlier set; unconditional field; "
         "higher score = outlier: the energy for EqM-E, the gradient norm for both).", "",

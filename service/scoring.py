@@ -7,7 +7,7 @@ without any sampling. A score job (kind ``score``) holds model-sized PNG uploads
 image, ``grad_norm`` and ``in_distribution``.
 
 Calibration (``in_distribution``): the norm is turned into an empirical p-value against the
-bundled model's held-out data, the 20% test split of the digits (``models.eqm.digits.load_digits_split``),
+bundled model's held-out data, the 20% test split of the digits (``models.digits_data.load_digits_split``),
 never seen in training: ``in_distribution = fraction of held-out digits whose norm is >= this image's``
 (1 = as typical as the data, ~0 = farther than every held-out digit). Unconditional scores compare
 with every held-out digit's unconditional norm; a score conditional on label ``c`` with the held-out
@@ -110,7 +110,7 @@ def score_latents(model, x: torch.Tensor, label: int | None, null_label: int,
 def calibrate_digits(checkpoint: str = "digits") -> dict:
     """Held-out reference norms of the digits model (its test split), unconditional and per class."""
     from models import load_model
-    from models.eqm.digits import load_digits_split
+    from models.digits_data import load_digits_split
     loaded = load_model(checkpoint, device="cpu")
     model, null = loaded.field, loaded.model.config.null_label
     from models.codecs import IdentityCodec

@@ -126,8 +126,8 @@ def test_bundled_models_are_claimed_by_their_family_and_described_as_loaded(name
 FAMILY_IMPORTS_ALLOWED = {
     "models.registry": "the registry lists the families",
     "service.cli.train_digits": "the command that trains the bundled EqM digits model",
-    "service.scoring": "calibration of score jobs on the held-out digits split",
-    "models.energy_matching.digits": "the Energy Matching digits trainer shares the digits split and schedule",
+    "models.energy_matching.digits": "the Energy Matching digits trainer shares the digits training schedule",
+    "models.warm_start": "retrains each bundled energy model from trained weights of its family",
 }
 
 

@@ -26,11 +26,11 @@ def eqm(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.Comple
 def test_help_states_the_bundled_models_defaults_beside_the_papers():
     from service.cli.sample import bundled_defaults
     digits = bundled_defaults()
-    assert digits["step_size"] == 0.05 and digits["max_steps"] == 60          # what the file records
+    assert digits["step_size"] == 0.05 and digits["max_steps"] == 7           # what the file records
     out = " ".join(eqm("sample", "--help").stdout.split())
-    assert "(digits 0.05), else 0.0017" in out and "(digits 60), else 249" in out, out
-    assert "bundled digits model does: NAG-GD, step size 0.05, mu 0.3, 60 updates, CFG 1.5, stop below " \
-           "gradient norm 1.0" in out, out
+    assert "(digits 0.05), else 0.0017" in out and "(digits 7), else 249" in out, out
+    assert "bundled digits model does: NAG-GD, step size 0.05, mu 0.3, 7 updates, CFG 1.0, stop below " \
+           "gradient norm 3.0" in out, out
 
 
 def test_a_missing_checkpoint_is_one_line_at_once(tmp_path):

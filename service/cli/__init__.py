@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Command modules, in the order ``eqm --help`` lists them.
-COMMANDS = ("serve", "api", "worker", "sample", "convert", "train_digits", "eval_digits")
+COMMANDS = ("serve", "api", "worker", "sample", "convert", "train_digits", "eval_digits", "eval")
 
 
 class UsageError(Exception):
