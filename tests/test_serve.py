@@ -288,7 +288,7 @@ NEEDS_RELEASED_WEIGHTS = ("EqM-XL-2", "0400000.pt", "--noise noise.npy", "cifar1
 SECTIONS_WITH_EXAMPLES = {"On a fresh machine": ".ci/run", "Using the API": "served", "Tests": ".ci/run",
                           "Client conventions": "served",
                           "Offline sampling: `eqm sample`": "run", "Weights: `eqm convert`": "parsed",
-                          "Energy Matching models": "run"}
+                          "Energy Matching models": "run", "Quality: `eqm eval`": "run"}
 # A served section's command that starts a server is checked against the parser (the test's own
 # `eqm serve` runs with the same settings) rather than started a second time.
 STARTS_A_SERVER = re.compile(r"^[^#\n]*\beqm serve\b.*$", re.M)
@@ -391,6 +391,24 @@ def test_readme_offline_examples_run(tmp_path):
     assert len(list((tmp_path / "digits_png").glob("*.png"))) == 10
     assert (tmp_path / "clean.npy").is_file() and (tmp_path / "mix.npy").is_file()
     assert len(list((tmp_path / "completed").glob("*.png"))) == 2           # the inpainting example
+
+
+@needs_digits
+def test_readme_eval_output_is_what_eqm_eval_prints(tmp_path):
+    """The table under the README's first `eqm eval` is what that command prints, line for line (the judge and
+    the sampler are deterministic: a changed default, weight or metric shows here)."""
+    block = next(block for heading, block in readme_blocks() if heading == "Quality: `eqm eval`")
+    lines = block.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("eqm eval"))
+    shown = []
+    for line in lines[first + 1:]:
+        if not line.startswith("# "):
+            break
+        shown.append(line[2:].rstrip())
+    assert len(shown) >= 5, shown
+    result = _bash(lines[first].split("#")[0], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.rstrip() for line in result.stdout.splitlines() if line.strip()] == shown
 
 
 @needs_digits
