@@ -98,3 +98,25 @@ def test_waits_return_at_once_when_the_server_stops(redis_url):
 
     events, waited, late_events = asyncio.run(scenario())
     assert events == [] and late_events == [] and waited < 1.0
+
+
+def test_a_shutdown_step_that_never_returns_is_bounded(caplog):
+    """Closing a Redis connection can wait on a socket that never reports closed: the API's shutdown goes on
+    past such a step (logged) instead of hanging with its port and streams held."""
+    import asyncio
+    import time
+
+    from service.api.deps import bounded
+
+    async def never() -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        await bounded(never(), "a stuck connection", timeout_s=0.2)
+        return time.monotonic() - t0
+
+    with caplog.at_level("WARNING", logger="eqm.api"):
+        took = asyncio.run(main())
+    assert 0.2 <= took < 2.0
+    assert "closing a stuck connection took over" in caplog.text

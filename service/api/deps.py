@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass, field
 
 import redis
@@ -17,6 +18,8 @@ from service.api.metrics import ApiMetrics
 from service.api.modelinfo import ModelInfo, load_model_info
 from service.jobstore import JobStore
 from service.settings import Settings
+
+log = logging.getLogger("eqm.api")
 
 
 @dataclass
@@ -59,10 +62,23 @@ class ApiState:
         return limit > 0 and int(info.get("used_memory", 0)) >= limit
 
     async def close(self) -> None:
-        await self.events.close()
-        await self.aredis.aclose()
-        await self.aredis.connection_pool.disconnect()
+        """Each step bounded: closing a Redis connection can wait on a socket that never reports closed,
+        and a shutdown that hangs keeps the port and every client's stream."""
+        await bounded(self.events.close(), "the event reader")
+        await bounded(self.aredis.aclose(), "the async Redis client")
+        await bounded(self.aredis.connection_pool.disconnect(), "the async Redis pool")
         self.redis.close()
+
+
+CLOSE_TIMEOUT_S = 5.0
+
+
+async def bounded(step, what: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Await one shutdown step for at most ``timeout_s``; past it, log and go on with the next."""
+    try:
+        await asyncio.wait_for(step, timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("closing %s took over %.0fs; going on without it", what, timeout_s)
 
 
 def get_state(request: Request) -> ApiState:

@@ -41,6 +41,7 @@ BLOCK_MS = 5000              # longest single XREAD BLOCK of the reader
 WAKE_INTERVAL_S = 0.02       # at most one wake-up of the reader this often
 READ_COUNT = 100             # entries per key per read
 WAKE_BATCH = 16              # followers handed an entry per turn of the event loop
+CLOSE_STEP_S = 2.0          # longest wait for one part of the hub to close (a socket may never report closed)
 TRIM_AFTER_FOLLOWERS = 100   # the freed heap is handed back once a hold at least this large has ended
 TRIM_DELAY_S = 3.0           # ... this long after its last follower left (shared replay pages expire first)
 
@@ -206,13 +207,13 @@ class EventHub:
                 continue
             task.cancel()
             try:
-                await task
-            except (asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, CLOSE_STEP_S)
+            except (asyncio.CancelledError, asyncio.TimeoutError, Exception):
                 pass
         for client in (self._reader, self._waker):
             try:
-                await client.aclose()
-            except Exception:           # closing a connection that already broke
+                await asyncio.wait_for(client.aclose(), CLOSE_STEP_S)
+            except Exception:           # closing a connection that already broke, or one that never says closed
                 pass
 
     def follow(self, key: str, last: str) -> Follower:
