@@ -52,13 +52,27 @@ def test_eqm_sample_runs_the_digits_model_on_one_thread_by_default(tmp_path, mon
     assert torch.get_num_threads() == 2
 
 
+def test_eqm_eval_runs_on_one_thread_by_default(tmp_path, monkeypatch, torch_threads, capsys):
+    """The judge and the bundled models are small: eqm eval takes the offline commands' rule too."""
+    import numpy as np
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    images = tmp_path / "noise.npy"
+    np.save(images, np.random.default_rng(0).integers(0, 256, (50, 8, 8, 1), dtype=np.uint8))
+    torch.set_num_threads(2)
+    assert main(["eval", "--images", str(images), "--json"]) == 0
+    assert torch.get_num_threads() == 1
+    assert main(["eval", "--images", str(images), "--json", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    capsys.readouterr()
+
+
 def test_threads_flag_is_checked_and_documented(capsys):
     assert main(["sample", "--checkpoint", "digits", "--labels", "1", "--threads", "-1",
                  "--images-out", "never.npy"]) == 2
     assert main(["train-digits", "--threads", "-1", "--out", "never.safetensors"]) == 2
     err = capsys.readouterr().err
     assert err.count("--threads must be >= 0") == 2 and not Path("never.npy").exists()
-    for command in ("sample", "eval-digits", "train-digits"):
+    for command in ("sample", "eval", "eval-digits", "train-digits"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from service.cli.threads import add_threads_argument, apply_threads
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="judge samples: FD, precision/recall and accuracy against held-out digits",
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--grad-norm-threshold", type=float, default=None, help="stop a sample below this norm (0 = off)")
     s.add_argument("--epsilon-max", type=float, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    add_threads_argument(p)
     p.set_defaults(handler=run_eval)
 
 
@@ -60,6 +63,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.per_class < 0 or (args.unconditional or 0) < 0:
         raise UsageError("--per-class and --unconditional must be >= 0")
     from models import resolve_checkpoint
+    model_path = None if args.images else resolve_checkpoint(args.model or "digits")
+    # The judge's own network is small; a model's size is read from its file (the worker's rule).
+    apply_threads(args.threads, "cpu", model_path, small=True if args.images else None)
     from models.judge import Judge
 
     judge = Judge.shared()
@@ -73,7 +79,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from models import load_model
         from models.judge_runs import draw
 
-        path = resolve_checkpoint(args.model or "digits")
+        path = model_path
         if not Path(path).is_file():
             raise UsageError(f"--model {args.model}: no bundled model or file of that name")
         loaded = load_model(path)
