@@ -60,6 +60,8 @@ from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobs import REDIS_BUSY, ImageResult, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress
+from service.runs.shards import ShardCollector
+from service.runs.store import root_of
 from service.scoring import SCORE_KIND, Calibration, calibration_path, run_score_job
 from service.settings import Settings
 
@@ -99,6 +101,7 @@ class WorkerConfig:
     name: str = ""                      # consumer name (default host:pid:device)
     parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
     warmup: bool = True
+    results_dir: str = ""               # sampling-run shards are written here ("" = service.runs.store.default_root)
 
     @property
     def rows(self) -> int:
@@ -112,7 +115,7 @@ class WorkerConfig:
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
                     result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
-                    metrics_host=settings.host)
+                    metrics_host=settings.host, results_dir=settings.results_dir)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -180,6 +183,7 @@ class Worker:
         self._reclaimed: set[str] = set()              # jobs taken from a dead worker's pending entries
         self._backoff_s = 0.0                          # Redis refusing writes (OOM): current back-off
         self._beats = 0
+        self._shards = ShardCollector(root_of(cfg.results_dir))   # sampling-run shards: images to the store
 
     # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self, hurry: bool = False) -> None:
@@ -389,6 +393,7 @@ class Worker:
                 spec.priority += RESTART_PRIORITY_BOOST
             upload = self.r.get(k.input(job_id)) if spec.kind in ("denoise", "inpaint") else None
             self.engine.add_job(spec, upload)
+            self._shards.track(spec)
         except (JobError, ValueError, TypeError, KeyError) as exc:
             self._fail(job_id, entry_id, f"invalid job: {exc}")
             return
@@ -439,6 +444,7 @@ class Worker:
         """Stop a job here and write nothing more for it (its record is final, gone, or another worker's)."""
         if self.engine.cancel(job_id):      # its samples leave at the next step; forget it when it is out
             self._dropped.add(job_id)
+        self._shards.forget(job_id)
         with self._lock:
             entry_id = self._inflight.pop(job_id, None)
         if ack and entry_id is not None:
@@ -592,6 +598,8 @@ class Worker:
         touched: set[str] = set()
         published: list[tuple[JobProgress, int | None]] = []      # norms to forget once written
         for img in out.images:
+            if self._shards.keep(img):          # a sampling-run shard: written to the results store at its end
+                continue
             idx = img.result.index
             pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
             prog = self._progress.get(img.job_id)
@@ -619,7 +627,9 @@ class Worker:
         # Images are stored before the final status, so "done" always means the images are there.
         for job in out.jobs:
             prog = self._progress.get(job.job_id)
-            written = self.store.finish(job.job_id, job.status, images=job.images, worker=self.name,
+            shard_error = self._shards.write(job)       # the shard file before "done"; None for other jobs
+            written = self.store.finish(job.job_id, "failed" if shard_error else job.status, error=shard_error,
+                                        images=job.images, worker=self.name,
                                         progress=json.dumps(prog.summary() if prog else []))
             with self._lock:
                 entry_id = self._inflight.pop(job.job_id, None)
