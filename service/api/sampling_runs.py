@@ -75,6 +75,16 @@ async def create_run(request: Request, body: SamplingRunRequest, state: ApiState
     if shard_size > settings.max_images_per_job:
         raise field_error(("body", "shard_size"), f"shard_size={shard_size} is more than {settings.max_images_per_job} "
                           "images per job (EQM_MAX_IMAGES_PER_JOB)")
+    keeper = _keeper(request)
+    try:
+        await run_in_threadpool(results.check_writable, keeper.root)
+    except results.StoreError as exc:
+        raise HTTPException(503, str(exc)) from None
+    need = results.estimate_bytes(body.num_samples, model.image_size, model.image_size, model.channels)
+    free = await run_in_threadpool(results.free_bytes, keeper.root)
+    if need > free:
+        raise HTTPException(507, f"the run needs about {need / 1e9:.2f} GB in the results store and "
+                                 f"{keeper.root} has {free / 1e9:.2f} GB free; free space or ask for fewer samples")
     labels = body.labels if body.labels == "uniform" else resolve_labels(body.labels, model, ("body", "labels"))
     try:
         labels = run_labels(labels, body.num_samples, model.num_classes)
@@ -82,16 +92,6 @@ async def create_run(request: Request, body: SamplingRunRequest, state: ApiState
         raise field_error(("body", "labels"), str(exc)) from None
     sampler = sampler_spec(body, model)
     cfg_scale = model.defaults.guidance_scale if body.guidance_scale is None else body.guidance_scale
-    keeper = _keeper(request)
-    try:
-        await run_in_threadpool(results.check_writable, keeper.root)
-    except results.StoreError as exc:
-        raise HTTPException(500, str(exc)) from None
-    need = results.estimate_bytes(body.num_samples, model.image_size, model.image_size, model.channels)
-    free = await run_in_threadpool(results.free_bytes, keeper.root)
-    if need > free:
-        raise HTTPException(507, f"the run needs about {need / 1e9:.2f} GB in the results store and "
-                                 f"{keeper.root} has {free / 1e9:.2f} GB free; free space or ask for fewer samples")
     await run_in_threadpool(_admit, state)
     record = new_run(model=model.name, labels=labels, seed=body.seed, cfg_scale=cfg_scale, sampler=sampler,
                      shard_size=shard_size, priority=body.priority, image_size=(model.image_size, model.image_size),
