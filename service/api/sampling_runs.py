@@ -55,7 +55,8 @@ class SamplingRunRequest(BaseModel):
 def start_runs(app: FastAPI, state: ApiState) -> RunKeeper:
     """The lifespan's hook: this process' run keeper (one thread), reachable from the handlers."""
     root = results.root_of(state.settings.results_dir)
-    keeper = RunKeeper(root, state.store, RunMetrics(state.metrics.registry)).start()
+    keeper = RunKeeper(root, state.store, RunMetrics(state.metrics.registry),
+                       heartbeat_s=state.settings.heartbeat_s).start()
     app.state.runs = keeper
     return keeper
 

@@ -5,8 +5,10 @@ Each pass (``tick``) looks at every run the store holds with status ``running`` 
 - in flight while its job is queued or running (reclaim, dead letters and restarts are the queue's);
 - submitted again when its job is gone (Redis lost it), finished without a file, cancelled by someone
   else, or failed (up to ``MAX_SHARD_FAILURES`` times; then the run fails and says which shard).
-Only ``window`` shards of a run are in the queue at once, so a run never fills the queue ahead of
-interactive work and a cancel has little to take back. When every shard is done the run is assembled
+Only a few shards of a run are in the queue at once (``shards_per_worker`` per live worker of the model:
+one running, one waiting), so a worker's backlog never holds more than its next shard and an interactive
+request is read from the stream at once (it then goes first: its priority is higher); a cancel has little
+to take back. When every shard is done the run is assembled
 (``store.assemble``) and judged (``service.runs.report``).
 
 All state lives in the run record on disk, so the keeper of a restarted API picks up where the last
@@ -50,10 +52,11 @@ class RunMetrics:
 
 
 class RunKeeper:
-    def __init__(self, root: Path, store: JobStore, metrics: RunMetrics | None = None, *, window: int = 8,
-                 interval_s: float = 0.5, name: str = ""):
+    def __init__(self, root: Path, store: JobStore, metrics: RunMetrics | None = None, *, window: int | None = None,
+                 shards_per_worker: int = 2, heartbeat_s: float = 2.0, interval_s: float = 0.5, name: str = ""):
         self.root, self.store, self.metrics = root, store, metrics
-        self.window, self.interval_s = window, interval_s
+        self.fixed_window, self.shards_per_worker, self.heartbeat_s = window, shards_per_worker, heartbeat_s
+        self.interval_s = interval_s
         self.name = name or f"keeper-{id(self):x}"
         self._lock = threading.Lock()            # one pass at a time in this process (thread and handlers)
         self._stop = threading.Event()
@@ -109,6 +112,7 @@ class RunKeeper:
         """Bring one running run's record up to date, submit shards up to the window, assemble when done."""
         changed = False
         inflight = 0
+        window = self._window(record["model"])
         for shard in record["shards"]:
             if shard["done"]:
                 continue
@@ -138,7 +142,7 @@ class RunKeeper:
             shard["job"] = None            # gone, failed, cancelled elsewhere, or done without a file: again
             changed = True
         for shard in record["shards"]:
-            if inflight >= self.window:
+            if inflight >= window:
                 break
             if not shard["done"] and shard["job"] is None:
                 shard["attempts"] += 1
@@ -152,6 +156,12 @@ class RunKeeper:
             changed = True
         if changed:
             results.save_run(self.root, record)
+
+    def _window(self, model: str) -> int:
+        if self.fixed_window is not None:
+            return self.fixed_window
+        live = sum(1 for w in self.store.live_workers(self.heartbeat_s).values() if w.get("model") == model)
+        return self.shards_per_worker * max(1, live)
 
     def _mark_done(self, record: dict, shard: dict, path: Path) -> None:
         with np.load(path, allow_pickle=False) as z:
