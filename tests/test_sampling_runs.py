@@ -194,3 +194,18 @@ def test_a_run_is_queued_as_low_priority_shards_and_can_be_cancelled(runs_client
     cancelled = runs_client.post(f"/v1/sampling-runs/{run['id']}/cancel").json()
     assert cancelled["status"] == "cancelled" and store.queue_depth() == 0
     assert runs_client.get("/v1/sampling-runs/nosuchrun").status_code == 404
+
+
+def test_shards_dead_lettered_by_dying_workers_run_again_without_failing_the_run(tmp_path, redis_client):
+    store = JobStore(redis_client)
+    keeper = RunKeeper(tmp_path, store, window=1)
+    record = _record(16, 16)
+    keeper.submit(record)
+    for _ in range(5):
+        job = results.load_run(tmp_path, record["id"])["shards"][0]["job"]
+        store.finish(job, "failed", error="dead-lettered: the worker running it stopped or crashed 3 times (limit 3)")
+        keeper.tick()
+    saved = results.load_run(tmp_path, record["id"])
+    assert saved["status"] == "running" and saved["shards"][0]["attempts"] == 6
+    assert store.get(saved["shards"][0]["job"])["status"] == "queued"
+    assert (progress(saved)["shards_lost"], progress(saved)["shards_failed"]) == (5, 0)

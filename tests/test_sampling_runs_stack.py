@@ -35,7 +35,7 @@ class Stack:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = service_env(EQM_REDIS_URL=redis_url, EQM_CHECKPOINT="digits", EQM_RESULTS_DIR=str(results_dir),
-                               EQM_HEARTBEAT_S="0.5", EQM_CLAIM_IDLE_MS="1500", EQM_MAX_DELIVERIES="1000")
+                               EQM_HEARTBEAT_S="0.5", EQM_CLAIM_IDLE_MS="1500")
         self.log = log
 
     def __enter__(self) -> "Stack":

@@ -4,7 +4,9 @@ Each pass (``tick``) looks at every run the store holds with status ``running`` 
 - done once its file and checksum are in the store (the worker writes them before the job's "done");
 - in flight while its job is queued or running (reclaim, dead letters and restarts are the queue's);
 - submitted again when its job is gone (Redis lost it), finished without a file, cancelled by someone
-  else, or failed (up to ``MAX_SHARD_FAILURES`` times; then the run fails and says which shard).
+  else, or failed (up to ``MAX_SHARD_FAILURES`` times; then the run fails and says which shard). A job
+  dead-lettered because the workers running it died is a loss, not an error: killed workers never fail a
+  run, unless the same shard keeps killing them (``MAX_SHARD_LOSSES`` dead letters).
 Only a few shards of a run are in the queue at once (``shards_per_worker`` per live worker of the model:
 one running, one waiting), so a worker's backlog never holds more than its next shard and an interactive
 request is read from the stream at once (it then goes first: its priority is higher); a cancel has little
@@ -34,8 +36,9 @@ from service.runs.report import evaluate
 
 log = logging.getLogger("eqm.runs")
 
-MAX_SHARD_FAILURES = 3        # a shard that failed this often fails its run
-LEASE_S = 30                  # a keeper holds a run this long per pass (renewed each pass)
+MAX_SHARD_FAILURES = 3        # a shard whose job failed (an error) this often fails its run
+MAX_SHARD_LOSSES = 10         # dead-lettered this often (each = max_deliveries worker deaths): a poison shard
+LEASE_S = 10                  # a keeper holds a run this long per pass (renewed each pass)
 
 
 class RunMetrics:
@@ -61,6 +64,7 @@ class RunKeeper:
         self._lock = threading.Lock()            # one pass at a time in this process (thread and handlers)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._final: set[str] = set()            # runs seen final: not read again at every pass
         self.batches = BatchKeeper(root, store)  # OpenAI batches move on the same thread
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -87,8 +91,12 @@ class RunKeeper:
             self.batches.tick()
             running, rates = 0, {}
             for run_id in results.run_ids(self.root):
+                if run_id in self._final:
+                    continue
                 record = results.load_run(self.root, run_id)
                 if record is None or record["status"] != "running":
+                    if record is not None and record["status"] == "done":
+                        self._final.add(run_id)      # cancelled and failed runs may be resumed elsewhere
                     continue
                 running += 1
                 if self._lease(run_id):
@@ -129,10 +137,11 @@ class RunKeeper:
                 inflight += 1
                 continue
             if status == "failed":
-                shard["failures"] += 1
-                self._count(record, "failed")
+                lost = (job.get("error") or "").startswith("dead-lettered")
+                shard["lost" if lost else "failures"] = shard.get("lost" if lost else "failures", 0) + 1
+                self._count(record, "lost" if lost else "failed")
                 log.warning("run %s shard %d failed (%s)", record["id"], shard["index"], job.get("error"))
-                if shard["failures"] >= MAX_SHARD_FAILURES:
+                if shard["failures"] >= MAX_SHARD_FAILURES or shard.get("lost", 0) >= MAX_SHARD_LOSSES:
                     record.update(status="failed", finished=time.time(),
                                   error=f"shard {shard['index']} failed {shard['failures']} times; last: "
                                         f"{job.get('error')}")
@@ -234,5 +243,6 @@ def progress(record: dict) -> dict:
     eta = (total - done) / rate if rate and record["status"] == "running" else None
     return {"done": done, "total": total, "shards_done": len(done_shards), "shards_total": len(record["shards"]),
             "shards_failed": sum(s["failures"] for s in record["shards"]),
+            "shards_lost": sum(s.get("lost", 0) for s in record["shards"]),
             "images_per_second": None if rate is None else round(rate, 3),
             "eta_s": None if eta is None else round(eta, 1), "nfe": sum(s["nfe"] for s in done_shards)}
