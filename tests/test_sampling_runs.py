@@ -209,3 +209,48 @@ def test_shards_dead_lettered_by_dying_workers_run_again_without_failing_the_run
     assert saved["status"] == "running" and saved["shards"][0]["attempts"] == 6
     assert store.get(saved["shards"][0]["job"])["status"] == "queued"
     assert (progress(saved)["shards_lost"], progress(saved)["shards_failed"]) == (5, 0)
+
+
+def test_a_digits_runs_report_asks_the_quality_judge_or_says_it_is_missing(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from service.runs.report import evaluate
+    record = _record(40, 32)
+    for shard in record["shards"]:
+        results.write_shard(results.shard_path(tmp_path, record["id"], shard["index"]),
+                            _shard_arrays(shard["start"], shard["count"]))
+    samples, _ = results.assemble(tmp_path, record)
+    seen = {}
+
+    class Scores:
+        def row(self):
+            return {"count": 40, "fd": 1.25, "precision": 0.5, "recall": 0.5, "accuracy": 0.9}
+
+    class Judge:
+        @staticmethod
+        def shared():
+            return Judge()
+
+        def score(self, images, labels):
+            seen.update(images=images, labels=labels)
+            return Scores()
+
+    monkeypatch.setitem(sys.modules, "models.judge", types.SimpleNamespace(Judge=Judge))
+    report = evaluate(samples, record)
+    assert report["judge"]["fd"] == 1.25 and "evaluator.py" in report["adm_evaluator"]
+    assert seen["images"].shape == (40, 8, 8, 3) and np.array_equal(seen["labels"], np.arange(40) % 10)
+    monkeypatch.setitem(sys.modules, "models.judge", None)           # a build without the judge
+    assert "not part of this build" in evaluate(samples, record)["judge"]["error"]
+
+
+def test_events_end_with_the_final_status_and_a_cancelled_run_resumes(runs_client, redis_client):
+    run = runs_client.post("/v1/sampling-runs", json={"num_samples": 30, "shard_size": 10}).json()
+    runs_client.post(f"/v1/sampling-runs/{run['id']}/cancel")
+    with runs_client.stream("GET", run["links"]["events"]) as resp:
+        text = "".join(resp.iter_text())
+    assert text.startswith("event: progress\ndata: ") and '"total": 30' in text
+    assert "event: cancelled\n" in text and text.rstrip().endswith("}")
+    resumed = runs_client.post(f"/v1/sampling-runs/{run['id']}/resume").json()
+    assert resumed["status"] == "running"
+    assert JobStore(redis_client).queue_depth() == 2                    # the window, queued again
