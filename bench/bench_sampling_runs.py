@@ -7,7 +7,7 @@ figures are kept in ``bench/sampling_runs.json`` and the section of RESULTS.md i
 - ``chaos``: ``eqm api`` + ``eqm worker --devices cpu,cpu`` (two CPU workers), ``kill -9`` of one of them every
   ``--kill-every`` seconds for the whole run; images missing, duplicated and different from the offline run.
 - ``latency``: single-image ``/v1/images/generations`` requests, one after another, on an idle ``eqm serve``
-  (baseline) and while a sampling run keeps the same worker busy; p50/p95 per round, rounds alternating.
+  (baseline) and while a sampling run keeps the same worker busy; p50/p95 per round (idle, then busy).
 - ``throughput``: images/s of a run through the service (one worker) against the engine alone on the same
   worker settings (``service.worker.build_engine``: capacity 64, one torch thread, PNG encoding as the worker
   does) on the run's own shard jobs, right after the service's run in each round; medians [min-max].

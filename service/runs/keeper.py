@@ -136,6 +136,10 @@ class RunKeeper:
             if status in ("queued", "running"):
                 inflight += 1
                 continue
+            if status == "done" and results.shard_done(path):     # its file landed since the look above
+                self._mark_done(record, shard, path)
+                changed = True
+                continue
             if status == "failed":
                 lost = (job.get("error") or "").startswith("dead-lettered")
                 shard["lost" if lost else "failures"] = shard.get("lost" if lost else "failures", 0) + 1
@@ -143,8 +147,8 @@ class RunKeeper:
                 log.warning("run %s shard %d failed (%s)", record["id"], shard["index"], job.get("error"))
                 if shard["failures"] >= MAX_SHARD_FAILURES or shard.get("lost", 0) >= MAX_SHARD_LOSSES:
                     record.update(status="failed", finished=time.time(),
-                                  error=f"shard {shard['index']} failed {shard['failures']} times; last: "
-                                        f"{job.get('error')}")
+                                  error=f"shard {shard['index']} failed {shard['failures']} times and was lost with "
+                                        f"its workers {shard.get('lost', 0)} times; last: {job.get('error')}")
                     results.save_run(self.root, record)
                     self._cancel_inflight(record)
                     return
@@ -164,6 +168,9 @@ class RunKeeper:
             self._finish(record)
             changed = True
         if changed:
+            now = results.load_run(self.root, record["id"])
+            if now is not None and now["status"] != "running" and record["status"] == "running":
+                record.update(status=now["status"], finished=now["finished"])   # cancelled by another process
             results.save_run(self.root, record)
 
     def _window(self, model: str) -> int:
