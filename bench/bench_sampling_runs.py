@@ -4,8 +4,8 @@ figures are kept in ``bench/sampling_runs.json`` and the section of RESULTS.md i
 - ``identity``: ``eqm serve`` + ``eqm sample --server URL --num-samples N --npz`` against ``eqm sample
   --num-samples N --npz`` offline (same seeds, the model's recorded settings): images that differ, labels,
   wall time of each, the run's report (the quality judge's figures where this build has it).
-- ``chaos``: ``eqm api`` + ``eqm worker --devices cpu,cpu`` (two CPU workers), ``kill -9`` of one of them every
-  ``--kill-every`` seconds for the whole run; images missing, duplicated and different from the offline run.
+- ``chaos``: ``eqm api`` + two CPU worker processes, ``kill -9`` of one of them every ``--kill-every`` seconds
+  for the whole run (restarted at once); images missing, duplicated and different from the offline run.
 - ``latency``: single-image ``/v1/images/generations`` requests, one after another, on an idle ``eqm serve``
   (baseline) and while a sampling run keeps the same worker busy; p50/p95 per round (idle, then busy).
 - ``throughput``: images/s of a run through the service (one worker) against the engine alone on the same
@@ -125,14 +125,25 @@ def identity(args) -> dict:
 
 
 def chaos(args) -> dict:
+    """Two worker processes that this script restarts at once when killed (an orchestrator without back-off:
+    ``eqm worker``'s supervisor backs off up to 30 s for workers that die young, and a worker killed every few
+    seconds is always young); every ``--kill-every`` s one of them that has been up that long gets ``kill -9``."""
     ref, _ = offline_reference(args.samples)
     redis_server = EmbeddedRedis().start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    e = env(EQM_REDIS_URL=redis_server.url, EQM_RESULTS_DIR=str(WORK / "chaos"), EQM_CLAIM_IDLE_MS="2000",
-            EQM_MAX_DELIVERIES="100000")
-    workers = eqm("worker", "--devices", "cpu,cpu", "--threads", "1", environ=e, log=WORK / "chaos.log")
-    api = eqm("api", "--port", str(port), "--log-level", "warning", environ=e, log=WORK / "chaos.log")
+    e = env(EQM_REDIS_URL=redis_server.url, EQM_RESULTS_DIR=str(WORK / "chaos"), EQM_CLAIM_IDLE_MS="2000")
+    log = WORK / "chaos.log"
+
+    def worker(k: int) -> subprocess.Popen:
+        out = open(log, "ab")
+        return subprocess.Popen([sys.executable, "-m", "service.worker", "--device", "cpu", "--threads", "1",
+                                 "--name", f"chaos-{k}-{time.monotonic_ns()}"], cwd=ROOT, env=e, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+    workers = [worker(0), worker(1)]
+    born = [time.monotonic()] * 2
+    api = eqm("api", "--port", str(port), "--log-level", "warning", environ=e, log=log)
     kills = 0
     try:
         wait_ready(url)
@@ -141,21 +152,25 @@ def chaos(args) -> dict:
         run = client.submit(num_samples=args.samples)
         while client.status(run["id"])["status"] == "running":
             time.sleep(args.kill_every)
-            pids = subprocess.run(["pgrep", "-P", str(workers.pid)], capture_output=True, text=True).stdout.split()
-            if pids and client.status(run["id"])["status"] == "running":
-                subprocess.run(["kill", "-9", random.choice(pids)])
+            old = [k for k in (0, 1) if time.monotonic() - born[k] >= args.kill_every]
+            if old:
+                k = random.choice(old)
+                workers[k].kill()
+                workers[k].wait()
                 kills += 1
+                workers[k], born[k] = worker(k), time.monotonic()
         seconds = time.perf_counter() - t0
         final = client.status(run["id"])
         out = WORK / "chaos.npz"
         client.download(run["id"], out)
     finally:
-        for proc in (api, workers):
+        for proc in (api, *workers):
             proc.kill()
             proc.wait()
         redis_server.stop()
     return {"samples": args.samples, "kills": kills, "seconds": seconds, "status": final["status"],
-            "shards_failed": final["progress"]["shards_failed"], "nfe": final["progress"]["nfe"], **compare(out, ref)}
+            "shards_failed": final["progress"]["shards_failed"], "shards_lost": final["progress"]["shards_lost"],
+            "nfe": final["progress"]["nfe"], **compare(out, ref)}
 
 
 def _single_requests(url: str, count: int) -> list[float]:
@@ -239,11 +254,13 @@ def render(fig: dict) -> str:
     if "chaos" in fig:
         c = fig["chaos"]
         missing = c["samples"] - c["images"]
-        lines += [f"**Chaos** (two CPU workers, `kill -9` of one every few seconds, {c['kills']} kills over "
+        lines += [f"**Chaos** (two CPU worker processes, `kill -9` of one every few seconds and restarted at once, "
+                  f"{c['kills']} kills over "
                   f"{c['seconds']:.0f} s): status {c['status']}, {max(0, missing)} images missing, "
                   f"{c['distinct_offline'] - c['distinct_images']} duplicated (distinct images {c['distinct_images']} "
                   f"vs {c['distinct_offline']} offline), {c['images_differing']} differing from the offline run; "
-                  f"shard failures {c['shards_failed']}.", ""]
+                  f"shard failures {c['shards_failed']}, shards dead-lettered and run again {c.get('shards_lost', 0)}; "
+                  "default settings (3 deliveries per job, reclaim after 2 s idle).", ""]
     if "latency" in fig:
         rs = fig["latency"]["rounds"]
         lines += [f"**Interactive latency** ({fig['latency']['requests']} single-image `/v1/images/generations`, one "
