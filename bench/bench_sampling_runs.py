@@ -241,7 +241,7 @@ def throughput(args) -> dict:
 
 def render(fig: dict) -> str:
     lines = [TITLE, "", f"`python bench/bench_sampling_runs.py` — {fig.get('date', '?')}, 2-core CPU (x86_64), "
-             f"loaded: shared with four other engineers' builds and tests; {fig.get('load', '')}. Bundled digits "
+             "loaded: shared with four other engineers' builds and tests (each part's load below). Bundled digits "
              "model, its recorded sampler settings, one torch thread per worker.", ""]
     if "identity" in fig:
         i = fig["identity"]
@@ -250,7 +250,8 @@ def render(fig: dict) -> str:
                   f"{tuple(i['shape'])} uint8, labels equal: {i['labels_equal']}, images differing: "
                   f"{i['images_differing']} (largest pixel difference {i['max_pixel_diff']}); wall time "
                   f"{i['served_s']:.0f} s through the service (one CPU worker) vs {i['offline_s']:.0f} s offline "
-                  f"(one batch); NFE {i['progress']['nfe']}. Judge in the run's report: {i['judge']}.", ""]
+                  f"(one batch); NFE {i['progress']['nfe']}. Judge in the run's report: {i['judge']}. "
+                  f"Load: {i.get('load', '?')}.", ""]
     if "chaos" in fig:
         c = fig["chaos"]
         missing = c["samples"] - c["images"]
@@ -260,10 +261,10 @@ def render(fig: dict) -> str:
                   f"{c['distinct_offline'] - c['distinct_images']} duplicated (distinct images {c['distinct_images']} "
                   f"vs {c['distinct_offline']} offline), {c['images_differing']} differing from the offline run; "
                   f"shard failures {c['shards_failed']}, shards dead-lettered and run again {c.get('shards_lost', 0)}; "
-                  "default settings (3 deliveries per job, reclaim after 2 s idle).", ""]
+                  f"default settings (3 deliveries per job, reclaim after 2 s idle). Load: {c.get('load', '?')}.", ""]
     if "latency" in fig:
         rs = fig["latency"]["rounds"]
-        lines += [f"**Interactive latency** ({fig['latency']['requests']} single-image `/v1/images/generations`, one "
+        lines += [f"**Interactive latency** ({fig['latency'].get('load', '?')}; {fig['latency']['requests']} single-image `/v1/images/generations`, one "
                   "at a time; baseline: the same requests on the idle service just before, in each round):", "",
                   "| | p50 (s) | p95 (s) |", "|---|---|---|",
                   f"| during a run | {median_range([r['busy_p50'] for r in rs], '{:.3f}')} | "
@@ -280,14 +281,16 @@ def render(fig: dict) -> str:
                   "run), which is not built; a run's images/s then drops by the interactive share.", ""]
     if "throughput" in fig:
         rs = fig["throughput"]["rounds"]
-        lines += [f"**Throughput** ({fig['throughput']['samples']} images per round; baseline: the engine alone, "
+        lines += [f"**Throughput** ({fig['throughput'].get('load', '?')}; {fig['throughput']['samples']} images per round; baseline: the engine alone, "
                   "built as the worker builds it, on the same shard jobs, run right after the service's run in each round):", "",
                   "| | images/s |", "|---|---|",
                   f"| sampling run through the service (one worker) | "
                   f"{median_range([r['service_images_per_s'] for r in rs], '{:.1f}')} |",
                   f"| engine alone (baseline) | {median_range([r['engine_images_per_s'] for r in rs], '{:.1f}')} |",
-                  "", f"service / engine: {median_range([r['ratio'] for r in rs], '{:.2f}')} (the rounds' spread is the "
-                  "shared machine's: other builds and tests ran beside them).", ""]
+                  "", f"service / engine: {median_range([r['ratio'] for r in rs], '{:.2f}')}: not within 10% on "
+                  "1,000 images. Not yet broken down; candidates are the worker's Redis round trips between steps "
+                  "(progress events, previews, fetches) and a run's fixed costs (keeper passes every 0.5 s, the "
+                  "last shard's tail, assembly and report, counted in the run's time).", ""]
     return "\n".join(lines)
 
 
@@ -307,7 +310,9 @@ def main(argv=None) -> int:
     if not args.render:
         fig.update(date=datetime.date.today().isoformat(), load=machine_load())
     for part in [] if args.render else args.only.split(","):
+        load = machine_load()
         fig[part] = {"identity": identity, "chaos": chaos, "latency": latency, "throughput": throughput}[part](args)
+        fig[part]["load"] = load
         if not args.no_write:
             FIGURES.write_text(json.dumps(fig, indent=1))
     publish(TITLE, render(fig), write=not args.no_write)
