@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import ApiState, get_state, require_api_key
+from service.api.schemas import error_responses
 from service.api.openai_images import ImageGenerationRequest, _build_spec, _check_size, _revised
 from service.runs import batches as store
 from service.runs.plan import DEFAULT_PRIORITY
@@ -41,7 +42,8 @@ def _root(request: Request):
     return request.app.state.runs.root
 
 
-@router.post("/v1/files", summary="Upload a batch input file (JSONL, purpose 'batch')")
+@router.post("/v1/files", summary="Upload a batch input file (JSONL, purpose 'batch')",
+             responses=error_responses(400, 401, 413))
 async def create_file(request: Request) -> dict:
     form = await request.form(max_part_size=MAX_FILE_BYTES)
     upload, purpose = form.get("file"), form.get("purpose")
@@ -55,12 +57,13 @@ async def create_file(request: Request) -> dict:
     return await run_in_threadpool(store.save_file, _root(request), data, upload.filename or "batch.jsonl", "batch")
 
 
-@router.get("/v1/files/{file_id}", summary="A file's description")
+@router.get("/v1/files/{file_id}", summary="A file's description", responses=error_responses(401, 404))
 async def get_file(request: Request, file_id: str) -> dict:
     return _file(request, file_id)[0]
 
 
-@router.get("/v1/files/{file_id}/content", response_class=FileResponse, summary="A file's bytes")
+@router.get("/v1/files/{file_id}/content", response_class=FileResponse, summary="A file's bytes",
+            responses={200: {"content": {"application/jsonl": {}}}, **error_responses(401, 404)})
 async def file_content(request: Request, file_id: str) -> FileResponse:
     meta, path = _file(request, file_id)
     return FileResponse(path, media_type="application/jsonl", filename=meta["filename"])
@@ -73,7 +76,8 @@ def _file(request: Request, file_id: str):
     return found
 
 
-@router.post("/v1/batches", summary="Create a batch of /v1/images/generations requests")
+@router.post("/v1/batches", summary="Create a batch of /v1/images/generations requests",
+             responses=error_responses(400, 401, 404))
 async def create_batch(request: Request, body: BatchRequest, state: ApiState = Depends(get_state)) -> dict:
     if body.endpoint != ENDPOINT:
         raise HTTPException(400, f"endpoint {body.endpoint!r} is not batched here: use {ENDPOINT!r}")
@@ -97,7 +101,8 @@ async def create_batch(request: Request, body: BatchRequest, state: ApiState = D
     return store.public_batch(record)
 
 
-@router.get("/v1/batches/{batch_id}", summary="A batch's status, counts and output file")
+@router.get("/v1/batches/{batch_id}", summary="A batch's status, counts and output file",
+            responses=error_responses(401, 404))
 async def get_batch(request: Request, batch_id: str) -> dict:
     record = store.load_batch(_root(request), batch_id)
     if record is None:
@@ -105,7 +110,8 @@ async def get_batch(request: Request, batch_id: str) -> dict:
     return store.public_batch(record)
 
 
-@router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch (finished lines stay in its output)")
+@router.post("/v1/batches/{batch_id}/cancel", summary="Cancel a batch (finished lines stay in its output)",
+             responses=error_responses(401, 404))
 async def cancel_batch(request: Request, batch_id: str) -> dict:
     record = await run_in_threadpool(request.app.state.runs.batches.cancel, batch_id)
     if record is None:

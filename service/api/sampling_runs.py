@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.conventions import public_base
 from service.api.deps import ApiState, get_state, may_see, require_api_key
+from service.api.schemas import error_responses
 from service.api.submit import _admit, check_model, field_error, resolve_labels, sampler_spec
 from service.runs import store as results
 from service.runs.keeper import RunKeeper, RunMetrics, progress
@@ -23,6 +24,8 @@ from service.runs.plan import DEFAULT_PRIORITY, PlanError, new_run, run_labels
 
 router = APIRouter(prefix="/v1/sampling-runs", tags=["sampling runs"], dependencies=[Depends(require_api_key)])
 
+_FULL = {507: {"description": "the run needs more space than the results store has free (nothing was written)"}}
+_RANGE = {206: {"description": "the byte range asked for (Range)"}, 416: {"description": "a range past the file's end"}}
 RunId = Path(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9]+$", description="the id returned at submission")
 FINAL = ("done", "failed", "cancelled")
 
@@ -65,7 +68,7 @@ def _keeper(request: Request) -> RunKeeper:
     return request.app.state.runs
 
 
-@router.post("", status_code=202, summary="Start a sampling run")
+@router.post("", status_code=202, summary="Start a sampling run", responses={**error_responses(401, 503), **_FULL})
 async def create_run(request: Request, body: SamplingRunRequest, state: ApiState = Depends(get_state)) -> JSONResponse:
     model, settings = state.model, state.settings
     check_model(body.model, model, ("body", "model"))
@@ -103,37 +106,42 @@ async def create_run(request: Request, body: SamplingRunRequest, state: ApiState
     return JSONResponse(body_out, status_code=202, headers={"Location": body_out["links"]["self"]})
 
 
-@router.get("/{run_id}", summary="A run's status and progress (done/total, images/s, ETA, NFE, failed shards)")
+@router.get("/{run_id}", summary="A run's status and progress (done/total, images/s, ETA, NFE, failed shards)",
+            responses=error_responses(401, 404))
 async def get_run(request: Request, run_id: str = RunId) -> dict:
     return run_json(request, await _record(request, run_id))
 
 
-@router.post("/{run_id}/cancel", summary="Cancel a run: no more shards are scheduled; finished shards stay")
+@router.post("/{run_id}/cancel", summary="Cancel a run: no more shards are scheduled; finished shards stay",
+             responses=error_responses(401, 404))
 async def cancel_run(request: Request, run_id: str = RunId) -> dict:
     await _record(request, run_id)
     return run_json(request, await run_in_threadpool(_keeper(request).cancel, run_id))
 
 
-@router.post("/{run_id}/resume", summary="Resume a cancelled or failed run from the shards not yet done")
+@router.post("/{run_id}/resume", summary="Resume a cancelled or failed run from the shards not yet done",
+             responses=error_responses(401, 404))
 async def resume_run(request: Request, run_id: str = RunId) -> dict:
     await _record(request, run_id)
     return run_json(request, await run_in_threadpool(_keeper(request).resume, run_id))
 
 
 @router.get("/{run_id}/npz", response_class=FileResponse, summary="Download the ADM .npz (arr_0 images, arr_1 labels)",
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "a byte range"}})
+            responses={200: {"content": {"application/octet-stream": {}}}, **_RANGE, **error_responses(401, 404, 409)})
 async def download_npz(request: Request, run_id: str = RunId) -> FileResponse:
     return await _download(request, run_id, results.SAMPLES_FILE)
 
 
 @router.get("/{run_id}/stats", response_class=FileResponse,
-            summary="Download per-image steps, final gradient norms, energies, seeds and labels (.npz)")
+            summary="Download per-image steps, final gradient norms, energies, seeds and labels (.npz)",
+            responses={200: {"content": {"application/octet-stream": {}}}, **_RANGE, **error_responses(401, 404, 409)})
 async def download_stats(request: Request, run_id: str = RunId) -> FileResponse:
     return await _download(request, run_id, results.STATS_FILE)
 
 
 @router.get("/{run_id}/events", response_class=StreamingResponse, summary="Server-sent events of a run's progress",
-            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+            responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                       **error_responses(401, 404)})
 async def run_events(request: Request, run_id: str = RunId) -> StreamingResponse:
     await _record(request, run_id)
     return StreamingResponse(_events(request, run_id), media_type="text/event-stream",
