@@ -238,7 +238,8 @@ def test_a_digits_runs_report_asks_the_quality_judge_or_says_it_is_missing(tmp_p
 
     monkeypatch.setitem(sys.modules, "models.judge", types.SimpleNamespace(Judge=Judge))
     report = evaluate(samples, record)
-    assert report["judge"]["fd"] == 1.25 and "evaluator.py" in report["adm_evaluator"]
+    assert report["judge"]["fd"] == 1.25 and report["judge"]["judged_images"] == 40
+    assert "evaluator.py" in report["adm_evaluator"]
     assert seen["images"].shape == (40, 8, 8, 3) and np.array_equal(seen["labels"], np.arange(40) % 10)
     monkeypatch.setitem(sys.modules, "models.judge", None)           # a build without the judge
     assert "not part of this build" in evaluate(samples, record)["judge"]["error"]

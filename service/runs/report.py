@@ -13,6 +13,10 @@ import numpy as np
 
 log = logging.getLogger("eqm.runs")
 
+# The judge's k-NN precision/recall compares every pair of images (memory grows as N^2): a larger run is
+# judged on this many images spread evenly over it (uniform labels stay uniform).
+JUDGE_MAX_IMAGES = 2000
+
 ADM_EVALUATOR = ("python evaluations/evaluator.py <reference batch .npz of the dataset> {path} "
                  "(openai/guided-diffusion; reference batches such as VIRTUAL_imagenet256_labeled.npz)")
 
@@ -33,8 +37,11 @@ def judge_digits(images: np.ndarray, labels: np.ndarray) -> dict:
         from models.judge import Judge
     except ImportError:
         return {"error": "the quality judge (models.judge) is not part of this build; run `eqm eval` on the .npz"}
+    if len(images) > JUDGE_MAX_IMAGES:
+        pick = np.linspace(0, len(images) - 1, JUDGE_MAX_IMAGES).round().astype(np.int64)
+        images, labels = images[pick], labels[pick]
     try:
-        return Judge.shared().score(images, labels).row()
+        return {**Judge.shared().score(images, labels).row(), "judged_images": int(len(images))}
     except Exception as exc:          # a judge failure must not lose a finished run
         log.exception("judging the run failed")
         return {"error": f"the quality judge failed: {exc}"}
