@@ -166,6 +166,11 @@ def test_a_full_stack_restart_that_lost_redis_continues_from_the_shards_on_disk(
     redis.Redis.from_url(redis_url).flushall()                    # Redis lost every job and record
     with Stack(redis_url, results, tmp_path / "stack2.log", port=first.port) as second:
         client = SamplingRunClient(second.url)
+        assert client.status(run["id"])["status"] == "running"
+        time.sleep(2)
+        waiting = json.loads((results / "runs" / run["id"] / "run.json").read_text())
+        assert sum(s["done"] for s in waiting["shards"]) == done_before        # not adopted unasked
+        assert client.http.post(f"/v1/sampling-runs/{run['id']}/resume").json()["status"] == "running"
         final = client.wait(run["id"])
         assert final["status"] == "done"
         client.download(run["id"], tmp_path / "run.npz")

@@ -15,7 +15,10 @@ to take back. When every shard is done the run is assembled
 
 All state lives in the run record on disk, so the keeper of a restarted API picks up where the last
 stopped: a full-stack restart (embedded Redis with ``--redis-dir``, or an external Redis) continues
-from the shards not yet done; with a Redis that lost everything the missing shards are submitted again.
+from the shards not yet done. A keeper advances only the runs its Redis knows (``P:run:<id>``, no TTL):
+several deployments may share one results store without taking each other's runs. After a Redis that
+lost everything, ``resume`` (``POST /v1/sampling-runs/{id}/resume``) adopts the run again and its
+missing shards are submitted again.
 Several API processes may run keepers: a short Redis lease per run lets one of them advance it at a time.
 """
 from __future__ import annotations
@@ -98,6 +101,8 @@ class RunKeeper:
                     if record is not None and record["status"] == "done":
                         self._final.add(run_id)      # cancelled and failed runs may be resumed elsewhere
                     continue
+                if not self.store.r.exists(self._marker(run_id)):
+                    continue                         # another deployment's run, or its Redis was lost: resume
                 running += 1
                 if self._lease(run_id):
                     self.advance(record)
@@ -108,6 +113,9 @@ class RunKeeper:
                 self.metrics.in_progress.set(running)
                 for model, rate in rates.items():
                     self.metrics.images_per_second.labels(model).set(rate)
+
+    def _marker(self, run_id: str) -> str:
+        return f"{self.store.keys.prefix}:run:{run_id}"
 
     def _lease(self, run_id: str) -> bool:
         key = f"{self.store.keys.prefix}:run-lease:{run_id}"
@@ -207,6 +215,7 @@ class RunKeeper:
         """Store a new run and queue its first shards."""
         with self._lock:
             results.save_run(self.root, record)
+            self.store.r.set(self._marker(record["id"]), "1")
             self.advance(record)
 
     def cancel(self, run_id: str) -> dict | None:
@@ -221,11 +230,12 @@ class RunKeeper:
             return record
 
     def resume(self, run_id: str) -> dict | None:
-        """A cancelled or failed run goes on from the shards not yet done."""
+        """A cancelled or failed run, or a running one whose Redis was lost, goes on from the shards not yet done."""
         with self._lock:
             record = results.load_run(self.root, run_id)
-            if record is None or record["status"] not in ("cancelled", "failed"):
+            if record is None or record["status"] not in ("cancelled", "failed", "running"):
                 return record
+            self.store.r.set(self._marker(run_id), "1")
             for shard in record["shards"]:
                 shard["failures"] = 0
             record.update(status="running", finished=None, error=None)
