@@ -108,6 +108,7 @@ class JobSpec:
     priority: int = 0                      # higher first
     compose_mode: str = "guided"           # guided: u + s*sum w_k (c_k - u); sum: sum w_k c_k (no null row)
     mask: str | None = None                # inpaint: base64 of np.packbits of the (H, W) bool mask, True = regenerate
+    results: str | None = None             # sampling-run shard: its file in the results store (images skip Redis)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     submitted: float = field(default_factory=time.time)
 

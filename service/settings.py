@@ -73,6 +73,8 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()  # hosts ("host" or "host:port") webhooks may go to (empty: none)
     webhook_retry_window_s: float = 3600.0   # a delivery is retried with back-off for this long after its event
     webhook_max_backoff_s: float = 60.0      # longest wait between two attempts of one delivery
+    results_dir: str = ""                    # sampling runs' results store, shared by API and workers ("" = ~/.cache/eqm/results)
+    max_run_samples: int = 100_000           # images per sampling run beyond this get 422
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

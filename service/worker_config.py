@@ -36,6 +36,7 @@ class WorkerConfig:
     name: str = ""                      # consumer name (default host:pid:device)
     parent_pid: int = 0                 # exit gracefully when this process goes away (supervised)
     warmup: bool = True
+    results_dir: str = ""               # sampling-run shards are written here ("" = service.runs.store.default_root)
 
     @property
     def rows(self) -> int:
@@ -49,7 +50,7 @@ class WorkerConfig:
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
                     heartbeat_s=settings.heartbeat_s, max_deliveries=settings.max_deliveries,
                     result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
-                    metrics_host=settings.host)
+                    metrics_host=settings.host, results_dir=settings.results_dir)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 

@@ -286,7 +286,7 @@ def test_cpu_thread_default_is_one_where_the_worker_reads_it():
 README = ROOT / "README.md"
 NEEDS_RELEASED_WEIGHTS = ("EqM-XL-2", "0400000.pt", "--noise noise.npy", "cifar10_main_training_147000.pt")
 SECTIONS_WITH_EXAMPLES = {"On a fresh machine": ".ci/run", "Using the API": "served", "Tests": ".ci/run",
-                          "Client conventions": "served",
+                          "Client conventions": "served", "Sampling runs: 50,000 images for an FID": "served",
                           "Offline sampling: `eqm sample`": "run", "Weights: `eqm convert`": "parsed",
                           "Energy Matching models": "run", "Quality: `eqm eval`": "run"}
 # A served section's command that starts a server is checked against the parser (the test's own

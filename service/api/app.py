@@ -26,8 +26,8 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import (catalog, compositions, denoise, generations, health, inpaint, jobs, listing, openai_images,
-                         scores)
+from service.api import (batches, catalog, compositions, denoise, generations, health, inpaint, jobs, listing,
+                         openai_images, sampling_runs, scores)
 from service.api.errors import (FASTAPI_BODY_ERROR, body_fields, malformed_json_reason, unknown_field_message,
                                validation_message)
 from service.api.deps import ApiState
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         state.events.start(state.stopping)
         app.state.api = state
         hooks = start_webhooks(state)
+        runs = sampling_runs.start_runs(app, state)          # sampling runs and batches: one keeper thread
         log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
                  state.model.image_size, state.model.image_size, state.model.num_classes)
         try:
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         finally:
             if hooks is not None:
                 await run_in_threadpool(hooks.stop)
+            await run_in_threadpool(runs.stop)
             await state.close()
 
     app = FastAPIOffline(title="EqM inference service", version=_package_version(), description=DESCRIPTION,
@@ -138,7 +140,8 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
-    for module in (generations, compositions, denoise, inpaint, listing, jobs, scores, openai_images, catalog, health):
+    for module in (generations, compositions, denoise, inpaint, listing, jobs, scores, openai_images, catalog, health,
+                   sampling_runs, batches):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],

@@ -2,7 +2,7 @@
 
 The samples come from a bundled model (or a weights file) with any sampler settings, or from an image
 file: ``.npy`` uint8 (N, 8, 8[, C]) as ``eqm sample --images-out`` writes it, or ``.npz`` with ``arr_0``
-(the ADM evaluator's layout) and optionally ``labels`` (the requested class per image, -1 = none).
+(the ADM evaluator's layout) and optionally ``labels`` or ``arr_1`` (the requested class per image, -1 = none).
 """
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def _read_images(path: Path):
             key = "arr_0" if "arr_0" in data else "images" if "images" in data else None
             if key is None:
                 raise UsageError(f"--images {path}: an .npz needs 'arr_0' (or 'images'); it has {', '.join(data.files)}")
-            return data[key], (data["labels"] if "labels" in data else None)
+            labels = data["labels"] if "labels" in data else data["arr_1"] if key == "arr_0" and "arr_1" in data else None
+            return data[key], labels
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False), None
     raise UsageError(f"--images {path}: give an .npy or .npz file")

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (state stays float32)")
     add_threads_argument(p)
     add_energy_arguments(p)
+    add_run_arguments(p)
     em = p.add_argument_group("Energy Matching models (Euler-Heun SDE; --steps counts Heun steps, 2 evaluations each)")
     em.add_argument("--dt", type=float, default=None, help="SDE time step; default 0.01")
     em.add_argument("--t-end", type=float, default=None,
@@ -79,6 +80,49 @@ def add_energy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask", help="with --inpaint: PNG mask, white = regenerate, black = keep")
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Many samples in the ADM evaluator's format, offline or as a sampling run of a server."""
+    g = p.add_argument_group("evaluation sets (ADM .npz: arr_0 uint8 N x H x W x 3, arr_1 labels)")
+    g.add_argument("--num-samples", type=int, help="number of images, labels uniform (num_samples / num_classes "
+                   "per class, in order) unless --labels lists them")
+    g.add_argument("--npz", help="write the images as the ADM evaluator's .npz (grey images repeated to 3 channels)")
+    g.add_argument("--server", help="sample on a running service (URL) as a sampling run: progress, then the .npz "
+                   "is downloaded (needs --num-samples and --npz)")
+    g.add_argument("--stats-out", help="with --server: also download per-image steps, gradient norms, energies (.npz)")
+    g.add_argument("--api-key", default=os.environ.get("EQM_API_KEY"), help="with --server: API key (default "
+                   "EQM_API_KEY)")
+
+
+def run_on_server(args: argparse.Namespace) -> int:
+    from service.cli import UsageError
+    from service.sampling_client import RunError, sample_remote
+    if not args.num_samples or not args.npz:
+        raise UsageError("--server needs --num-samples N and --npz FILE")
+    labels = "uniform"
+    if args.labels:
+        labels = [int(ys[0]) for ys in parse_labels(args.labels)]
+    settings = {"sampler": args.sampler, "max_steps": args.steps, "step_size": args.step_size, "mu": args.mu,
+                "guidance_scale": args.cfg_scale, "grad_norm_threshold": args.grad_norm_threshold}
+    try:
+        sample_remote(args.server, args.num_samples, args.npz, labels=labels, seed=args.seed,
+                      stats_out=args.stats_out, api_key=args.api_key,
+                      settings={k: v for k, v in settings.items() if v is not None})
+    except RunError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"--server {args.server}: {exc}") from None
+    return 0
+
+
+def write_adm_npz(path: str, images, labels) -> None:
+    """The ADM evaluator's layout, written to a temporary name then renamed."""
+    import numpy as np
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    tmp = Path(path + ".tmp.npz")
+    np.savez(tmp, arr_0=rgb.astype(np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+
+
 def parse_labels(text: str) -> list[tuple[int, ...]]:
     """'1,207,3+5' -> [(1,), (207,), (3, 5)]."""
     from service.cli import UsageError
@@ -96,6 +140,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from service.cli import UsageError
     if args.from_png:
         return run_from_png(args)
+    if args.server:
+        return run_on_server(args)
     if not args.checkpoint:
         raise UsageError("--checkpoint is required (or --from-png FILE)")
     check_checkpoint_exists(args.checkpoint)            # at once: before torch and the model load
@@ -125,6 +171,9 @@ def run_sample(args: argparse.Namespace) -> int:
         raise UsageError("--inpaint IMAGE and --mask MASK go together")
     shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     label_sets = parse_labels(args.labels) if args.labels else None
+    if args.num_samples and not label_sets:
+        from service.runs.plan import uniform_labels
+        label_sets = [(y,) if y >= 0 else () for y in uniform_labels(args.num_samples, cfg.num_classes)]
     noise = load_npy(args.noise, "--noise") if args.noise else None
     start = load_npy(args.start, "--start") if args.start else None
     n = len(label_sets) if label_sets else (noise.shape[0] if noise is not None else
@@ -139,10 +188,10 @@ def run_sample(args: argparse.Namespace) -> int:
         for y in labels:
             if not 0 <= y < cfg.num_classes:
                 raise UsageError(f"--labels: {y} is out of range (the model has classes 0..{cfg.num_classes - 1})")
-    if not (args.out or args.images_out or args.latents_out):
-        raise UsageError("nothing to write: give --out DIR, --images-out FILE.npy or --latents-out FILE.npy")
+    if not (args.out or args.images_out or args.latents_out or args.npz):
+        raise UsageError("nothing to write: give --out DIR, --images-out FILE.npy, --npz FILE or --latents-out FILE.npy")
     codec = None
-    if args.out or args.images_out or args.inpaint:
+    if args.out or args.images_out or args.npz or args.inpaint:
         codec = make_codec(spec.codec, channels=cfg.in_channels, latent_size=cfg.input_size, vae_dir=args.vae,
                            device=args.device)
 
@@ -171,7 +220,7 @@ def run_sample(args: argparse.Namespace) -> int:
         energies = np.asarray(result.energies, dtype=np.float32)
         save_npy(args.energies_out, energies)
         print(f"wrote {args.energies_out}: energies, float32 {tuple(energies.shape)}", file=sys.stderr)
-    if codec is not None and (args.out or args.images_out):
+    if codec is not None and (args.out or args.images_out or args.npz):
         images = codec.decode(result.latents)
         if inpaint is not None:
             from models.inpaint import composite
@@ -179,6 +228,10 @@ def run_sample(args: argparse.Namespace) -> int:
         if args.images_out:
             save_npy(args.images_out, images)
             print(f"wrote {args.images_out}: images, uint8 {tuple(images.shape)}", file=sys.stderr)
+        if args.npz:
+            write_adm_npz(args.npz, images, [ys[0] if ys else -1 for ys in label_sets])
+            print(f"wrote {args.npz}: ADM arrays, arr_0 uint8 ({len(images)}, {images.shape[1]}, {images.shape[2]}, 3)",
+                  file=sys.stderr)
         if args.out:
             from PIL import Image
             out = Path(args.out)

@@ -59,6 +59,8 @@ from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobstore import REDIS_BUSY, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
 from service.progress import JobProgress, published_norm_counts
+from service.runs.shards import ShardCollector
+from service.runs.store import root_of
 from service.scoring import SCORE_KIND
 from service.worker.cancels import CancelListening
 from service.worker.heartbeat import Heartbeat
@@ -133,6 +135,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         self._reclaimed: set[str] = set()              # jobs taken from a dead worker's pending entries
         self._backoff_s = 0.0                          # Redis refusing writes (OOM): current back-off
         self._beats = 0
+        self._shards = ShardCollector(root_of(cfg.results_dir))   # sampling-run shards: images to the store
 
     # -- lifecycle ------------------------------------------------------------------------------
     def request_stop(self, hurry: bool = False) -> None:
@@ -342,6 +345,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
                 spec.priority += RESTART_PRIORITY_BOOST
             upload = self.r.get(k.input(job_id)) if spec.kind in ("denoise", "inpaint") else None
             self.engine.add_job(spec, upload)
+            self._shards.track(spec)
         except (JobError, ValueError, TypeError, KeyError) as exc:
             self._fail(job_id, entry_id, f"invalid job: {exc}")
             return
@@ -378,6 +382,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         """Stop a job here and write nothing more for it (its record is final, gone, or another worker's)."""
         if self.engine.cancel(job_id):      # its samples leave at the next step; forget it when it is out
             self._dropped.add(job_id)
+        self._shards.forget(job_id)
         with self._lock:
             entry_id = self._inflight.pop(job_id, None)
         if ack and entry_id is not None:

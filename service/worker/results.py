@@ -54,6 +54,8 @@ class ResultWriting:
         touched: set[str] = set()
         published: list[tuple[JobProgress, int | None]] = []      # norms to forget once written
         for img in out.images:
+            if self._shards.keep(img):          # a sampling-run shard: written to the results store at its end
+                continue
             idx = img.result.index
             pipe.set(k.image(img.job_id, idx), img.data.result() if isinstance(img.data, Future) else img.data, ex=ttl)
             prog = self._progress.get(img.job_id)
@@ -81,7 +83,9 @@ class ResultWriting:
         # Images are stored before the final status, so "done" always means the images are there.
         for job in out.jobs:
             prog = self._progress.get(job.job_id)
-            written = self.store.finish(job.job_id, job.status, images=job.images, worker=self.name,
+            shard_error = self._shards.write(job)       # the shard file before "done"; None for other jobs
+            written = self.store.finish(job.job_id, "failed" if shard_error else job.status, error=shard_error,
+                                        images=job.images, worker=self.name,
                                         progress=json.dumps(prog.summary() if prog else []))
             with self._lock:
                 entry_id = self._inflight.pop(job.job_id, None)
