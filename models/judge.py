@@ -144,6 +144,19 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = KNN_K) -> tupl
     return float(inside_real.mean()), float(covered.mean())
 
 
+# k-NN precision/recall costs N^2 distances (blocked, so memory stays flat): a larger set is judged on this many
+# images spread evenly over it (uniform labels in ADM order stay uniform). `eqm eval` and run reports share it.
+MAX_JUDGED_IMAGES = 10_000
+
+
+def spread(images: np.ndarray, labels: np.ndarray | None, max_images: int = MAX_JUDGED_IMAGES):
+    """At most ``max_images`` of ``images`` (and their labels), evenly spaced, first and last included."""
+    if len(images) <= max_images:
+        return images, labels
+    pick = np.linspace(0, len(images) - 1, max_images).round().astype(np.int64)
+    return images[pick], (labels[pick] if labels is not None else None)
+
+
 class Judge:
     """The trained feature network plus the held-out digits' features; ``Judge.shared()`` builds it once."""
 

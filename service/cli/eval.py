@@ -73,7 +73,12 @@ def run_eval(args: argparse.Namespace) -> int:
     report: dict = {"judge": {"held_out_accuracy": round(judge.held_out_accuracy, 3),
                               "reference": f"{len(judge.test_labels)} held-out digits"}}
     if args.images:
+        from models.judge import spread
         images, labels = _read_images(Path(args.images))
+        judged = len(images)
+        images, labels = spread(images, labels)            # as a sampling run's report judges its .npz
+        if len(images) < judged:
+            report["judged_images"] = f"{len(images)} of {judged}, spread evenly"
         scores = judge.score(images, labels)
         report["source"] = args.images
     else:
