@@ -29,6 +29,7 @@ NUM_SAMPLES = 480
 # Long enough descents (the former digits defaults: ~47 updates with CFG) that the run outlasts several kills;
 # the same settings offline and through the server.
 SETTINGS = ["--steps", "60", "--cfg-scale", "1.5", "--grad-norm-threshold", "1.0"]
+SETTINGS_BODY = {"max_steps": 60, "guidance_scale": 1.5, "grad_norm_threshold": 1.0}      # the same, as a run's body
 
 
 class Stack:
@@ -158,7 +159,7 @@ def test_a_full_stack_restart_that_lost_redis_continues_from_the_shards_on_disk(
     results = tmp_path / "results"
     first = Stack(redis_url, results, tmp_path / "stack.log").__enter__()
     client = SamplingRunClient(first.url)
-    run = client.submit(num_samples=NUM_SAMPLES, shard_size=16)
+    run = client.submit(num_samples=NUM_SAMPLES, shard_size=16, **SETTINGS_BODY)
     end = time.monotonic() + 120
     while client.status(run["id"])["progress"]["shards_done"] < 3 and time.monotonic() < end:
         time.sleep(0.2)

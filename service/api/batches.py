@@ -63,10 +63,12 @@ async def get_file(request: Request, file_id: str) -> dict:
 
 
 @router.get("/v1/files/{file_id}/content", response_class=FileResponse, summary="A file's bytes",
-            responses={200: {"content": {"application/jsonl": {}}}, **error_responses(401, 404)})
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "the file's bytes (JSON Lines for batch input and output files)"},
+                       **error_responses(401, 404)})
 async def file_content(request: Request, file_id: str) -> FileResponse:
     meta, path = _file(request, file_id)
-    return FileResponse(path, media_type="application/jsonl", filename=meta["filename"])
+    return FileResponse(path, media_type="application/octet-stream", filename=meta["filename"])
 
 
 def _file(request: Request, file_id: str):
