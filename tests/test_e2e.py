@@ -389,8 +389,17 @@ def test_fuzz_no_server_errors(stack):
         for operation in path.values():
             operation["parameters"] = [p for p in operation.get("parameters", []) if p["name"] != "wait"]
     schema = schemathesis.openapi.from_dict(raw)
+    @schemathesis.check
+    def json_negative_data_rejection(ctx, response, case):
+        # A schema violation drawn in a query string or a multipart form can serialize away (an empty list
+        # is no field at all, a value with no characters no parameter), so the server gets a valid request;
+        # JSON bodies carry every violation as drawn. The multipart routes' bad input: test_multipart_fuzz.
+        if case.media_type == "application/json":
+            return negative_data_rejection(ctx, response, case)
+        return None
+
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-              negative_data_rejection]
+              json_negative_data_rejection]
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10
     fuzzed = {(op.method.upper(), op.path) for op in operations}     # the multipart routes too (and test_multipart_fuzz)
@@ -400,8 +409,9 @@ def test_fuzz_no_server_errors(stack):
                           operation.as_strategy(schemathesis.GenerationMode.NEGATIVE))
 
         @given(case=cases)
+        # derandomize: the same cases every run (a fixed seed per operation), so a failure is the code's, not the draw's
         @settings(max_examples=2 * FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-                  database=None)
+                  database=None, derandomize=True)
         def fuzz(case):
             case.call_and_validate(base_url=stack.base_url, headers=AUTH, timeout=30, checks=checks)
 
