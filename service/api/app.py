@@ -111,7 +111,8 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     async def lifespan(app: FastAPI):
         state = await run_in_threadpool(ApiState.open, settings, metrics)
         try:
-            await run_in_threadpool(state.store.ensure_group)
+            for name in state.models:
+                await run_in_threadpool(state.store.ensure_group, name)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         if no_worker_hint:
@@ -119,8 +120,9 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         state.events.start(state.stopping)
         app.state.api = state
         hooks = start_webhooks(state)
-        log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
-                 state.model.image_size, state.model.image_size, state.model.num_classes)
+        for m in state.models.values():
+            log.info("serving model %s (%s, %dx%d, %d classes)%s", m.name, m.config.arch, m.image_size,
+                     m.image_size, m.num_classes, " (default)" if m is state.model else "")
         try:
             yield
         finally:

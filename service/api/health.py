@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import ApiState, check_api_key, get_state, require_api_key
 from service.api.metrics import worker_label
 from service.api.schemas import Health, Readiness, error_responses
+from service.jobstore import worker_serves
 
 router = APIRouter(tags=["operations"])
 
@@ -46,13 +47,17 @@ def readyz(state: ApiState = Depends(get_state)):
         # The class of the error only: the message names Redis' host and port, which probes need not see.
         body = Readiness(status="not ready", redis=False, workers=0, detail=f"Redis unreachable ({type(exc).__name__})")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-    serving = sum(1 for w in workers.values() if w.get("model") == state.model.name)
+    per_model = {name: sum(1 for w in workers.values() if worker_serves(w, name)) for name in state.models}
+    serving = sum(1 for w in workers.values() if any(worker_serves(w, name) for name in state.models))
+    idle = [name for name, count in per_model.items() if not count]
     if not serving:
         body = Readiness(status="not ready", redis=True, workers=0, queue_depth=depth,
-                         detail=f"no live worker serves model {state.model.name!r}")
+                         detail=f"no live worker serves model {' or '.join(repr(m) for m in state.models)}")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "10"})
+    # Ready while any served model has a worker: a model scaled to zero must not take the others down.
+    without = f"; none serves {', '.join(repr(m) for m in idle)}" if idle else ""
     return Readiness(status="ready", redis=True, workers=serving, queue_depth=depth,
-                     detail=f"{serving} worker(s) serve {state.model.name!r}")
+                     detail=f"{serving} worker(s) serve {', '.join(repr(m) for m in per_model if per_model[m])}{without}")
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API and its live workers",
@@ -64,7 +69,7 @@ def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
     each worker also serves them on its own port: see ``/sd/workers``. With API keys on, ``worker`` names
     the worker's host:port only for a request with a key (else an opaque name): no key is needed, and none
     reveals internal addresses."""
-    body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s,
+    body = state.metrics.render(state.store, list(state.models), state.settings.heartbeat_s,
                                 show_addresses=_has_key(request))
     if "gzip" in request.headers.get("accept-encoding", ""):        # Prometheus asks for it: ~10x fewer bytes
         return Response(gzip.compress(body, compresslevel=1), media_type=CONTENT_TYPE_LATEST,

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobstore import JOB_KINDS
+from service.jobstore import JOB_KINDS, worker_serves
 
 disable_created_metrics()          # no ``*_created`` series beside each counter and histogram
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -109,6 +109,9 @@ class ApiMetrics:
         for kind in SUBMITTED_KINDS:
             self.jobs_submitted_total.labels(kind)
             self.images_requested_total.labels(kind)
+        self.model_queue_depth = Gauge(
+            "eqm_model_queue_depth", "Jobs submitted and not yet started, by model (its queued set).", ["model"],
+            registry=r)
         self.live_workers = Gauge(
             "eqm_live_workers", "Workers whose heartbeat is recent, by model.", ["model"], registry=r)
         self.redis_up = Gauge(
@@ -118,13 +121,16 @@ class ApiMetrics:
             self.workers = WorkerMetrics(skip={family.name for family in r.collect()})
             r.register(self.workers)
 
-    def render(self, store, model: str, heartbeat_s: float, show_addresses: bool = True) -> bytes:
+    def render(self, store, models: list[str], heartbeat_s: float, show_addresses: bool = True) -> bytes:
         """Refresh the Redis-backed gauges, then the exposition text. Without ``show_addresses`` the
         ``worker`` label is an opaque name instead of the worker's host:port (``opaque_worker_label``)."""
         try:
             self.queue_depth.set(store.queue_depth())
             workers = store.live_workers(heartbeat_s)
-            self.live_workers.labels(model).set(sum(1 for w in workers.values() if w.get("model") == model))
+            for model in models:        # the served models only: the label's values stay bounded
+                self.live_workers.labels(model).set(
+                    sum(1 for w in workers.values() if worker_serves(w, model)))
+                self.model_queue_depth.labels(model).set(store.queue_depth(model))
             self.redis_up.set(1)
         except redis.RedisError:
             self.redis_up.set(0)

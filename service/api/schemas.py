@@ -252,10 +252,15 @@ class ModelCard(BaseModel):
     defaults: ModelDefaults
     limits: ModelLimits
     upload_preprocessing: str
+    default: bool = Field(False, description="the model a request that names none gets")
+    samplers: list[str] = Field(default_factory=list, description="the samplers this model takes")
+    workers: int = Field(0, description="live workers serving this model now (0: its jobs get 503)")
+    queue_depth: int = Field(0, description="this model's jobs submitted and not yet started")
+    loaded: bool = Field(False, description="whether a live worker holds the model loaded now")
 
 
 class ModelList(BaseModel):
-    models: list[ModelCard]
+    models: list[ModelCard] = Field(description="every served model, the default first")
 
 
 class Health(BaseModel):

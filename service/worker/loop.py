@@ -114,6 +114,9 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         self.r = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
         self.store = JobStore(self.r, cfg.key_prefix, cfg.result_ttl_s)
         self.keys = self.store.keys
+        # The model this worker serves: the engine's, or the name build_engine will give it.
+        self.model = engine.model_name if engine is not None else cfg.model_name or Path(cfg.checkpoint).stem
+        self.stream = self.keys.stream_for(self.model)               # this worker reads its model's jobs only
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._inflight: dict[str, str] = {}            # job id -> stream entry id
         self._lock = threading.Lock()                  # guards _inflight against the heartbeat thread
@@ -157,7 +160,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             self._metrics_url = f"http://{host}:{self.cfg.metrics_port}/metrics"
         while not self._stop.is_set():
             try:
-                self.store.ensure_group()
+                self.store.ensure_group(self.model)
                 self._beat()
                 break
             except REDIS_BUSY as exc:
@@ -172,7 +175,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             self._loop()
             self._hand_back()
             try:        # nothing of ours is pending now: leave the consumer group tidy
-                self.r.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+                self.r.xgroup_delconsumer(self.stream, self.keys.group, self.name)
             except redis.RedisError:
                 pass
         finally:
@@ -261,7 +264,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
 
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
-        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=self._free_capacity(),
+        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {self.stream: ">"}, count=self._free_capacity(),
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -283,7 +286,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         want = max(1, sched.capacity // 4, sched.capacity - sched.num_waiting - sched.num_running)
         cursor, taken = "0-0", 0
         while taken < want:
-            reply = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
+            reply = self._xcall(self.r.xautoclaim, self.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
                                 start_id=cursor, count=want - taken)
             if not reply:
                 break
@@ -301,7 +304,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self.store.ensure_group()       # the stream or group was deleted under us
+            self.store.ensure_group(self.model)       # the stream or group was deleted under us
             return None
 
     def _take(self, entry_id: str, fields: dict | None, reclaimed: bool) -> None:
@@ -315,7 +318,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         # One script: a cancel, a finish or an expiry landing between a read and a write here could
         # otherwise be overwritten; it also counts the loss when the job was running on a dead worker.
         state, spec_json, lost = self.store.scripts.take(
-            keys=[k.job(job_id), k.queued],
+            keys=[k.job(job_id), k.queued, k.queued_for(self.model)],
             args=[self.name, job_id, "1" if reclaimed else "0", self.cfg.max_deliveries])
         state = state.decode()
         if state in ("missing", "final"):
@@ -330,7 +333,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             reason = (f"dead-lettered: the worker running it stopped or crashed {int(lost)} times "
                       f"(limit {self.cfg.max_deliveries})")
             log.warning("job %s %s", job_id, reason)
-            self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
+            self.r.xadd(k.deadletter, {"id": job_id, "model": self.model, "reason": reason})
             self._fail(job_id, entry_id, reason)
             return
         try:
@@ -392,7 +395,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
 
     def _ack(self, entry_id: str) -> None:
         """Ack and delete the entry, unless another worker claimed it meanwhile (that claim stands)."""
-        self.store.scripts.ack(keys=[self.keys.stream], args=[self.keys.group, self.name, entry_id])
+        self.store.scripts.ack(keys=[self.stream], args=[self.keys.group, self.name, entry_id])
 
 
 def main(argv: list[str] | None = None) -> int:
