@@ -166,3 +166,26 @@ def test_two_checkpoints_with_one_name_are_refused(redis_url, tmp_path):
     with pytest.raises(CheckpointError, match="both named 'digits'"):
         with TestClient(create_app(Settings(redis_url=redis_url, checkpoints=("digits", "digits")))):
             pass
+
+
+def test_repeated_checkpoint_flags_reach_the_worker_process(monkeypatch):
+    """``eqm worker --checkpoint A --checkpoint B`` and EQM_CHECKPOINTS both give the worker every model, and the
+    supervisor's argv passes them all on (service.worker.many serves them from one process)."""
+    import argparse
+
+    from service.worker.many import model_configs
+    from service.worker_config import add_worker_arguments, config_from_args, worker_flags
+    p = argparse.ArgumentParser()
+    add_worker_arguments(p)
+    cfg = config_from_args(p.parse_args(["--redis-url", "redis://x", "--checkpoint", "digits", "--checkpoint",
+                                         "em-digits"]), name="host:1:cpu")
+    assert cfg.checkpoints == ("digits", "em-digits") and cfg.checkpoint == "digits"
+    argv = worker_flags(cfg)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--checkpoint"] == ["digits", "em-digits"]
+    assert [(c.checkpoint, c.name) for c in model_configs(cfg)] == [("digits", "host:1:cpu:digits"),
+                                                                     ("em-digits", "host:1:cpu:em-digits")]
+    monkeypatch.setenv("EQM_CHECKPOINTS", "digits-e,em-digits")
+    cfg = config_from_args(p.parse_args(["--redis-url", "redis://x"]))
+    assert cfg.checkpoints == ("digits-e", "em-digits") and cfg.checkpoint == "digits-e"
+    one = config_from_args(p.parse_args(["--redis-url", "redis://x", "--checkpoint", "digits"]))
+    assert one.checkpoints == ("digits",)

@@ -90,19 +90,25 @@ class TargetGroup(BaseModel):
 def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:
     """Each live worker that serves metrics, as ``host:port`` with its device as a label and ``worker`` =
     ``host:port`` (stable across restarts): point Prometheus' ``http_sd_configs`` here to scrape every
-    worker on every machine. No ``model`` label: the workers' series carry their own. Empty while this
+    worker on every machine. ``models`` lists the models the process serves (comma-separated; a process
+    holding several models is one target); the workers' series carry their own ``model``. Empty while this
     API's ``/metrics`` includes the workers' series (``EQM_METRICS_FROM_WORKERS``, on by default, as with
     ``eqm serve``): then scraping them again would count every series twice."""
     if state.settings.metrics_from_workers:
         return JSONResponse([])
-    groups = []
+    groups: dict[str, dict] = {}
     for name, info in sorted(state.store.live_workers(state.settings.heartbeat_s).items()):
         url = info.get("metrics_url") or ""
         if not url:
             continue
+        models = [str(m) for m in (info.get("models") or [info.get("model", "")])]
+        if url in groups:               # several models of one process: one endpoint, one target
+            known = groups[url]["labels"]["models"].split(",")
+            groups[url]["labels"]["models"] = ",".join(sorted(set(known) | set(models)))
+            continue
         parts = urlsplit(url)
-        labels = {"worker": worker_label(url), "device": str(info.get("device", ""))}
+        labels = {"worker": worker_label(url), "device": str(info.get("device", "")), "models": ",".join(sorted(models))}
         if parts.path and parts.path != "/metrics":
             labels["__metrics_path__"] = parts.path
-        groups.append({"targets": [parts.netloc], "labels": labels})
-    return JSONResponse(groups)
+        groups[url] = {"targets": [parts.netloc], "labels": labels}
+    return JSONResponse(list(groups.values()))

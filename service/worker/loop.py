@@ -38,14 +38,12 @@ Delivery: at least once; results: exactly once.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +51,6 @@ from pathlib import Path
 
 import redis
 
-from models.files import CheckpointError
-from models.codecs import CodecError
 from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobstore import REDIS_BUSY, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
@@ -64,8 +60,7 @@ from service.worker.cancels import CancelListening
 from service.worker.heartbeat import Heartbeat
 from service.worker.results import ResultWriting
 from service.worker.scores import ScoreJobs
-from service.worker_config import (EXIT_CONFIG_ERROR, WorkerConfig, add_worker_arguments, check_device,
-                                   config_from_args)
+from service.worker_config import WorkerConfig
 
 log = logging.getLogger("eqm.worker")
 
@@ -396,30 +391,3 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
     def _ack(self, entry_id: str) -> None:
         """Ack and delete the entry, unless another worker claimed it meanwhile (that claim stands)."""
         self.store.scripts.ack(keys=[self.stream], args=[self.keys.group, self.name, entry_id])
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
-    add_worker_arguments(p)
-    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
-    p.add_argument("--name", help="consumer name (default host:pid:device)")
-    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process exits (set by the supervisor)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(message)s")
-    try:
-        cfg = config_from_args(args, device=args.device, metrics_port=args.metrics_port, name=args.name,
-                               parent_pid=args.parent_pid)
-        check_device(cfg.device)
-    except ValueError as exc:
-        print(f"eqm worker: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    worker = Worker(cfg)
-    worker.install_signal_handlers()
-    try:
-        return worker.run()
-    except (CheckpointError, CodecError, SetupError) as exc:
-        # A setup error, not a crash: exit code 2 tells the supervisor not to restart.
-        print(f"eqm worker: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
