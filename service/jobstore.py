@@ -386,6 +386,23 @@ class JobStore:
         if job_ids:
             self.r.zrem(self.owned_key(caller), *job_ids)
 
+    def queued_models(self) -> list[str]:
+        """Every model that has a stream (jobs were queued for it once), served or not."""
+        prefix = self.keys.stream_for("")
+        return sorted(key.decode()[len(prefix):] for key in self.r.scan_iter(match=prefix + "*", _type="STREAM"))
+
+    def fail_removed_model(self, model: str, reason: str) -> int:
+        """Fail every job still queued for a model no longer served (nothing would ever take them), then
+        drop its stream; returns how many failed. Jobs already final, or running on a worker, are left alone."""
+        stream = self.keys.stream_for(model)
+        failed = 0
+        for _, fields in self.r.xrange(stream):
+            job_id = fields.get(b"id", b"").decode()
+            if job_id and self.r.hget(self.keys.job(job_id), "status") == b"queued":
+                failed += max(0, self.finish(job_id, "failed", error=reason))
+        self.r.delete(stream, self.keys.queued_for(model))
+        return failed
+
     def live_workers(self, heartbeat_s: float = 2.0) -> dict[str, dict]:
         now = time.time()
         out = {}

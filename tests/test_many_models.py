@@ -189,3 +189,18 @@ def test_repeated_checkpoint_flags_reach_the_worker_process(monkeypatch):
     assert cfg.checkpoints == ("digits-e", "em-digits") and cfg.checkpoint == "digits-e"
     one = config_from_args(p.parse_args(["--redis-url", "redis://x", "--checkpoint", "digits"]))
     assert one.checkpoints == ("digits",)
+
+
+def test_a_removed_model_fails_its_queued_jobs_with_the_reason(redis_url, redis_client, store):
+    with TestClient(create_app(Settings(redis_url=redis_url, checkpoints=("digits", "digits-e")))) as c:
+        beat(redis_client, "digits", "digits-e")
+        gone = c.post("/v1/generations", json={"model": "digits-e", "labels": [2]}).json()["id"]
+        kept = c.post("/v1/generations", json={"model": "digits", "labels": [2]}).json()["id"]
+    redis_client.delete("eqm:workers")                     # the digits-e workers went away with the model
+    with TestClient(create_app(Settings(redis_url=redis_url, checkpoints=("digits",)))) as c:
+        job = c.get(f"/v1/jobs/{gone}").json()
+        assert job["status"] == "failed" and "model 'digits-e' was removed" in job["error"]
+        assert c.get(f"/v1/jobs/{kept}").json()["status"] == "queued"
+        assert store.queue_depth() == 1 and not redis_client.exists("eqm:jobs:digits-e")
+        events = c.get(f"/v1/jobs/{gone}/events", headers={"Accept": "text/event-stream"}).text
+        assert "event: failed" in events

@@ -34,7 +34,7 @@ from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.api.redoc_script import serve_local_redoc_script
 from service.api.openapi_schema import finish_openapi, operation_id
-from service.jobstore import is_oom
+from service.jobstore import is_oom, worker_serves
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
 
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         try:
             for name in state.models:
                 await run_in_threadpool(state.store.ensure_group, name)
+            await run_in_threadpool(fail_removed_models, state)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         if no_worker_hint:
@@ -155,6 +156,19 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache", **PLAYGROUND_HEADERS})
 
     return app
+
+
+def fail_removed_models(state: ApiState) -> None:
+    """Jobs queued for a model this deployment no longer serves, with no live worker left for it, would wait
+    forever: fail them, saying why (their clients' waits and streams end with that reason)."""
+    workers = state.store.live_workers(state.settings.heartbeat_s).values()
+    for model in state.store.queued_models():
+        if model in state.models or any(worker_serves(w, model) for w in workers):
+            continue
+        reason = (f"model {model!r} was removed from this deployment while the job was queued; it serves "
+                  f"{', '.join(repr(m) for m in state.models)}: submit the job again with one of them")
+        failed = state.store.fail_removed_model(model, reason)
+        log.warning("model %s is no longer served: %d queued job(s) failed", model, failed)
 
 
 def start_webhooks(state: ApiState) -> WebhookDispatcher | None:
