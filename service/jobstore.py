@@ -386,6 +386,23 @@ class JobStore:
         if job_ids:
             self.r.zrem(self.owned_key(caller), *job_ids)
 
+    def stream_lag(self, model: str) -> int:
+        """Entries of the model's stream its group has not delivered yet (XINFO GROUPS ``lag``; 0 without a group)."""
+        try:
+            groups = self.r.xinfo_groups(self.keys.stream_for(model))
+        except redis.ResponseError:            # no stream yet
+            return 0
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if name == self.keys.group:
+                if group.get("lag") is not None:       # Redis 7 keeps it
+                    return int(group["lag"])
+                last = group["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else last
+                # Older Redis: count the entries after the last delivered one (bounded walk).
+                return len(self.r.xrange(self.keys.stream_for(model), f"({last}", "+", count=100_000))
+        return 0
+
     def queued_models(self) -> list[str]:
         """Every model that has a stream (jobs were queued for it once), served or not."""
         prefix = self.keys.stream_for("")

@@ -574,7 +574,7 @@ def test_metrics_count_requests_by_route(client, store, worker):
     text = client.get("/metrics").text
     assert 'eqm_api_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"} 1.0' in text
     assert 'eqm_api_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
-    assert 'eqm_api_jobs_submitted_total{kind="generate"} 1.0' in text
+    assert 'eqm_api_jobs_submitted_total{kind="generate",model="digits"} 1.0' in text
     assert "eqm_queue_depth 1.0" in text
     assert 'eqm_live_workers{model="digits"} 1.0' in text
     assert client.get("/sd/workers").json() == []        # this page includes the workers' series already

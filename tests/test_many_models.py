@@ -204,3 +204,21 @@ def test_a_removed_model_fails_its_queued_jobs_with_the_reason(redis_url, redis_
         assert store.queue_depth() == 1 and not redis_client.exists("eqm:jobs:digits-e")
         events = c.get(f"/v1/jobs/{gone}/events", headers={"Accept": "text/event-stream"}).text
         assert "event: failed" in events
+
+
+def test_job_series_carry_the_model_bounded_to_the_served_ones(client, workers):
+    from prometheus_client.parser import text_string_to_metric_families
+    assert client.post("/v1/generations", json={"model": "digits-e", "n": 3}).status_code == 202
+    assert client.post("/v1/generations", json={"model": "nope"}).status_code == 404
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+    assert value("eqm_api_jobs_submitted_total", kind="generate", model="digits-e") == 1
+    assert value("eqm_api_images_requested_total", kind="generate", model="digits-e") == 3
+    assert value("eqm_api_jobs_submitted_total", kind="generate", model="em-digits") == 0      # at 0 from the start
+    assert value("eqm_model_queue_depth", model="digits-e") == 1 and value("eqm_model_queue_lag", model="digits-e") == 1
+    assert value("eqm_model_queue_depth", model="digits") == 0 and value("eqm_live_workers", model="tiny-in1k") == 1
+    models = {dict(labels).get("model") for _, labels in samples if dict(labels).get("model")}
+    assert models == {*BUNDLED, "tiny-in1k"}                # an unknown name never becomes a label

@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = await run_in_threadpool(ApiState.open, settings, metrics)
+        metrics.precreate(list(state.models))
         try:
             for name in state.models:
                 await run_in_threadpool(state.store.ensure_group, name)

@@ -129,8 +129,8 @@ async def enqueue(request: Request, state: ApiState, spec: JobSpec, input_png: b
         if idem is not None:
             await run_in_threadpool(store.release_idempotency, who, idem)
         raise
-    state.metrics.jobs_submitted_total.labels(spec.kind).inc()
-    state.metrics.images_requested_total.labels(spec.kind).inc(len(spec.images))
+    state.metrics.jobs_submitted_total.labels(spec.kind, spec.model).inc()
+    state.metrics.images_requested_total.labels(spec.kind, spec.model).inc(len(spec.images))
     return spec.id, False
 
 

@@ -321,7 +321,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             return
         if state == "cancel":
             self.store.finish(job_id, "cancelled")
-            self.metrics.jobs_total.labels("cancelled").inc()
+            self.metrics.jobs_total.labels(self.model, "cancelled").inc()
             self._ack(entry_id)
             return
         if state == "dead":
@@ -385,7 +385,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
 
     def _fail(self, job_id: str, entry_id: str, error: str) -> None:
         self.store.finish(job_id, "failed", error=error)
-        self.metrics.jobs_total.labels("failed").inc()
+        self.metrics.jobs_total.labels(self.model, "failed").inc()
         self._ack(entry_id)
 
     def _ack(self, entry_id: str) -> None:
