@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["jobs"], route_class=LimitedBodyRoute, de
 @router.post("/compositions", status_code=202, response_model=JobCreated,
              summary="Compose classes: descend the weighted sum of their gradient fields",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
-                        **error_responses(400, 401, 413, 422, 429, 503)})
+                        **error_responses(400, 401, 404, 413, 422, 429, 503)})
 async def create_composition(body: CompositionRequest, request: Request,
                              wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state),
                              inline: bool = Depends(client_options)):

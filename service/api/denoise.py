@@ -23,7 +23,7 @@ IMAGE_DOC = ("PNG, JPEG or WebP (detected from its bytes). At most EQM_MAX_UPLOA
 @router.post("/denoise", status_code=202, response_model=JobCreated,
              summary="Denoise an uploaded image (multipart form)",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
-                        **error_responses(400, 401, 413, 415, 422, 429, 503)})
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 503)})
 async def create_denoise(request: Request, form: Annotated[DenoiseForm, Form()],
                          image: UploadFile = File(..., description=IMAGE_DOC),
                          wait: bool = Query(False, description=WAIT_DOC), state: ApiState = Depends(get_state),

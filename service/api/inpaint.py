@@ -88,7 +88,7 @@ def pack_mask(regen: np.ndarray) -> str:
 @router.post("/inpaint", status_code=202, response_model=JobCreated,
              summary="Inpaint: regenerate the masked part of an image (multipart form)",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
-                        **error_responses(400, 401, 413, 415, 422, 429, 503)})
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 503)})
 async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
                          image: UploadFile = File(..., description=IMAGE_DOC),
                          mask: UploadFile = File(..., description=MASK_DOC),

@@ -218,7 +218,7 @@ async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: byte
 
 @router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
              responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
-                        **openai_errors(400, 401, 413, 429, 503)})
+                        **openai_errors(400, 401, 404, 413, 429, 503)})
 async def images_generations(body: ImageGenerationRequest, request: Request, state: ApiState = Depends(get_state)):
     """``prompt`` names a class ("3", "golden retriever", "n02099601") or composes classes ("3 + 8").
     Waits for the images (at most EQM_WAIT_TIMEOUT_S) and returns them as base64 or URLs."""
@@ -250,7 +250,7 @@ _EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]", "mask"}
 
 @router.post("/edits", response_model=ImagesResponse, summary="Edit (denoise) an image (OpenAI-compatible)",
              responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
-                        **openai_errors(400, 401, 413, 415, 429, 503)},
+                        **openai_errors(400, 401, 404, 413, 415, 429, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["image", "prompt"],
                  "properties": {"image": {"type": "string", "format": "binary"},

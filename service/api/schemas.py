@@ -294,7 +294,7 @@ class ValidationErrorResponse(BaseModel):
 _ERROR_TEXT = {
     400: "the body could not be parsed (not UTF-8 JSON, or a malformed multipart form)",
     401: "API key missing or wrong (only when the server sets EQM_API_KEYS)",
-    404: "unknown job or image (or expired after its TTL)",
+    404: "unknown job or image (or expired after its TTL), or a model this server does not serve",
     409: "the image is not finished yet",
     413: "upload over the byte or pixel limit",
     415: "the upload is not a PNG, JPEG or WebP image",

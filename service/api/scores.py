@@ -89,7 +89,7 @@ def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult
 
 @router.post("/scores", response_model=ScoreResult, summary="Energy score of images (out-of-distribution)",
              responses={202: {"model": ScoreResult, "description": "still queued after the wait limit"},
-                        **error_responses(400, 401, 413, 415, 422, 429, 503)},
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["image"],
                  "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
