@@ -57,7 +57,7 @@ def run_job(redis_url: str, job_id: str, steps: int, seconds: float, go) -> None
     k = store.keys
     go.wait()
     rng = random.Random(0)
-    store.scripts.take(keys=[k.job(job_id), k.queued], args=[WORKER, job_id, "0", 3])
+    store.scripts.take(keys=[k.job(job_id), k.queued, k.queued_for("digits")], args=[WORKER, job_id, "0", 3])
     store.scripts.start(keys=[k.job(job_id), k.queued, k.events(job_id)],
                         args=[repr(time.time()), WORKER, job_id, 3600,
                               json.dumps({"id": job_id, "worker": WORKER, "time": time.time(), "reclaimed": False})])

@@ -65,7 +65,7 @@ def run_jobs(redis_url: str, job_ids: list[str], steps: int, seconds: float, go)
     go.wait()
     rng = random.Random(0)
     for job_id in job_ids:
-        store.scripts.take(keys=[k.job(job_id), k.queued], args=[WORKER, job_id, "0", 3])
+        store.scripts.take(keys=[k.job(job_id), k.queued, k.queued_for("digits")], args=[WORKER, job_id, "0", 3])
         store.scripts.start(keys=[k.job(job_id), k.queued, k.events(job_id)],
                             args=[repr(time.time()), WORKER, job_id, 3600,
                                   json.dumps({"id": job_id, "worker": WORKER, "time": time.time(), "reclaimed": False})])

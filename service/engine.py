@@ -337,8 +337,8 @@ class Engine:
                 status = "cancelled" if job.cancelled and len(job.results) < len(job.spec.images) else "done"
                 latency = max(0.0, now - job.submitted)
                 result.jobs.append(JobOutput(key.job_id, status, [job.results[i] for i in sorted(job.results)], latency))
-                self.metrics.jobs_total.labels(status).inc()
-                self.metrics.job_latency_seconds.observe(latency)
+                self.metrics.jobs_total.labels(self.model_name, status).inc()
+                self.metrics.job_latency_seconds.labels(self.model_name).observe(latency)
                 del self._jobs[key.job_id]
                 self._inpaint.pop(key.job_id, None)
                 self._last_preview.pop(key.job_id, None)

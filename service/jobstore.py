@@ -2,10 +2,13 @@
 
 Keys (``P`` = settings.key_prefix, default ``eqm``):
 
-- ``P:jobs``                 stream of job ids (field ``id``); consumer group ``P:workers``. A worker
-                             reads with XREADGROUP only what it can start soon, acks when the job's results
-                             are stored; a dead worker's entries are reclaimed with XAUTOCLAIM (walking the
-                             cursor over the whole pending list) once idle ``claim_idle_ms``.
+- ``P:jobs:<model>``         a stream per model of job ids (field ``id``); consumer group ``P:workers`` on
+                             each. Only workers of that model read it (``Keys.stream_for``; ``JobStore.submit``
+                             routes a spec by its ``model``), so one model's backlog never delays another's.
+                             A worker reads with XREADGROUP only what it can start soon, acks when the job's
+                             results are stored; a dead worker's entries are reclaimed with XAUTOCLAIM (walking
+                             the cursor over the whole pending list) once idle ``claim_idle_ms``, by a worker of
+                             the same model.
 - ``P:job:<id>``             hash, the job record: ``spec`` (JSON of ``JobSpec``), ``status``
                              (queued|running|done|failed|cancelled), ``created``/``started``/``finished``
                              (unix seconds), ``worker`` (the consumer holding the job now: the fencing token,
@@ -22,14 +25,16 @@ Keys (``P`` = settings.key_prefix, default ``eqm``):
                              ``cancelled``. Server-sent events replay it with XREAD.
 - ``P:queued``               set of ids whose status is ``queued`` (queue depth = SCARD); it never holds a
                              job in another state or a job whose record is gone (the worker that reads an
-                             expired job's entry removes it).
+                             expired job's entry removes it). ``P:queued:<model>``: the same for one model
+                             (per-model admission: ``max_queue`` counts it), kept in the same scripts.
 - ``P:cancel``               pub/sub channel: job ids whose cancellation was asked.
-- ``P:workers``              hash worker name -> JSON ``{"device", "model", "metrics_url", "seen", "pid",
-                             "capacity", "jobs"}``; a worker whose ``seen`` is older than 3 heartbeats is not
+- ``P:workers``              hash worker name -> JSON ``{"device", "model", "models", "metrics_url", "seen",
+                             "pid", "capacity", "jobs"}`` (``models``: every model it serves); a worker whose ``seen`` is older than 3 heartbeats is not
                              live. Dead workers' entries (and their consumers in the group) are pruned once
                              they hold no pending entries. A worker stopped gracefully hands unfinished jobs
                              back: status ``queued`` again, id back in ``P:queued`` and a new stream entry.
-- ``P:deadletter``           stream of ``{"id", "reason"}`` for jobs whose workers died ``max_deliveries`` times.
+- ``P:deadletter``           stream of ``{"id", "model", "reason"}`` for jobs whose workers died ``max_deliveries``
+                             times.
 - ``P:idem:<caller>:<h>``    string, JSON ``{"job", "fingerprint"}``: the job an ``Idempotency-Key`` (SHA-256
                              ``h``) of that caller created. SET NX, TTL: result_ttl_s.
 - ``P:owned:<caller>``       sorted set job id -> created (unix seconds): the caller's jobs, newest last
@@ -134,17 +139,40 @@ class ImageResult:
     energy: float | None = None  # final energy (lower on data) where the model has one (EqM-E)
 
 
+MODEL_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_model_name(name: str) -> str:
+    """A model's name is part of Redis keys: letters, digits, '.', '_' and '-' only."""
+    if not name or not set(name) <= MODEL_NAME_CHARS:
+        raise ValueError(f"model name {name!r} must be letters, digits, '.', '_' or '-' (it names the model's queue); "
+                         "rename the checkpoint file or set EQM_MODEL_NAME")
+    return name
+
+
+def worker_serves(worker: dict, model: str) -> bool:
+    """Whether a worker's heartbeat says it serves ``model`` (``models`` lists every model it holds)."""
+    return model in (worker.get("models") or [worker.get("model")])
+
+
 class Keys:
     """Redis key names under one prefix."""
 
     def __init__(self, prefix: str = "eqm"):
         self.prefix = prefix
-        self.stream = f"{prefix}:jobs"
         self.group = f"{prefix}:workers"
         self.queued = f"{prefix}:queued"
         self.cancel_channel = f"{prefix}:cancel"
         self.workers = f"{prefix}:workers"
         self.deadletter = f"{prefix}:deadletter"
+
+    def stream_for(self, model: str) -> str:
+        """The stream of one model's jobs: only that model's workers read it."""
+        return f"{self.prefix}:jobs:{model}"
+
+    def queued_for(self, model: str) -> str:
+        """The set of one model's queued job ids (its queue depth); scripts derive it as ``queued .. ':' .. model``."""
+        return f"{self.queued}:{model}"
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
@@ -192,21 +220,30 @@ class JobStore:
         self.ttl_s = ttl_s
         self.scripts = Scripts(client)
 
-    def ensure_group(self) -> None:
+    def ensure_group(self, model: str) -> None:
+        """The model's stream and its consumer group (created once; harmless when they exist)."""
         try:
-            self.r.xgroup_create(self.keys.stream, self.keys.group, id="0", mkstream=True)
+            self.r.xgroup_create(self.keys.stream_for(model), self.keys.group, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def queue_depth(self) -> int:
-        return int(self.r.scard(self.keys.queued))
+    def queue_depth(self, model: str | None = None) -> int:
+        """Jobs queued (submitted, not started): of one model, or of every model."""
+        return int(self.r.scard(self.keys.queued if model is None else self.keys.queued_for(model)))
+
+    def enqueue(self, spec: JobSpec, input_png: bytes | None = None, max_queue: int = 0,
+                owner: str | None = None) -> str:
+        """``submit``: the job goes to the queue of ``spec.model``."""
+        return self.submit(spec, input_png, max_queue, owner)
 
     def submit(self, spec: JobSpec, input_png: bytes | None = None, max_queue: int = 0,
                owner: str | None = None) -> str:
-        """Store the record (and upload), then enqueue, in one script: a job is never half-submitted,
-        and with ``max_queue`` > 0 the limit is checked in the same step (``QueueFull``, nothing written)."""
-        self.ensure_group()
+        """Store the record (and upload), then enqueue on the stream of ``spec.model``, in one script: a job is
+        never half-submitted, and with ``max_queue`` > 0 the limit (on that model's queue) is checked in the
+        same step (``QueueFull``, nothing written)."""
+        check_model_name(spec.model)
+        self.ensure_group(spec.model)
         k = self.keys
         now = time.time()
         record = {"spec": spec.to_json(), "status": "queued", "created": repr(now), "attempts": "0",
@@ -215,7 +252,8 @@ class JobStore:
             record["owner"] = owner
         event = json.dumps({"id": spec.id, "time": now})
         ok, depth = self.scripts.submit(
-            keys=[k.job(spec.id), k.input(spec.id), k.events(spec.id), k.queued, k.stream],
+            keys=[k.job(spec.id), k.input(spec.id), k.events(spec.id), k.queued, k.stream_for(spec.model),
+                  k.queued_for(spec.model)],
             args=[max_queue, self.ttl_s, spec.id, json.dumps(record), event,
                   "1" if input_png is not None else "0", input_png or b""])
         if not ok:
@@ -349,6 +387,40 @@ class JobStore:
         if job_ids:
             self.r.zrem(self.owned_key(caller), *job_ids)
 
+    def stream_lag(self, model: str) -> int:
+        """Entries of the model's stream its group has not delivered yet (XINFO GROUPS ``lag``; 0 without a group)."""
+        try:
+            groups = self.r.xinfo_groups(self.keys.stream_for(model))
+        except redis.ResponseError:            # no stream yet
+            return 0
+        for group in groups:
+            name = group["name"].decode() if isinstance(group["name"], bytes) else group["name"]
+            if name == self.keys.group:
+                if group.get("lag") is not None:       # Redis 7 keeps it
+                    return int(group["lag"])
+                last = group["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else last
+                # Older Redis: count the entries after the last delivered one (bounded walk).
+                return len(self.r.xrange(self.keys.stream_for(model), f"({last}", "+", count=100_000))
+        return 0
+
+    def queued_models(self) -> list[str]:
+        """Every model that has a stream (jobs were queued for it once), served or not."""
+        prefix = self.keys.stream_for("")
+        return sorted(key.decode()[len(prefix):] for key in self.r.scan_iter(match=prefix + "*", _type="STREAM"))
+
+    def fail_removed_model(self, model: str, reason: str) -> int:
+        """Fail every job still queued for a model no longer served (nothing would ever take them), then
+        drop its stream; returns how many failed. Jobs already final, or running on a worker, are left alone."""
+        stream = self.keys.stream_for(model)
+        failed = 0
+        for _, fields in self.r.xrange(stream):
+            job_id = fields.get(b"id", b"").decode()
+            if job_id and self.r.hget(self.keys.job(job_id), "status") == b"queued":
+                failed += max(0, self.finish(job_id, "failed", error=reason))
+        self.r.delete(stream, self.keys.queued_for(model))
+        return failed
+
     def live_workers(self, heartbeat_s: float = 2.0) -> dict[str, dict]:
         now = time.time()
         out = {}
@@ -378,11 +450,12 @@ class Scripts:
 # Each script's first write is an HSET (or SET): Redis refuses a script for lack of memory only at its
 # first write, so a script either runs whole or changes nothing.
 
-# KEYS: job, input, events, queued, stream. ARGV: limit, ttl, id, record JSON (strings), queued event data,
-# has_input, input bytes. Returns {1, depth} when queued, {0, depth} when the queue is full.
+# KEYS: job, input, events, queued, the model's stream, the model's queued set. ARGV: limit, ttl, id, record
+# JSON (strings), queued event data, has_input, input bytes. Returns {1, depth} when queued, {0, depth} when the
+# model's queue is full.
 _SUBMIT = """
 local limit = tonumber(ARGV[1])
-local depth = redis.call('SCARD', KEYS[4])
+local depth = redis.call('SCARD', KEYS[6])
 if limit > 0 and depth >= limit then return {0, depth} end
 local fields = cjson.decode(ARGV[4])
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
@@ -391,6 +464,7 @@ if ARGV[6] == '1' then redis.call('SET', KEYS[2], ARGV[7], 'EX', ARGV[2]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'event', 'queued', 'data', ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[3])
+redis.call('SADD', KEYS[6], ARGV[3])
 redis.call('XADD', KEYS[5], '*', 'id', ARGV[3])
 return {1, depth + 1}
 """
@@ -404,11 +478,12 @@ end
 local function finalize(id, fields, ttl, image_prefix, event, data)
   for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'event', event, 'data', data)
+  local spec = cjson.decode(redis.call('HGET', KEYS[1], 'spec'))
   redis.call('SREM', KEYS[4], id)
+  redis.call('SREM', KEYS[4] .. ':' .. spec['model'], id)
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
   redis.call('EXPIRE', KEYS[3], ttl)
-  local spec = cjson.decode(redis.call('HGET', KEYS[1], 'spec'))
   for k = 0, #spec['images'] - 1 do redis.call('EXPIRE', image_prefix .. k, ttl) end
 end
 """
@@ -455,7 +530,7 @@ if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[5]) en
 return 1
 """
 
-# A worker takes a job it read from the stream (new or reclaimed). KEYS: job, queued.
+# A worker takes a job it read from its model's stream (new or reclaimed). KEYS: job, queued, the model's queued.
 # ARGV: worker, id, reclaimed ('1'/'0'), max_lost. Returns {state, spec or '', lost}:
 # missing (record gone: left the queued set), final, cancel, dead (lost >= max_lost), taken.
 # A reclaimed job that was *running* on another worker counts one loss; one that was only waiting
@@ -465,6 +540,7 @@ local status, spec, cancel, holder, lost = unpack(redis.call('HMGET', KEYS[1], '
                                                                 'worker', 'lost'))
 if not status or not spec then
   redis.call('SREM', KEYS[2], ARGV[2])
+  redis.call('SREM', KEYS[3], ARGV[2])
   return {'missing', '', 0}
 end
 if status == 'done' or status == 'failed' or status == 'cancelled' then return {'final', '', 0} end
@@ -476,20 +552,22 @@ if ARGV[3] == '1' and status == 'running' and holder ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'status', 'queued')
 redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[2])
 return {'taken', spec, lost}
 """
 
 # The engine admitted a job's first sample: it runs now. KEYS: job, queued, events.
 # ARGV: now, worker, id, ttl, started event data. Returns started | missing | final | lost | cancel.
 _START = """
-local status, holder, cancel = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker', 'cancel'))
-if not status then return 'missing' end
+local status, holder, cancel, spec = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker', 'cancel', 'spec'))
+if not status or not spec then return 'missing' end
 if status == 'done' or status == 'failed' or status == 'cancelled' then return 'final' end
 if holder ~= ARGV[2] then return 'lost' end
 if cancel == '1' then return 'cancel' end
 redis.call('HSET', KEYS[1], 'status', 'running', 'started', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('SREM', KEYS[2], ARGV[3])
+redis.call('SREM', KEYS[2] .. ':' .. cjson.decode(spec)['model'], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 1000, '*', 'event', 'started', 'data', ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[4])
@@ -500,14 +578,15 @@ return 'started'
 # if it is still this worker's. KEYS: job, stream, queued. ARGV: group, entry id, job id, worker.
 # Returns 1 re-queued, 0 not (final, gone, or held by another worker now).
 _HAND_BACK = """
-local status, holder = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker'))
+local status, holder, spec = unpack(redis.call('HMGET', KEYS[1], 'status', 'worker', 'spec'))
 local pending = redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[2], ARGV[2], 1)
 if not pending[1] or pending[1][2] ~= ARGV[4] then return 0 end
-local requeue = status and holder == ARGV[4] and status ~= 'done' and status ~= 'failed' and status ~= 'cancelled'
+local requeue = status and spec and holder == ARGV[4] and status ~= 'done' and status ~= 'failed' and status ~= 'cancelled'
 if requeue then
   redis.call('HSET', KEYS[1], 'status', 'queued')
   redis.call('HDEL', KEYS[1], 'worker')
   redis.call('SADD', KEYS[3], ARGV[3])
+  redis.call('SADD', KEYS[3] .. ':' .. cjson.decode(spec)['model'], ARGV[3])
   redis.call('XADD', KEYS[2], '*', 'id', ARGV[3])
 end
 redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])

@@ -41,7 +41,7 @@ class Metrics:
             "eqm_images_total", "Samples that left the engine, by how they stopped.",
             ["model", "task", "outcome"], registry=r)
         self.jobs_total = Counter(
-            "eqm_jobs_total", "Jobs that reached a final status.", ["outcome"], registry=r)
+            "eqm_jobs_total", "Jobs that reached a final status.", ["model", "outcome"], registry=r)
         self.batch_occupancy = Gauge(
             "eqm_batch_occupancy_ratio", "Active model rows / capacity rows at the last engine step.", registry=r)
         self.step_seconds = Histogram(
@@ -49,7 +49,7 @@ class Metrics:
             buckets=STEP_SECONDS_BUCKETS, registry=r)
         self.job_latency_seconds = Histogram(
             "eqm_job_latency_seconds", "From job submission to its last image.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.nfe_total = Counter(
             "eqm_nfe_total", "Model rows evaluated (function evaluations), padding excluded.", registry=r)
         self.queue_depth = Gauge(
@@ -65,7 +65,8 @@ class Metrics:
             for outcome in IMAGE_OUTCOMES:
                 self.images_total.labels(model, task, outcome)
         for outcome in JOB_OUTCOMES:
-            self.jobs_total.labels(outcome)
+            self.jobs_total.labels(model, outcome)
+        self.job_latency_seconds.labels(model)
 
 
 def serve_metrics(metrics: Metrics, port: int, addr: str = "0.0.0.0") -> None:

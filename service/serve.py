@@ -35,7 +35,7 @@ from pathlib import Path
 import redis
 
 from service.embedded_redis import EmbeddedRedis, free_port
-from service.jobstore import JobStore
+from service.jobstore import JobStore, worker_serves
 from service.lifecycle import die_with_parent
 from service.settings import Settings
 from service.worker_config import WorkerConfig, check_device, worker_flags
@@ -92,14 +92,15 @@ class Stack:
                                         preexec_fn=die_with_parent(signal.SIGKILL))
         log.info("worker supervisor started (pid %d) on %s, metrics on port %d", self.workers.pid, device, metrics_port)
 
-    def wait_for_worker(self, store: JobStore, model: str, heartbeat_s: float) -> int | None:
-        """Block until a worker serving ``model`` is registered (None), or the supervisor exits (its status)."""
+    def wait_for_worker(self, store: JobStore, models: list[str], heartbeat_s: float) -> int | None:
+        """Block until a worker serving each of ``models`` is registered (None), or the supervisor exits (its status)."""
         while True:
             code = self.workers.poll()
             if code is not None:
                 return code
             try:
-                if any(w.get("model") == model for w in store.live_workers(heartbeat_s).values()):
+                live = store.live_workers(heartbeat_s).values()
+                if all(any(worker_serves(w, m) for w in live) for m in models):
                     return None
             except redis.RedisError:
                 pass
@@ -188,14 +189,16 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
     import uvicorn
 
     from service.api.app import create_app
-    from service.api.modelinfo import load_model_info
+    from service.api.modelinfo import load_model_infos
     from service.api.server import uvicorn_options
 
     import service.worker  # noqa: F401  the worker's imports: a package this machine lacks fails here, not in a child
-    model = load_model_info(settings)                  # a bad checkpoint fails here, before anything starts
-    if model.codec == "sd-vae" and not settings.vae:
-        raise ValueError(f"{model.config.arch} works in SD-VAE latents: set EQM_VAE to the folder of "
-                         "stabilityai/sd-vae-ft-ema (diffusers layout)")
+    models = load_model_infos(settings)                # a bad checkpoint fails here, before anything starts
+    for model in models.values():
+        if model.codec == "sd-vae" and not settings.vae:
+            raise ValueError(f"{model.config.arch} works in SD-VAE latents: set EQM_VAE to the folder of "
+                             "stabilityai/sd-vae-ft-ema (diffusers layout)")
+    names = ", ".join(models)
     if threads is not None and threads < 0:
         raise ValueError(f"--threads must be >= 0, got {threads}")
     device = check_device(device or settings.device or default_device())
@@ -207,9 +210,9 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
         settings = replace(settings, redis_url=redis_url)
         stack.start_workers(redis_url, device, metrics_port, threads)
         store = JobStore(redis.Redis.from_url(redis_url, socket_timeout=5), settings.key_prefix)
-        log.info("loading model %s on %s; the API opens on http://%s:%d once the worker is ready",
-                 model.name, device, settings.host, settings.port)
-        code = stack.wait_for_worker(store, model.name, settings.heartbeat_s)
+        log.info("loading %s %s on %s; the API opens on http://%s:%d once the worker is ready",
+                 "models" if len(models) > 1 else "model", names, device, settings.host, settings.port)
+        code = stack.wait_for_worker(store, list(models), settings.heartbeat_s)
         if code is not None:
             log.error("the worker could not start (status %s, its error is above); stopping", code)
             return code
@@ -218,8 +221,8 @@ def _serve(settings: Settings, api_socket: socket.socket, *, device: str | None,
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                                 timeout_graceful_shutdown=API_SHUTDOWN_S, **uvicorn_options(settings))
         server = stopping_server(config, app, on_started=lambda: log.info(
-            "ready: API on http://%s:%d (docs at /docs, metrics of the API and the workers at /metrics), model %s "
-            "on %s", settings.host, settings.port, model.name, device))
+            "ready: API on http://%s:%d (docs at /docs, metrics of the API and the workers at /metrics), %s %s "
+            "on %s", settings.host, settings.port, "models" if len(models) > 1 else "model", names, device))
         threading.Thread(target=_watch, args=(stack, server), name="serve-watch", daemon=True).start()
         server.run(sockets=[api_socket])
         return 0 if stack.workers is None or stack.workers.poll() is None else 1

@@ -38,6 +38,7 @@ class Settings:
     redis_url: str = ""                      # empty: `eqm serve` starts an embedded redis-server
     key_prefix: str = "eqm"                  # all Redis keys start with "<prefix>:"
     checkpoint: str = "digits"               # bundled name or path of the model to serve
+    checkpoints: tuple[str, ...] = ()        # several models behind one API (the first is the default; overrides checkpoint)
     model_name: str = ""                     # public name of the model (default: derived from the checkpoint)
     vae: str = ""                            # SD-VAE folder for latent models
     ebm: str = ""                            # energy form of a checkpoint that records none ("" = what it records)
@@ -84,6 +85,11 @@ class Settings:
             values[f.name] = _env(f"EQM_{f.name.upper()}", f.default, cast)
         values.update(overrides)
         return cls(**values)
+
+    @property
+    def served_checkpoints(self) -> tuple[str, ...]:
+        """The checkpoints this deployment serves, the default first."""
+        return self.checkpoints or (self.checkpoint,)
 
     @property
     def rows(self) -> int:

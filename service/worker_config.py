@@ -14,6 +14,7 @@ EXIT_CONFIG_ERROR = 2      # bad checkpoint / codec / settings: restarting would
 class WorkerConfig:
     redis_url: str
     checkpoint: str = "digits"
+    checkpoints: tuple[str, ...] = ()   # several models in one process (service.worker.many); () = checkpoint alone
     device: str = "cpu"
     key_prefix: str = "eqm"
     model_name: str = ""
@@ -44,7 +45,8 @@ class WorkerConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "WorkerConfig":
-        base = dict(redis_url=settings.redis_url, checkpoint=settings.checkpoint, key_prefix=settings.key_prefix,
+        base = dict(redis_url=settings.redis_url, checkpoint=settings.served_checkpoints[0],
+                    checkpoints=settings.served_checkpoints, key_prefix=settings.key_prefix,
                     model_name=settings.model_name, vae=settings.vae, ebm=settings.ebm, dtype=settings.dtype, compile=settings.compile,
                     device=settings.device or _default_device(), capacity=settings.capacity,
                     max_rows=settings.max_rows, claim_idle_ms=settings.claim_idle_ms,
@@ -52,6 +54,8 @@ class WorkerConfig:
                     result_ttl_s=settings.result_ttl_s, metrics_port=settings.metrics_port,
                     metrics_host=settings.host, results_dir=settings.results_dir)
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if "checkpoint" in overrides and overrides["checkpoint"] is not None and "checkpoints" not in overrides:
+            base["checkpoints"] = (base["checkpoint"],)
         return cls(**base)
 
 
@@ -65,6 +69,9 @@ def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
     names = ("redis_url", "checkpoint", "model_name", "vae", "ebm", "dtype", "compile", "capacity", "max_rows", "key_prefix",
              "claim_idle_ms", "heartbeat_s", "max_deliveries", "grace_s", "threads", "metrics_host")
     overrides = {n: getattr(args, n, None) for n in names}
+    if isinstance(overrides["checkpoint"], list):       # --checkpoint is repeatable: every model to serve
+        overrides["checkpoints"] = tuple(overrides["checkpoint"])
+        overrides["checkpoint"] = overrides["checkpoint"][0]
     overrides.update(extra)
     cfg = WorkerConfig.from_settings(settings, **overrides)
     if not cfg.redis_url:
@@ -75,7 +82,9 @@ def config_from_args(args: argparse.Namespace, **extra) -> WorkerConfig:
 def add_worker_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``python -m service.worker`` and ``eqm worker`` (defaults: EQM_* settings)."""
     p.add_argument("--redis-url", help="Redis URL (default EQM_REDIS_URL)")
-    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
+    p.add_argument("--checkpoint", action="append",
+                   help="bundled model name or checkpoint file; repeat it to serve several models from one process "
+                        "(default EQM_CHECKPOINTS, else EQM_CHECKPOINT, else 'digits')")
     p.add_argument("--model-name", help="public model name in metrics and records (default: checkpoint name)")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
     p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
@@ -127,12 +136,16 @@ def check_device(device: str) -> str:
 
 def worker_flags(cfg: WorkerConfig) -> list[str]:
     """The command-line flags that give a worker (or a supervisor of workers) the settings of ``cfg``."""
-    argv = ["--redis-url", cfg.redis_url, "--checkpoint", cfg.checkpoint, "--capacity", str(cfg.capacity),
+    argv = ["--redis-url", cfg.redis_url]
+    for checkpoint in cfg.checkpoints or (cfg.checkpoint,):
+        argv += ["--checkpoint", checkpoint]
+    argv += ["--capacity", str(cfg.capacity),
             "--max-rows", str(cfg.rows), "--prefix", cfg.key_prefix, "--claim-idle-ms", str(cfg.claim_idle_ms),
             "--heartbeat-s", str(cfg.heartbeat_s), "--max-deliveries", str(cfg.max_deliveries),
             "--grace-s", str(cfg.grace_s), "--dtype", cfg.dtype, "--compile", cfg.compile,
             "--metrics-host", cfg.metrics_host, "--threads", str(cfg.threads)]
-    for flag, value in (("--ebm", cfg.ebm), ("--vae", cfg.vae), ("--model-name", cfg.model_name)):
+    named = len(cfg.checkpoints) <= 1           # several models are named by their files
+    for flag, value in (("--ebm", cfg.ebm), ("--vae", cfg.vae), ("--model-name", cfg.model_name if named else "")):
         if value:
             argv += [flag, value]
     return argv

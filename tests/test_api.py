@@ -118,7 +118,7 @@ def test_generation_writes_jobspec(client, store, redis_client, worker):
             spec.sampler.grad_norm_threshold) == ("gd", 0.05, 0.1, 20, 0.5)
     assert t0 + 30 <= spec.deadline <= time.time() + 30
     assert store.queue_depth() == 1
-    assert redis_client.xlen("eqm:jobs") == 1
+    assert redis_client.xlen("eqm:jobs:digits") == 1
     assert [e[1] for e in store.events(out["id"], block_ms=10)] == ["queued"]
 
 
@@ -224,7 +224,6 @@ BAD_JSON = [
     ("/v1/generations", {"n": 100000}, ["body", "n"], "more than 64 per job"),
     ("/v1/compositions", {"labels": [1, 2], "cfg_scale": 2}, ["body", "cfg_scale"], "did you mean 'guidance_scale'?"),
     ("/v1/compositions", {"labels": [1, 2], "zzz": 2}, ["body", "zzz"], "; the fields are: deadline_s, "),
-    ("/v1/generations", {"model": "EqM-XL/2"}, ["body", "model"], "this server serves 'digits'"),
     ("/v1/compositions", {"labels": [1]}, ["body", "labels"], ""),
     ("/v1/compositions", {"labels": [1, 2, 3, 4, 5, 6, 7, 8]}, ["body", "labels"], ""),
     ("/v1/compositions", {"labels": [1, 2], "weights": [1.0]}, ["body", "weights"], "1 weights given for 2 labels"),
@@ -241,7 +240,7 @@ def test_bad_json_is_422_with_field(client, redis_client, worker, path, body, lo
     assert any(d["loc"] == loc for d in out["detail"]), out
     assert reason in out["message"] or reason in json.dumps(out["detail"])
     assert ".".join(map(str, loc)) in out["message"] or len(out["detail"]) > 1
-    assert job_keys(redis_client) == [] and redis_client.xlen("eqm:jobs") == 0
+    assert job_keys(redis_client) == [] and redis_client.xlen("eqm:jobs:digits") == 0
 
 
 @pytest.mark.parametrize("raw", [b'{"guidance_scale": NaN}', b'{"step_size": Infinity}', b"{not json", b"[1, 2]",
@@ -575,7 +574,7 @@ def test_metrics_count_requests_by_route(client, store, worker):
     text = client.get("/metrics").text
     assert 'eqm_api_requests_total{method="GET",route="/v1/jobs/{job_id}",status="200"} 1.0' in text
     assert 'eqm_api_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
-    assert 'eqm_api_jobs_submitted_total{kind="generate"} 1.0' in text
+    assert 'eqm_api_jobs_submitted_total{kind="generate",model="digits"} 1.0' in text
     assert "eqm_queue_depth 1.0" in text
     assert 'eqm_live_workers{model="digits"} 1.0' in text
     assert client.get("/sd/workers").json() == []        # this page includes the workers' series already

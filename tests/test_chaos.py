@@ -48,16 +48,16 @@ def test_reclaim_reaches_dead_entries_behind_a_live_workers_long_pending_list(st
     consumer's jobs would never be reached."""
     k = store.keys
     jobs = [store.submit(short_job()) for _ in range(25)]
-    redis_client.xreadgroup(k.group, "live-elsewhere", {k.stream: ">"}, count=20)
-    redis_client.xreadgroup(k.group, "dead-elsewhere", {k.stream: ">"}, count=5)
+    redis_client.xreadgroup(k.group, "live-elsewhere", {k.stream_for("tiny"): ">"}, count=20)
+    redis_client.xreadgroup(k.group, "dead-elsewhere", {k.stream_for("tiny"): ">"}, count=5)
     live_ids = [e["message_id"]
-                for e in redis_client.xpending_range(k.stream, k.group, "-", "+", 100, "live-elsewhere")]
+                for e in redis_client.xpending_range(k.stream_for("tiny"), k.group, "-", "+", 100, "live-elsewhere")]
     stop = threading.Event()
 
     def live_heartbeat():              # what a live worker's heartbeat does for its entries
         r = redis.Redis.from_url(procs.redis_url)
         while not stop.wait(HEARTBEAT_S):
-            r.xclaim(k.stream, k.group, "live-elsewhere", min_idle_time=0, message_ids=live_ids, justid=True)
+            r.xclaim(k.stream_for("tiny"), k.group, "live-elsewhere", min_idle_time=0, message_ids=live_ids, justid=True)
 
     beat = threading.Thread(target=live_heartbeat, daemon=True)
     beat.start()
@@ -72,7 +72,7 @@ def test_reclaim_reaches_dead_entries_behind_a_live_workers_long_pending_list(st
         beat.join()
     assert [r["status"] for r in done] == ["done"] * 5
     assert took < CLAIM_IDLE_MS / 1000 + 8, took
-    still = redis_client.xpending_range(k.stream, k.group, "-", "+", 100, "live-elsewhere")
+    still = redis_client.xpending_range(k.stream_for("tiny"), k.group, "-", "+", 100, "live-elsewhere")
     assert len(still) == 20                                   # a live worker's entries are never taken
     assert all(store.get(j)["status"] == "queued" for j in jobs[:20])
 
@@ -139,7 +139,7 @@ def test_records_expiring_while_queued_or_running_leave_nothing_behind(redis_cli
     time.sleep(4 * HEARTBEAT_S)
     assert store.get(running) is None and keys_without_ttl(redis_client) == []
     k = store.keys
-    wait_for(lambda: redis_client.xpending(k.stream, k.group)["pending"] == 0, 10, "the entries to be acked", procs)
+    wait_for(lambda: redis_client.xpending(k.stream_for("tiny"), k.group)["pending"] == 0, 10, "the entries to be acked", procs)
     after = store.submit(short_job())                            # the worker goes on serving
     assert final(store, after, procs)["status"] == "done"
     assert store.queue_depth() == 0 and keys_without_ttl(redis_client) == []
@@ -181,7 +181,7 @@ def test_queue_limit_is_exact_under_concurrent_submissions(store):
     with ThreadPoolExecutor(16) as pool:
         accepted = [j for j in pool.map(attempt, range(40)) if j]
     assert len(accepted) == 10 and store.queue_depth() == 10
-    assert store.r.xlen(store.keys.stream) == 10
+    assert store.r.xlen(store.keys.stream_for("tiny")) == 10
 
 
 # -- Redis full -------------------------------------------------------------------------------------
@@ -367,19 +367,19 @@ def test_upload_pixel_limit_follows_the_model(make_client, redis_client):
 
 def test_dead_workers_are_pruned_once_they_hold_nothing(store, procs, redis_client):
     k = store.keys
-    store.ensure_group()
+    store.ensure_group("tiny")
     stale = json.dumps({"device": "cpu", "model": "tiny", "seen": time.time() - 3600})
     for name in ("gone-empty", "gone-busy"):
         redis_client.hset(k.workers, name, stale)
     job = store.submit(short_job())
-    redis_client.xreadgroup(k.group, "gone-busy", {k.stream: ">"}, count=1)       # dies holding a job
-    redis_client.xreadgroup(k.group, "gone-empty", {k.stream: ">"}, count=1)      # nothing left to read
+    redis_client.xreadgroup(k.group, "gone-busy", {k.stream_for("tiny"): ">"}, count=1)       # dies holding a job
+    redis_client.xreadgroup(k.group, "gone-empty", {k.stream_for("tiny"): ">"}, count=1)      # nothing left to read
     time.sleep(CLAIM_IDLE_MS / 1000)
     procs.worker()
     assert final(store, job, procs)["status"] == "done"                          # reclaimed from gone-busy
 
     def pruned():
-        names = {c["name"].decode() for c in redis_client.xinfo_consumers(k.stream, k.group)}
+        names = {c["name"].decode() for c in redis_client.xinfo_consumers(k.stream_for("tiny"), k.group)}
         return not names & {"gone-empty", "gone-busy"} and not redis_client.hexists(k.workers, "gone-busy")
     wait_for(pruned, 15, "the dead workers to be pruned", procs)
     assert list(store.live_workers(HEARTBEAT_S)) and redis_client.hlen(k.workers) == 1

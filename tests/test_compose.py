@@ -78,6 +78,7 @@ def test_worker_service_reserves_gpus(services):
     assert any(v.endswith(":/weights:ro") for v in worker["volumes"])
     assert worker["environment"]["EQM_REDIS_URL"] == services["api"]["environment"]["EQM_REDIS_URL"]
     assert worker["environment"]["EQM_CHECKPOINT"] == services["api"]["environment"]["EQM_CHECKPOINT"]
+    assert worker["environment"]["EQM_CHECKPOINTS"] == services["api"]["environment"]["EQM_CHECKPOINTS"]
     args = cli_parser().parse_args(worker["command"][1:])
     assert args.command == "worker" and args.metrics_port == 9400
     assert args.metrics_host == "0.0.0.0"          # workers bind loopback unless told: Prometheus is elsewhere

@@ -354,12 +354,12 @@ def test_bad_inputs_get_their_status(stack):
 
     # 429: fill the queue up to EQM_MAX_QUEUE with placeholders, as a burst of clients would
     fillers = [f"filler{i}" for i in range(10)]
-    stack.redis.sadd(store.keys.queued, *fillers)
+    stack.redis.sadd(store.keys.queued_for("digits"), *fillers)       # admission counts the model's queue
     try:
         resp = c.post("/v1/generations", json={"labels": [1]})
         assert resp.status_code == 429 and int(resp.headers["retry-after"]) > 0, resp.text
     finally:
-        stack.redis.srem(store.keys.queued, *fillers)
+        stack.redis.srem(store.keys.queued_for("digits"), *fillers)
 
 
 def test_openapi_schema_validates(stack):

@@ -135,7 +135,7 @@ def test_outcomes_converged_step_cap_and_zero_steps(model):
     m = engine.metrics.registry.get_sample_value
     assert m("eqm_images_total", {"model": "tiny", "task": "generate", "outcome": "converged"}) == 1
     assert m("eqm_images_total", {"model": "tiny", "task": "generate", "outcome": "step_cap"}) == 2
-    assert m("eqm_jobs_total", {"outcome": "done"}) == 3
+    assert m("eqm_jobs_total", {"model": "tiny", "outcome": "done"}) == 3
     assert m("eqm_steps_per_sample_count", {"model": "tiny", "task": "generate"}) == 3
     assert m("eqm_nfe_total") == 7 * 2 + 2          # CFG: 2 rows; the converged one was evaluated once
 

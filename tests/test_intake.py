@@ -109,3 +109,33 @@ def test_worker_with_the_device_lag_gives_the_same_images_and_honours_a_cancel(m
         for i in range(len(spec.images)):
             assert store.image(spec.id, i) == expected[(spec.id, i)]
     assert store.get(long_job.id)["status"] == "cancelled"
+
+
+def test_a_worker_reads_and_reclaims_only_its_models_stream(model, redis_url, redis_client, one_torch_thread):
+    """Each model has its own stream: a worker of ``tiny`` neither reads nor reclaims ``other``'s jobs, and a
+    dead ``tiny`` worker's job goes to a live ``tiny`` worker."""
+    def make_worker(name: str) -> Worker:
+        runner = ModelRunner(model, codec=IdentityCodec(1, 8), null_label=CFG.null_label, guided_channels=1,
+                             capacity=4, max_rows=12)
+        engine = Engine(runner, model_name="tiny", metrics=Metrics(), encode_pool=ThreadPoolExecutor(1))
+        return Worker(WorkerConfig(redis_url=redis_url, capacity=4, claim_idle_ms=1, name=name), engine=engine)
+
+    store = JobStore(redis_client)
+    sampler = SamplerSpec(step_size=0.05, mu=0.3, max_steps=4)
+    other = store.enqueue(JobSpec(kind="generate", model="other", sampler=sampler, images=[ImageSpec(seed=1)]))
+    mine = store.enqueue(JobSpec(kind="generate", model="tiny", sampler=sampler, images=[ImageSpec(seed=2)]))
+    assert store.queue_depth("other") == 1 and store.queue_depth("tiny") == 1
+    # A worker of "other" read its job and died holding it (pending, idle): no worker of tiny takes it.
+    k = store.keys
+    redis_client.xreadgroup(k.group, "dead-other", {k.stream_for("other"): ">"}, count=1)
+    dead_tiny = make_worker("dead-tiny")
+    dead_tiny._fetch(0)
+    assert dead_tiny.engine.job_ids() == [mine]
+    time.sleep(0.01)
+    live = make_worker("live-tiny")
+    live._fetch(0)
+    assert live.engine.job_ids() == []                    # nothing new on tiny's stream; other's is not read
+    assert live._reclaim() == 1 and live.engine.job_ids() == [mine]      # the dead tiny worker's job, only
+    assert redis_client.xpending(k.stream_for("other"), k.group)["consumers"] == [
+        {"name": b"dead-other", "pending": 1}]
+    assert store.get(other)["status"] == "queued" and store.get(other)["worker"] is None

@@ -13,6 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.jobstore import Keys
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,10 +115,11 @@ def test_scaled_object_scales_the_workers_on_the_consumer_group_lag(docs):
     worker = by_kind(docs, "Deployment", spec["scaleTargetRef"]["name"])[0]
     assert worker["metadata"]["name"] == "eqm-worker" and spec["minReplicaCount"] <= spec["maxReplicaCount"]
     trigger = spec["triggers"][0]["metadata"]
-    # The stream and group the workers really use (service.jobstore: "<prefix>:jobs", group "<prefix>:workers").
+    # The stream and group the workers of the served model really use (service.jobstore: "<prefix>:jobs:<model>",
+    # group "<prefix>:workers"; a model is named by its checkpoint file's stem).
     config = by_kind(docs, "ConfigMap", "eqm-config")[0]["data"]
-    prefix = config["EQM_KEY_PREFIX"]
-    assert (trigger["stream"], trigger["consumerGroup"]) == (f"{prefix}:jobs", f"{prefix}:workers")
+    prefix, model = config["EQM_KEY_PREFIX"], Path(config["EQM_CHECKPOINT"]).stem
+    assert (trigger["stream"], trigger["consumerGroup"]) == (Keys(prefix).stream_for(model), f"{prefix}:workers")
     # The Redis it polls is the one the service talks to.
     host, port = trigger["address"].rsplit(":", 1)
     redis_svc = by_kind(docs, "Service", host.split(".")[0])[0]

@@ -85,9 +85,17 @@ def test_discovery_has_no_label_the_series_carry_and_lists_only_unmerged_workers
     ``exported_model``), and it lists the workers only when the API page does not include them."""
     redis_client.hset("eqm:workers", "host:123:cpu", json.dumps(
         {"device": "cpu", "model": "digits", "seen": time.time(), "metrics_url": "http://worker-host:9400/metrics"}))
+    # A process holding two models registers once per model, on one endpoint: one target naming both.
+    for model in ("digits-e", "em-digits"):
+        redis_client.hset("eqm:workers", f"other:7:cpu:{model}", json.dumps(
+            {"device": "cpu", "model": model, "models": [model], "seen": time.time(),
+             "metrics_url": "http://other-host:9401/metrics"}))
     with TestClient(create_app(Settings(redis_url=redis_url, metrics_from_workers=False))) as c:
         assert c.get("/sd/workers").json() == [
-            {"targets": ["worker-host:9400"], "labels": {"worker": "worker-host:9400", "device": "cpu"}}]
+            {"targets": ["worker-host:9400"], "labels": {"worker": "worker-host:9400", "device": "cpu",
+                                                        "models": "digits"}},
+            {"targets": ["other-host:9401"], "labels": {"worker": "other-host:9401", "device": "cpu",
+                                                       "models": "digits-e,em-digits"}}]
     with TestClient(create_app(Settings(redis_url=redis_url))) as c:
         assert c.get("/sd/workers").json() == []
 

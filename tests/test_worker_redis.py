@@ -211,7 +211,7 @@ def test_two_workers_share_the_stream(store, procs, redis_client):
         assert events(store, r["id"]).count("done") == 1
         assert all(p["steps"] == r["spec"]["sampler"]["max_steps"] for p in r["progress"])
     assert store.queue_depth() == 0
-    assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
+    assert redis_client.xpending(store.keys.stream_for("tiny"), store.keys.group)["pending"] == 0
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'eqm_images_total{model="tiny",outcome="step_cap",task=' in metrics
     assert "eqm_batch_occupancy_ratio" in metrics and "eqm_step_seconds_bucket" in metrics
@@ -276,7 +276,7 @@ def test_cancel_reaches_the_worker_within_a_step(store, procs, redis_client):
     steps_then = rec["progress"][0]["steps"]
     time.sleep(0.5)
     assert store.get(job)["progress"][0]["steps"] == steps_then          # nothing runs on
-    assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
+    assert redis_client.xpending(store.keys.stream_for("tiny"), store.keys.group)["pending"] == 0
     # A queued job cancelled before any worker reads it is skipped when read.
     procs.procs[0].send_signal(signal.SIGSTOP)
     try:
@@ -318,7 +318,7 @@ def test_dead_letter_after_repeated_crashes(store, procs, redis_client):
     assert rec["error"] == "dead-lettered: the worker running it stopped or crashed 2 times (limit 2)"
     dead = redis_client.xrange(store.keys.deadletter)
     assert [(f[b"id"].decode(), f[b"reason"].decode()) for _, f in dead] == [(job, rec["error"])]
-    assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
+    assert redis_client.xpending(store.keys.stream_for("tiny"), store.keys.group)["pending"] == 0
     assert len(set(pids)) == 2
     assert len(live_workers(store, 1, procs)) >= 1                   # restarted once more and alive
 
@@ -332,8 +332,8 @@ def test_sigterm_hands_unfinished_jobs_back(store, procs, redis_client):
     assert first.wait(timeout=20) == 0
     rec = store.get(job)
     assert rec["status"] == "queued" and store.queue_depth() == 1
-    assert redis_client.xpending(store.keys.stream, store.keys.group)["pending"] == 0
-    assert redis_client.xlen(store.keys.stream) == 1
+    assert redis_client.xpending(store.keys.stream_for("tiny"), store.keys.group)["pending"] == 0
+    assert redis_client.xlen(store.keys.stream_for("tiny")) == 1
     assert "queued" in events(store, job)[1:]
     procs.worker()
     rec = final(store, job, procs)

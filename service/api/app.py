@@ -34,7 +34,7 @@ from service.api.deps import ApiState
 from service.api.metrics import ApiMetrics, RequestMetricsMiddleware
 from service.api.redoc_script import serve_local_redoc_script
 from service.api.openapi_schema import finish_openapi, operation_id
-from service.jobstore import is_oom
+from service.jobstore import is_oom, worker_serves
 from service.settings import Settings
 from service.webhooks import WebhookDispatcher
 
@@ -110,8 +110,11 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = await run_in_threadpool(ApiState.open, settings, metrics)
+        metrics.precreate(list(state.models))
         try:
-            await run_in_threadpool(state.store.ensure_group)
+            for name in state.models:
+                await run_in_threadpool(state.store.ensure_group, name)
+            await run_in_threadpool(fail_removed_models, state)
         except redis.RedisError as exc:           # Redis may come up after the API (compose): not fatal
             log.warning("Redis not reachable yet (%s); /readyz says so until it is", exc)
         if no_worker_hint:
@@ -120,8 +123,9 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         app.state.api = state
         hooks = start_webhooks(state)
         runs = sampling_runs.start_runs(app, state)          # sampling runs and batches: one keeper thread
-        log.info("serving model %s (%s, %dx%d, %d classes)", state.model.name, state.model.config.arch,
-                 state.model.image_size, state.model.image_size, state.model.num_classes)
+        for m in state.models.values():
+            log.info("serving model %s (%s, %dx%d, %d classes)%s", m.name, m.config.arch, m.image_size,
+                     m.image_size, m.num_classes, " (default)" if m is state.model else "")
         try:
             yield
         finally:
@@ -156,6 +160,19 @@ def create_app(settings: Settings | None = None, *, no_worker_hint: str | None =
         return FileResponse(PLAYGROUND_DIR / "index.html", headers={"Cache-Control": "no-cache", **PLAYGROUND_HEADERS})
 
     return app
+
+
+def fail_removed_models(state: ApiState) -> None:
+    """Jobs queued for a model this deployment no longer serves, with no live worker left for it, would wait
+    forever: fail them, saying why (their clients' waits and streams end with that reason)."""
+    workers = state.store.live_workers(state.settings.heartbeat_s).values()
+    for model in state.store.queued_models():
+        if model in state.models or any(worker_serves(w, model) for w in workers):
+            continue
+        reason = (f"model {model!r} was removed from this deployment while the job was queued; it serves "
+                  f"{', '.join(repr(m) for m in state.models)}: submit the job again with one of them")
+        failed = state.store.fail_removed_model(model, reason)
+        log.warning("model %s is no longer served: %d queued job(s) failed", model, failed)
 
 
 def start_webhooks(state: ApiState) -> WebhookDispatcher | None:

@@ -135,7 +135,7 @@ def _line(k: int, text: str, state: ApiState) -> dict:
     raw = item.get("body")
     try:
         body = ImageGenerationRequest.model_validate(raw)
-        model = state.model
+        model = state.pick_model(body.model)
         _check_size(body.size, model)
         if body.output_format is not None:
             body = body.model_copy(update={"format": body.output_format})
@@ -151,8 +151,8 @@ def _line(k: int, text: str, state: ApiState) -> dict:
         return {"custom_id": custom_id, "error": _err(str(exc.detail), None)}
     if "priority" not in raw:
         spec.priority = DEFAULT_PRIORITY            # results later: behind interactive requests
-    size = f"{state.model.image_size}x{state.model.image_size}"
-    return {"custom_id": custom_id, "spec": spec.to_json(), "revised": _revised(labels, state.model), "size": size}
+    size = f"{model.image_size}x{model.image_size}"
+    return {"custom_id": custom_id, "spec": spec.to_json(), "revised": _revised(labels, model), "size": size}
 
 
 def _err(message: str, param: str | None) -> dict:

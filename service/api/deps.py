@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from service.api.events import EventHub
 from service.api.replays import ReplayPages
 from service.api.metrics import ApiMetrics
-from service.api.modelinfo import ModelInfo, load_model_info
+from service.api.modelinfo import ModelInfo, load_model_infos
 from service.jobstore import JobStore
 from service.settings import Settings
 
@@ -27,7 +27,7 @@ class ApiState:
     """Everything the handlers share, opened once per process by the app's lifespan."""
 
     settings: Settings
-    model: ModelInfo
+    models: dict[str, ModelInfo]    # every served model by name, the default first
     redis: redis.Redis              # blocking calls, run in the thread pool (the JobStore contract is sync)
     aredis: aredis.Redis            # short async calls; a bounded pool that waits for a free connection
     store: JobStore
@@ -42,7 +42,7 @@ class ApiState:
     def open(cls, settings: Settings, metrics: ApiMetrics) -> "ApiState":
         if not settings.redis_url:
             raise RuntimeError("no Redis URL: set EQM_REDIS_URL (or run `eqm serve`, which starts its own Redis)")
-        model = load_model_info(settings)
+        models = load_model_infos(settings)
         # Timeouts: a dead Redis must turn into a quick 503, not a hung request.
         client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
                                       health_check_interval=30)
@@ -52,8 +52,22 @@ class ApiState:
                                                       health_check_interval=30)
         aclient = aredis.Redis(connection_pool=pool)
         store = JobStore(client, settings.key_prefix, settings.result_ttl_s)
-        return cls(settings, model, client, aclient, store, metrics, EventHub(settings.redis_url),
+        return cls(settings, models, client, aclient, store, metrics, EventHub(settings.redis_url),
                    asyncio.Semaphore(max(1, settings.upload_decodes)))
+
+    @property
+    def model(self) -> ModelInfo:
+        """The default model: what a request that names none gets."""
+        return next(iter(self.models.values()))
+
+    def pick_model(self, requested: str | None) -> ModelInfo:
+        """The model a request names (None or "" = the default); ``UnknownModel`` (404) lists the served ones."""
+        if not requested:
+            return self.model
+        found = self.models.get(requested)
+        if found is None:
+            raise UnknownModel(requested, list(self.models))
+        return found
 
     def redis_full(self) -> bool:
         """Whether Redis is at its ``maxmemory`` (it then refuses writes under ``noeviction``)."""
@@ -79,6 +93,15 @@ async def bounded(step, what: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         await asyncio.wait_for(step, timeout_s)
     except asyncio.TimeoutError:
         log.warning("closing %s took over %.0fs; going on without it", what, timeout_s)
+
+
+class UnknownModel(HTTPException):
+    """404: a request named a model this deployment does not serve (the OpenAI routes answer ``model_not_found``)."""
+
+    def __init__(self, requested: str, served: list[str]):
+        super().__init__(404, f"unknown model {requested!r}: this server serves {', '.join(repr(m) for m in served)} "
+                              "(see GET /v1/models)")
+        self.requested, self.served = requested, served
 
 
 def get_state(request: Request) -> ApiState:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from service.api.deps import ApiState, check_api_key, get_state, require_api_key
 from service.api.metrics import worker_label
 from service.api.schemas import Health, Readiness, error_responses
+from service.jobstore import worker_serves
 
 router = APIRouter(tags=["operations"])
 
@@ -46,13 +47,17 @@ def readyz(state: ApiState = Depends(get_state)):
         # The class of the error only: the message names Redis' host and port, which probes need not see.
         body = Readiness(status="not ready", redis=False, workers=0, detail=f"Redis unreachable ({type(exc).__name__})")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
-    serving = sum(1 for w in workers.values() if w.get("model") == state.model.name)
+    per_model = {name: sum(1 for w in workers.values() if worker_serves(w, name)) for name in state.models}
+    serving = sum(1 for w in workers.values() if any(worker_serves(w, name) for name in state.models))
+    idle = [name for name, count in per_model.items() if not count]
     if not serving:
         body = Readiness(status="not ready", redis=True, workers=0, queue_depth=depth,
-                         detail=f"no live worker serves model {state.model.name!r}")
+                         detail=f"no live worker serves model {' or '.join(repr(m) for m in state.models)}")
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "10"})
+    # Ready while any served model has a worker: a model scaled to zero must not take the others down.
+    without = f"; none serves {', '.join(repr(m) for m in idle)}" if idle else ""
     return Readiness(status="ready", redis=True, workers=serving, queue_depth=depth,
-                     detail=f"{serving} worker(s) serve {state.model.name!r}")
+                     detail=f"{serving} worker(s) serve {', '.join(repr(m) for m in per_model if per_model[m])}{without}")
 
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics of the API and its live workers",
@@ -64,7 +69,7 @@ def metrics(request: Request, state: ApiState = Depends(get_state)) -> Response:
     each worker also serves them on its own port: see ``/sd/workers``. With API keys on, ``worker`` names
     the worker's host:port only for a request with a key (else an opaque name): no key is needed, and none
     reveals internal addresses."""
-    body = state.metrics.render(state.store, state.model.name, state.settings.heartbeat_s,
+    body = state.metrics.render(state.store, list(state.models), state.settings.heartbeat_s,
                                 show_addresses=_has_key(request))
     if "gzip" in request.headers.get("accept-encoding", ""):        # Prometheus asks for it: ~10x fewer bytes
         return Response(gzip.compress(body, compresslevel=1), media_type=CONTENT_TYPE_LATEST,
@@ -85,19 +90,25 @@ class TargetGroup(BaseModel):
 def worker_targets(state: ApiState = Depends(get_state)) -> JSONResponse:
     """Each live worker that serves metrics, as ``host:port`` with its device as a label and ``worker`` =
     ``host:port`` (stable across restarts): point Prometheus' ``http_sd_configs`` here to scrape every
-    worker on every machine. No ``model`` label: the workers' series carry their own. Empty while this
+    worker on every machine. ``models`` lists the models the process serves (comma-separated; a process
+    holding several models is one target); the workers' series carry their own ``model``. Empty while this
     API's ``/metrics`` includes the workers' series (``EQM_METRICS_FROM_WORKERS``, on by default, as with
     ``eqm serve``): then scraping them again would count every series twice."""
     if state.settings.metrics_from_workers:
         return JSONResponse([])
-    groups = []
+    groups: dict[str, dict] = {}
     for name, info in sorted(state.store.live_workers(state.settings.heartbeat_s).items()):
         url = info.get("metrics_url") or ""
         if not url:
             continue
+        models = [str(m) for m in (info.get("models") or [info.get("model", "")])]
+        if url in groups:               # several models of one process: one endpoint, one target
+            known = groups[url]["labels"]["models"].split(",")
+            groups[url]["labels"]["models"] = ",".join(sorted(set(known) | set(models)))
+            continue
         parts = urlsplit(url)
-        labels = {"worker": worker_label(url), "device": str(info.get("device", ""))}
+        labels = {"worker": worker_label(url), "device": str(info.get("device", "")), "models": ",".join(sorted(models))}
         if parts.path and parts.path != "/metrics":
             labels["__metrics_path__"] = parts.path
-        groups.append({"targets": [parts.netloc], "labels": labels})
-    return JSONResponse(groups)
+        groups[url] = {"targets": [parts.netloc], "labels": labels}
+    return JSONResponse(list(groups.values()))

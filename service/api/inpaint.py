@@ -20,10 +20,11 @@ from pydantic import ConfigDict, Field
 
 from service.api.conventions import client_options
 from service.api.denoise import IMAGE_DOC, decode_upload
+from service.api.modelinfo import ModelInfo
 from service.api.deps import ApiState, get_state, require_api_key
 from service.api.generations import WAIT_DOC
 from service.api.schemas import JobCreated, JobStatus, SamplingOptions, error_responses
-from service.api.submit import (check_image_count, check_model, deadline, field_error, first_seed, resolve_labels,
+from service.api.submit import (check_image_count, deadline, field_error, first_seed, resolve_labels,
                                 sampler_spec, submit)
 from service.api.uploads import LimitedBodyRoute, UploadError
 from service.classnames import MAX_LABEL_CHARS
@@ -87,7 +88,7 @@ def pack_mask(regen: np.ndarray) -> str:
 @router.post("/inpaint", status_code=202, response_model=JobCreated,
              summary="Inpaint: regenerate the masked part of an image (multipart form)",
              responses={200: {"model": JobStatus, "description": "with ?wait=true: the finished job"},
-                        **error_responses(400, 401, 413, 415, 422, 429, 503)})
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 503)})
 async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
                          image: UploadFile = File(..., description=IMAGE_DOC),
                          mask: UploadFile = File(..., description=MASK_DOC),
@@ -97,7 +98,7 @@ async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
     masked (white) ones, from noise, towards ``label`` if given. Pixel-space models keep the known pixels
     exactly; latent models hold the latent cells that lie wholly in the known part and paste the known
     pixels back after decoding."""
-    model = state.model
+    model = state.pick_model(form.model)
     raw = await request.form()
     known = set(InpaintForm.model_fields) | {"image", "mask"}
     for name in raw.keys():
@@ -106,11 +107,10 @@ async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
     for part in ("image", "mask"):              # one of each: a second would be silently dropped
         if len(raw.getlist(part)) > 1:
             raise field_error(("body", part), f"send exactly one {part}")
-    check_model(form.model, model, ("body", "model"))
     labels = resolve_labels([form.label], model, ("body", "label")) if form.label else []
     check_image_count(form.n, state, ("body", "n"), f"n = {form.n}")
     data, mask_data = await image.read(), await mask.read()
-    png, regen = await prepare_inpaint_inputs(state, data, mask_data, "white")
+    png, regen = await prepare_inpaint_inputs(state, data, mask_data, "white", model)
     seed = first_seed(form)
     spec = JobSpec(kind="inpaint", model=model.name,
                    images=[ImageSpec(seed=seed + k, labels=list(labels)) for k in range(form.n)],
@@ -120,20 +120,21 @@ async def create_inpaint(request: Request, form: Annotated[InpaintForm, Form()],
     return await submit(request, state, spec, png, wait, options=form, inline=inline)
 
 
-async def prepare_inpaint_inputs(state: ApiState, image: bytes, mask: bytes, convention: str) -> tuple[bytes, np.ndarray]:
+async def prepare_inpaint_inputs(state: ApiState, image: bytes, mask: bytes, convention: str,
+                                 model: ModelInfo) -> tuple[bytes, np.ndarray]:
     """(model-sized PNG of the image, its regenerate mask); upload errors become 413/415/422 on the field."""
     limit = state.settings.max_upload_bytes
     for what, blob in (("image", image), ("mask", mask)):
         if len(blob) > limit:
             raise HTTPException(413, f"the {what} is {len(blob)} bytes, over the limit of {limit}; send a smaller one")
     try:
-        png = await decode_upload(state, image)
+        png = await decode_upload(state, image, model)
     except UploadError as exc:
         if exc.status_code == 422:
             raise field_error(("body", "image"), exc.detail) from None
         raise HTTPException(exc.status_code, exc.detail) from None
     try:
-        regen = await run_in_threadpool(prepare_mask, mask, image, state.model.image_size, convention)
+        regen = await run_in_threadpool(prepare_mask, mask, image, model.image_size, convention)
     except UploadError as exc:
         raise field_error(("body", "mask"), exc.detail) from None
     return png, regen

@@ -58,7 +58,7 @@ def read_job_status(request: Request, state: ApiState, job_id: str) -> JobStatus
             content_type=content_type, url=links.images[k]))
     queue_position = eta_s = None
     if rec["status"] == "queued":
-        queue_position, eta_s = queue_estimate(state, job_id, n)
+        queue_position, eta_s = queue_estimate(state, job_id, n, rec["spec"]["model"])
     created, started, finished = rec["created"], rec["started"], rec["finished"]
     end = finished or time.time()
     timings = Timings(queued_s=_span(created, started or end),

@@ -128,10 +128,11 @@ def require_owner(request: Request, job_id: str) -> None:
 
 # -- queue position and ETA ----------------------------------------------------------------------
 
-def queue_estimate(state: ApiState, job_id: str, num_images: int) -> tuple[int | None, float | None]:
-    """(jobs ahead, estimated seconds to finish) of a queued job; (None, None) when it is not in the stream."""
+def queue_estimate(state: ApiState, job_id: str, num_images: int, model: str) -> tuple[int | None, float | None]:
+    """(jobs ahead in its model's queue, estimated seconds to finish) of a queued job; (None, None) when it is
+    not in the stream."""
     keys = state.store.keys
-    entries = state.redis.xrange(keys.stream, "-", "+", count=QUEUE_SCAN)
+    entries = state.redis.xrange(keys.stream_for(model), "-", "+", count=QUEUE_SCAN)
     ahead: list[str] = []
     found = False
     for _, fields in entries:

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.jobstore import JOB_KINDS
+from service.jobstore import JOB_KINDS, worker_serves
 
 disable_created_metrics()          # no ``*_created`` series beside each counter and histogram
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -95,9 +95,9 @@ class ApiMetrics:
             "eqm_api_request_seconds", "Time to answer an HTTP request (event streams: until they end).",
             ["method", "route"], buckets=REQUEST_BUCKETS, registry=r)
         self.jobs_submitted_total = Counter(
-            "eqm_api_jobs_submitted_total", "Jobs accepted into the queue.", ["kind"], registry=r)
+            "eqm_api_jobs_submitted_total", "Jobs accepted into the queue.", ["kind", "model"], registry=r)
         self.images_requested_total = Counter(
-            "eqm_api_images_requested_total", "Images asked for by accepted jobs.", ["kind"], registry=r)
+            "eqm_api_images_requested_total", "Images asked for by accepted jobs.", ["kind", "model"], registry=r)
         self.rejected_total = Counter(
             "eqm_api_rejected_total",
             "Requests refused: queue_full, no_worker (submissions), redis_down, redis_full, busy (any request).",
@@ -106,9 +106,12 @@ class ApiMetrics:
             "eqm_queue_depth", "Jobs submitted and not yet started (the queued set).", registry=r)
         for reason in REJECT_REASONS:           # at 0 from the start: the first refusal shows in increase()
             self.rejected_total.labels(reason)
-        for kind in SUBMITTED_KINDS:
-            self.jobs_submitted_total.labels(kind)
-            self.images_requested_total.labels(kind)
+        self.model_queue_depth = Gauge(
+            "eqm_model_queue_depth", "Jobs submitted and not yet started, by model (its queued set).", ["model"],
+            registry=r)
+        self.queue_lag = Gauge(
+            "eqm_model_queue_lag", "Entries of a model's stream not yet read by any worker (what KEDA scales on).",
+            ["model"], registry=r)
         self.live_workers = Gauge(
             "eqm_live_workers", "Workers whose heartbeat is recent, by model.", ["model"], registry=r)
         self.redis_up = Gauge(
@@ -118,13 +121,27 @@ class ApiMetrics:
             self.workers = WorkerMetrics(skip={family.name for family in r.collect()})
             r.register(self.workers)
 
-    def render(self, store, model: str, heartbeat_s: float, show_addresses: bool = True) -> bytes:
+    def precreate(self, models: list[str]) -> None:
+        """Every (kind, served model) series at 0 from the start, so the first submission shows in increase().
+        Only served models ever get a label: the values stay bounded."""
+        for model in models:
+            self.model_queue_depth.labels(model)
+            self.queue_lag.labels(model)
+            for kind in SUBMITTED_KINDS:
+                self.jobs_submitted_total.labels(kind, model)
+                self.images_requested_total.labels(kind, model)
+
+    def render(self, store, models: list[str], heartbeat_s: float, show_addresses: bool = True) -> bytes:
         """Refresh the Redis-backed gauges, then the exposition text. Without ``show_addresses`` the
         ``worker`` label is an opaque name instead of the worker's host:port (``opaque_worker_label``)."""
         try:
             self.queue_depth.set(store.queue_depth())
             workers = store.live_workers(heartbeat_s)
-            self.live_workers.labels(model).set(sum(1 for w in workers.values() if w.get("model") == model))
+            for model in models:        # the served models only: the label's values stay bounded
+                self.live_workers.labels(model).set(
+                    sum(1 for w in workers.values() if worker_serves(w, model)))
+                self.model_queue_depth.labels(model).set(store.queue_depth(model))
+                self.queue_lag.labels(model).set(store.stream_lag(model))
             self.redis_up.set(1)
         except redis.RedisError:
             self.redis_up.set(0)

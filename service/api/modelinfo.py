@@ -14,6 +14,7 @@ from models import describe_model, resolve_checkpoint
 from models.family import SamplingDefaults
 from models.files import CheckpointError
 from service.classnames import ClassIndex
+from service.jobstore import check_model_name
 from service.settings import Settings
 
 SD_VAE_DOWNSAMPLE = 8            # stabilityai/sd-vae-ft-ema: 256 px <-> 32x32 latents
@@ -37,6 +38,11 @@ class ModelInfo:
         return self.energy_form != "none"
 
     @property
+    def samplers(self) -> list[str]:
+        """The samplers a request may ask of this model: heun-sde clamps to [-1, 1], pixel-space models only."""
+        return ["nag", "gd", "heun-sde"] if self.codec == "identity" else ["nag", "gd"]
+
+    @property
     def num_classes(self) -> int:
         return self.config.num_classes
 
@@ -46,16 +52,37 @@ class ModelInfo:
         return (c.in_channels, c.input_size, c.input_size)
 
 
-def model_name(settings: Settings) -> str:
-    """The name workers report for the same settings (``service.worker.build_engine``)."""
-    return settings.model_name or Path(settings.checkpoint).stem
+def model_name(settings: Settings, checkpoint: str | None = None) -> str:
+    """The name workers report for the same settings (``service.worker.build_engine``): ``model_name`` when
+    one model is served, else each checkpoint's file stem (``digits``, ``digits-e``, ...)."""
+    checkpoint = checkpoint or settings.served_checkpoints[0]
+    if settings.model_name and len(settings.served_checkpoints) == 1:
+        return settings.model_name
+    return Path(checkpoint).stem
 
 
-def load_model_info(settings: Settings) -> ModelInfo:
-    """Read the served checkpoint's description; a ``CheckpointError`` says what is wrong with it."""
-    path = resolve_checkpoint(settings.checkpoint)
+def load_model_infos(settings: Settings) -> dict[str, ModelInfo]:
+    """Every served model's description by name, the default first; two checkpoints with one name are refused."""
+    out: dict[str, ModelInfo] = {}
+    for checkpoint in settings.served_checkpoints:
+        info = load_model_info(settings, checkpoint)
+        try:
+            check_model_name(info.name)
+        except ValueError as exc:
+            raise CheckpointError(str(exc)) from None
+        if info.name in out:
+            raise CheckpointError(f"two served checkpoints are both named {info.name!r} ({out[info.name].source} and "
+                                  f"{info.source}); rename one file: a model's name is its file's stem")
+        out[info.name] = info
+    return out
+
+
+def load_model_info(settings: Settings, checkpoint: str | None = None) -> ModelInfo:
+    """Read a served checkpoint's description (default: the first); a ``CheckpointError`` says what is wrong."""
+    checkpoint = checkpoint or settings.served_checkpoints[0]
+    path = resolve_checkpoint(checkpoint)
     if not path.is_file():
-        hint = " (the bundled model ships with the package: reinstall it)" if settings.checkpoint == "digits" else ""
+        hint = " (the bundled model ships with the package: reinstall it)" if checkpoint == "digits" else ""
         raise CheckpointError(f"{path}: no such checkpoint file{hint}; set EQM_CHECKPOINT to a model file")
     desc = describe_model(path, ebm=settings.ebm or None)
     config = desc.config
@@ -64,7 +91,7 @@ def load_model_info(settings: Settings) -> ModelInfo:
     else:
         image_size, channels = config.input_size, config.in_channels
     return ModelInfo(
-        name=model_name(settings), source=str(path), config=config, codec=desc.codec,
+        name=model_name(settings, checkpoint), source=str(path), config=config, codec=desc.codec,
         guidance_mode=desc.guidance_mode, image_size=image_size, channels=channels,
         classes=ClassIndex.for_model(config.num_classes, desc.class_names),
         defaults=desc.defaults, energy_form=desc.energy_form)

@@ -33,12 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.deps import ApiState, get_state, require_api_key
+from service.api.deps import ApiState, UnknownModel, get_state, require_api_key
 from service.api.inpaint import pack_mask, prepare_inpaint_inputs
 from service.api.modelinfo import ModelInfo
 from service.api.schemas import MAX_COMPOSITION_LABELS, SamplingOptions
 from service.api.conventions import absolute, reject_unknown_query
-from service.api.submit import (check_image_count, check_model, deadline, enqueue, field_error, first_seed,
+from service.api.submit import (check_image_count, deadline, enqueue, field_error, first_seed,
                                 resolve_labels, sampler_spec, wait_until_final)
 from service.api.errors import validation_message
 from service.api.uploads import LimitedBodyRoute, UploadError, decode_upload, unreadable_form
@@ -68,8 +68,9 @@ def openai_errors(*codes: int) -> dict:
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None,
-           headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _ERROR_TYPE.get(status, "invalid_request_error"), "param": param,
+           headers: dict | None = None, error_type: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type or _ERROR_TYPE.get(status, "invalid_request_error"),
+                      "param": param,
                       "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -89,6 +90,8 @@ class OpenAIRoute(LimitedBodyRoute):
                     return _error(400, "the body is not valid JSON", None, "invalid_json")
                 message, param = validation_message(request, errors)
                 return _error(400, message.removeprefix("body."), param, "invalid_value")
+            except UnknownModel as exc:                  # OpenAI's own answer to a model it does not have
+                return _error(404, str(exc.detail), "model", "model_not_found", error_type="invalid_request_error")
             except StarletteHTTPException as exc:        # FastAPI's HTTPException and Starlette's own (body errors)
                 return _error(exc.status_code, str(exc.detail), headers=exc.headers)
         return openai_shaped
@@ -162,7 +165,6 @@ def _revised(labels: list[int], model: ModelInfo) -> str:
 
 def _build_spec(body: SamplingOptions, prompt: str, model: ModelInfo, state: ApiState, kind_single: str,
                 weights: list[float] | None = None) -> tuple[JobSpec, list[int]]:
-    check_model(body.model, model, ("body", "model"))
     # An unconditional model (no classes) takes any prompt text and ignores it.
     labels = resolve_labels(_split_prompt(prompt), model, ("body", "prompt")) if model.num_classes else []
     if weights is not None and len(weights) != len(labels):
@@ -198,7 +200,8 @@ async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: byte
         status = rec["status"] if rec else "expired"
         why = f": {rec['error']}" if rec and rec.get("error") else ""
         return _error(503, f"the job {job_id} ended {status}{why}", code=f"job_{status}")
-    revised = _revised(labels, state.model)
+    model = state.models[spec.model]
+    revised = _revised(labels, model)
     data = []
     for k in range(len(rec["spec"]["images"])):
         if response_format == "url":
@@ -207,7 +210,7 @@ async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: byte
         else:
             raw = await state.aredis.get(state.store.keys.image(job_id, k))
             data.append(OpenAIImage(b64_json=base64.b64encode(raw).decode() if raw else None, revised_prompt=revised))
-    size = f"{state.model.image_size}x{state.model.image_size}"
+    size = f"{model.image_size}x{model.image_size}"
     body = ImagesResponse(created=int(rec["created"] or time.time()), data=data, output_format=rec["spec"]["format"],
                           size=size)
     return JSONResponse(body.model_dump(mode="json", exclude_none=True), headers={"X-EqM-Job-Id": job_id})
@@ -215,11 +218,11 @@ async def _run(request: Request, state: ApiState, spec: JobSpec, input_png: byte
 
 @router.post("/generations", response_model=ImagesResponse, summary="Create images (OpenAI-compatible)",
              responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
-                        **openai_errors(400, 401, 413, 429, 503)})
+                        **openai_errors(400, 401, 404, 413, 429, 503)})
 async def images_generations(body: ImageGenerationRequest, request: Request, state: ApiState = Depends(get_state)):
     """``prompt`` names a class ("3", "golden retriever", "n02099601") or composes classes ("3 + 8").
     Waits for the images (at most EQM_WAIT_TIMEOUT_S) and returns them as base64 or URLs."""
-    model = state.model
+    model = state.pick_model(body.model)
     _check_size(body.size, model)
     if body.output_format is not None:
         body = body.model_copy(update={"format": body.output_format})
@@ -247,7 +250,7 @@ _EDIT_FIELDS = set(ImageEditForm.model_fields) | {"image", "image[]", "mask"}
 
 @router.post("/edits", response_model=ImagesResponse, summary="Edit (denoise) an image (OpenAI-compatible)",
              responses={202: {"model": ImagesResponse, "description": PENDING_DOC},
-                        **openai_errors(400, 401, 413, 415, 429, 503)},
+                        **openai_errors(400, 401, 404, 413, 415, 429, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["image", "prompt"],
                  "properties": {"image": {"type": "string", "format": "binary"},
@@ -263,7 +266,6 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
     """The image is prepared like ``/v1/denoise`` (cropped, resized, converted) and the descent starts
     from it (after mixing in ``noise_level`` noise when given) towards the prompt's class. With a ``mask``
     (OpenAI's convention: its fully transparent pixels are edited) it inpaints, as ``/v1/inpaint`` does."""
-    model = state.model
     try:
         form = await request.form()
     except HTTPException:
@@ -281,6 +283,7 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         opts = ImageEditForm(**fields)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    model = state.pick_model(opts.model)
     _check_size(opts.size, model)
     if opts.output_format is not None:
         opts = opts.model_copy(update={"format": opts.output_format})
@@ -290,12 +293,12 @@ async def images_edits(request: Request, state: ApiState = Depends(get_state)):
         # OpenAI's convention: the mask's fully transparent pixels are the ones to edit (inpainting).
         if len(masks) != 1:
             raise field_error(("body", "mask"), "send exactly one mask file (a PNG whose transparent pixels are edited)")
-        png, regen = await prepare_inpaint_inputs(state, data, await masks[0].read(), "alpha")
+        png, regen = await prepare_inpaint_inputs(state, data, await masks[0].read(), "alpha", model)
         spec, labels = _build_spec(opts, opts.prompt, model, state, "inpaint")
         spec.kind, spec.mask = "inpaint", pack_mask(regen)
         return await _run(request, state, spec, png, labels, opts.response_format or "b64_json", opts)
     try:
-        png = await decode_upload(state, data)
+        png = await decode_upload(state, data, model)
     except UploadError as exc:
         if exc.status_code == 422:
             raise field_error(("body", "image"), exc.detail) from None

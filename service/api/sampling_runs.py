@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.conventions import public_base
 from service.api.deps import ApiState, get_state, may_see, require_api_key
 from service.api.schemas import error_responses
-from service.api.submit import _admit, check_model, field_error, resolve_labels, sampler_spec
+from service.api.submit import _admit, field_error, resolve_labels, sampler_spec
 from service.runs import store as results
 from service.runs.keeper import RunKeeper, RunMetrics, progress
 from service.runs.plan import DEFAULT_PRIORITY, PlanError, new_run, run_labels
@@ -70,8 +70,7 @@ def _keeper(request: Request) -> RunKeeper:
 
 @router.post("", status_code=202, summary="Start a sampling run", responses={**error_responses(401, 503), **_FULL})
 async def create_run(request: Request, body: SamplingRunRequest, state: ApiState = Depends(get_state)) -> JSONResponse:
-    model, settings = state.model, state.settings
-    check_model(body.model, model, ("body", "model"))
+    model, settings = state.pick_model(body.model), state.settings
     if body.num_samples > settings.max_run_samples:
         raise field_error(("body", "num_samples"), f"num_samples={body.num_samples} is more than this server's limit "
                           f"of {settings.max_run_samples} per run (EQM_MAX_RUN_SAMPLES); split it into several runs")
@@ -96,7 +95,7 @@ async def create_run(request: Request, body: SamplingRunRequest, state: ApiState
         raise field_error(("body", "labels"), str(exc)) from None
     sampler = sampler_spec(body, model)
     cfg_scale = model.defaults.guidance_scale if body.guidance_scale is None else body.guidance_scale
-    await run_in_threadpool(_admit, state)
+    await run_in_threadpool(_admit, state, model.name)
     record = new_run(model=model.name, labels=labels, seed=body.seed, cfg_scale=cfg_scale, sampler=sampler,
                      shard_size=shard_size, priority=body.priority, image_size=(model.image_size, model.image_size),
                      channels=model.channels)

@@ -252,10 +252,15 @@ class ModelCard(BaseModel):
     defaults: ModelDefaults
     limits: ModelLimits
     upload_preprocessing: str
+    default: bool = Field(False, description="the model a request that names none gets")
+    samplers: list[str] = Field(default_factory=list, description="the samplers this model takes")
+    workers: int = Field(0, description="live workers serving this model now (0: its jobs get 503)")
+    queue_depth: int = Field(0, description="this model's jobs submitted and not yet started")
+    loaded: bool = Field(False, description="whether a live worker holds the model loaded now")
 
 
 class ModelList(BaseModel):
-    models: list[ModelCard]
+    models: list[ModelCard] = Field(description="every served model, the default first")
 
 
 class Health(BaseModel):
@@ -289,7 +294,7 @@ class ValidationErrorResponse(BaseModel):
 _ERROR_TEXT = {
     400: "the body could not be parsed (not UTF-8 JSON, or a malformed multipart form)",
     401: "API key missing or wrong (only when the server sets EQM_API_KEYS)",
-    404: "unknown job or image (or expired after its TTL)",
+    404: "unknown job or image (or expired after its TTL), or a model this server does not serve",
     409: "the image is not finished yet",
     413: "upload over the byte or pixel limit",
     415: "the upload is not a PNG, JPEG or WebP image",

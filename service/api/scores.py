@@ -22,7 +22,7 @@ from service.api.deps import ApiState, get_state, require_api_key
 from service.api.jobs import JobId
 from service.api.listing import not_found, require_owner
 from service.api.schemas import MAX_MODEL_CHARS, error_responses
-from service.api.submit import check_image_count, check_model, enqueue, field_error, resolve_labels, wait_until_final
+from service.api.submit import check_image_count, enqueue, field_error, resolve_labels, wait_until_final
 from service.api.uploads import PREPROCESSING, LimitedBodyRoute, UploadError, decode_upload, unreadable_form
 from service.classnames import MAX_LABEL_CHARS
 from service.jobstore import ImageSpec, JobSpec
@@ -80,15 +80,16 @@ def _result(request: Request, state: ApiState, job_id: str) -> tuple[ScoreResult
     raw = state.redis.hget(state.store.keys.job(job_id), "scores")
     scores = [ImageScore(**s) for s in json.loads(raw)] if raw else []
     path = request.url_for("get_scores", job_id=job_id).path
+    scored_by = state.models.get(rec["spec"]["model"])
     out = ScoreResult(id=job_id, status=rec["status"], model=rec["spec"]["model"], label=labels[0] if labels else None,
-                      score="energy" if state.model.has_energy else "grad_norm",
+                      score="energy" if scored_by is not None and scored_by.has_energy else "grad_norm",
                       scores=scores, error=rec["error"], url=absolute(request, state.settings, path))
     return out, rec["status"] in ("done", "failed", "cancelled")
 
 
 @router.post("/scores", response_model=ScoreResult, summary="Energy score of images (out-of-distribution)",
              responses={202: {"model": ScoreResult, "description": "still queued after the wait limit"},
-                        **error_responses(400, 401, 413, 415, 422, 429, 503)},
+                        **error_responses(400, 401, 404, 413, 415, 422, 429, 503)},
              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                  "type": "object", "required": ["image"],
                  "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"},
@@ -101,7 +102,6 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
     ``label`` when given) and ``in_distribution``, that norm calibrated on the model's held-out data.
     EqM-E models also give the image's ``energy`` and rank (and calibrate) by it.
     Uniform noise or shuffled pixels score far lower than real digits (AUROC in bench/RESULTS.md)."""
-    model = state.model
     try:
         form = await request.form()
     except HTTPException:
@@ -116,14 +116,14 @@ async def create_scores(request: Request, state: ApiState = Depends(get_state)):
         raise field_error(("body", "image"), "send at least one image file in the field 'image'")
     check_image_count(len(files), state, ("body", "image"), f"{len(files)} uploads")
     model_name, label_text = text_field(form, "model", MAX_MODEL_CHARS), text_field(form, "label", MAX_LABEL_CHARS)
-    check_model(model_name, model, ("body", "model"))
+    model = state.pick_model(model_name)
     labels = resolve_labels([label_text], model, ("body", "label")) if label_text else []
     inputs, keys = [], state.store.keys
     spec = JobSpec(kind=SCORE_KIND, model=model.name, images=[ImageSpec(seed=0, labels=list(labels)) for _ in files])
     for k, upload in enumerate(files):
         data = await upload.read()
         try:
-            png = await decode_upload(state, data)
+            png = await decode_upload(state, data, model)
         except UploadError as exc:
             if exc.status_code == 422:
                 raise field_error(("body", "image", k), exc.detail) from None

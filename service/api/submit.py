@@ -23,16 +23,11 @@ from service.api.modelinfo import ModelInfo
 from service.api.schemas import JobCreated, SamplingOptions
 from service.api.shutdown import unless_stopping
 from service.classnames import LabelError
-from service.jobstore import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec
+from service.jobstore import FINAL_STATUSES, JobSpec, QueueFull, SamplerSpec, worker_serves
 from service.webhooks import WebhookTarget, register_webhook, unregister_webhook, webhook_target
 
 RETRY_QUEUE_FULL_S = 5
 RETRY_NO_WORKER_S = 10
-
-
-def check_model(requested: str | None, model: ModelInfo, loc: Sequence[str | int]) -> None:
-    if requested is not None and requested != model.name:
-        raise field_error(loc, f"unknown model {requested!r}: this server serves {model.name!r} (see GET /v1/models)")
 
 
 def resolve_labels(labels: Sequence[int | str], model: ModelInfo, loc: Sequence[str | int]) -> list[int]:
@@ -74,19 +69,19 @@ def deadline(opts: SamplingOptions, now: float) -> float | None:
     return None if opts.deadline_s is None else now + opts.deadline_s
 
 
-def _admit(state: ApiState) -> None:
+def _admit(state: ApiState, model: str) -> None:
     """Raise 503/429 when the job could not run soon; runs in the thread pool (blocking Redis calls)."""
     workers = state.store.live_workers(state.settings.heartbeat_s)
-    serving = [w for w in workers.values() if w.get("model") == state.model.name]
+    serving = [w for w in workers.values() if worker_serves(w, model)]
     if not serving:
         if state.redis_full():          # workers' heartbeats are refused too: say what is really wrong
             state.metrics.rejected_total.labels("redis_full").inc()
             raise HTTPException(507, "the job store (Redis) is out of memory (maxmemory reached); nothing was "
                                      "written; retry later", headers={"Retry-After": "5"})
         state.metrics.rejected_total.labels("no_worker").inc()
-        other = sorted({str(w.get("model")) for w in workers.values()})
+        other = sorted({str(m) for w in workers.values() for m in (w.get("models") or [w.get("model")])})
         why = f"; live workers serve {', '.join(other)}" if other else ""
-        raise HTTPException(503, f"no live worker serves model {state.model.name!r}{why}; {state.no_worker_hint}",
+        raise HTTPException(503, f"no live worker serves model {model!r}{why}; {state.no_worker_hint}",
                             headers={"Retry-After": str(RETRY_NO_WORKER_S)})
 
 
@@ -120,7 +115,7 @@ async def enqueue(request: Request, state: ApiState, spec: JobSpec, input_png: b
         if replayed is not None:
             return replayed, True
     hook = _webhook(options, settings)
-    await run_in_threadpool(_admit, state)
+    await run_in_threadpool(_admit, state, spec.model)
     if idem is not None:
         earlier = await run_in_threadpool(store.claim_idempotency, who, idem, fingerprint, spec.id)
         replayed = await _replayed(state, who, idem, earlier, fingerprint)
@@ -134,8 +129,8 @@ async def enqueue(request: Request, state: ApiState, spec: JobSpec, input_png: b
         if idem is not None:
             await run_in_threadpool(store.release_idempotency, who, idem)
         raise
-    state.metrics.jobs_submitted_total.labels(spec.kind).inc()
-    state.metrics.images_requested_total.labels(spec.kind).inc(len(spec.images))
+    state.metrics.jobs_submitted_total.labels(spec.kind, spec.model).inc()
+    state.metrics.images_requested_total.labels(spec.kind, spec.model).inc(len(spec.images))
     return spec.id, False
 
 

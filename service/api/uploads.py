@@ -109,11 +109,10 @@ def _to_model_png(image: Image.Image, size: int, channels: int) -> bytes:
 DECODE_WAIT_S = 30.0          # an upload waits this long for a decoding turn before a 503
 
 
-async def decode_upload(state, data: bytes) -> bytes:
+async def decode_upload(state, data: bytes, model) -> bytes:
     """The one way every route decodes an upload: ``prepare_image`` with the model's pixel limit
-    (``upload_pixel_limit``) in the thread pool, at most ``upload_decodes`` at once per process: each decode
+    (``upload_pixel_limit``) of the request's model in the thread pool, at most ``upload_decodes`` at once per process: each decode
     may take ~180 MB, so a burst of large uploads waits its turn instead of taking the memory."""
-    model = state.model
     try:
         await asyncio.wait_for(state.decodes.acquire(), DECODE_WAIT_S)
     except asyncio.TimeoutError:

@@ -96,7 +96,9 @@ def parse_model_flags(items: list[str]) -> dict[str, str]:
 def common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default EQM_HOST, 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, help="port to listen on (default EQM_PORT, 8000)")
-    p.add_argument("--checkpoint", help="bundled model name or checkpoint file (default EQM_CHECKPOINT, 'digits')")
+    p.add_argument("--checkpoint", action="append",
+                   help="bundled model name or checkpoint file; repeat it to serve several models, the first being "
+                        "the default (default EQM_CHECKPOINTS, else EQM_CHECKPOINT, else 'digits')")
     p.add_argument("--vae", help="SD-VAE folder for latent models (default EQM_VAE)")
     p.add_argument("--ebm", choices=["none", "dot", "l2", "mean"],
                    help="energy form of a checkpoint that records none (official --ebm; default EQM_EBM)")
@@ -106,20 +108,35 @@ def common_arguments(p: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace):
     from service.settings import Settings
     overrides = {name: getattr(args, name, None) for name in ("host", "port", "checkpoint", "vae", "redis_url", "ebm")}
+    overrides.update(checkpoint_overrides(getattr(args, "checkpoint", None)))
     return Settings.from_env(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def checkpoint_overrides(flags: list[str] | str | None) -> dict:
+    """Settings from repeated ``--checkpoint`` flags: one is ``checkpoint``; several are ``checkpoints``."""
+    if not flags:
+        return {}
+    if isinstance(flags, str):
+        flags = [flags]
+    return {"checkpoint": flags[0], "checkpoints": tuple(flags) if len(flags) > 1 else ()}
 
 
 def check_checkpoint_file(args: argparse.Namespace, settings) -> None:
     """A served checkpoint that is neither a bundled name nor a file: one line naming where the name came from
     (the flag or the variable the user set), before torch and the API's modules load (seconds)."""
+    for checkpoint in settings.served_checkpoints:
+        _check_one_checkpoint(args, settings, checkpoint)
+
+
+def _check_one_checkpoint(args: argparse.Namespace, settings, checkpoint: str) -> None:
     from models import BUNDLED, resolve_checkpoint
     from service.cli import UsageError
-    path = resolve_checkpoint(settings.checkpoint)
+    path = resolve_checkpoint(checkpoint)
     if path.is_file():
         return
-    source = f"--checkpoint {args.checkpoint}" if getattr(args, "checkpoint", None) else \
-        f"EQM_CHECKPOINT={settings.checkpoint}"
-    if settings.checkpoint in BUNDLED:
+    source = f"--checkpoint {checkpoint}" if getattr(args, "checkpoint", None) else \
+        f"EQM_CHECKPOINTS={','.join(settings.checkpoints)}" if settings.checkpoints else f"EQM_CHECKPOINT={checkpoint}"
+    if checkpoint in BUNDLED:
         raise UsageError(f"{source}: the bundled file {path} is missing (it ships with the package: reinstall it)")
     what = "a folder, not a checkpoint file" if path.is_dir() else "no such file"
     raise UsageError(f"{source}: {what} (a checkpoint file: .pt or .safetensors, or a bundled model: "

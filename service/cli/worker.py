@@ -125,10 +125,10 @@ class Supervisor:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from service.cli.common import check_checkpoint_file
+    from service.cli.common import check_checkpoint_file, checkpoint_overrides
     from service.settings import Settings
     # A missing checkpoint is one line at once, before torch loads (service.worker imports it).
-    check_checkpoint_file(args, Settings.from_env(**({"checkpoint": args.checkpoint} if args.checkpoint else {})))
+    check_checkpoint_file(args, Settings.from_env(**checkpoint_overrides(args.checkpoint)))
     import service.worker  # noqa: F401  the worker's imports: a package this machine lacks fails here, not in a child
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s [supervisor] %(message)s")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from service.jobstore import JobStore
+from service.jobstore import JobStore, worker_serves
 from service.runs import store as results
 from service.runs.batches import BatchKeeper
 from service.runs.plan import shard_job
@@ -184,7 +184,7 @@ class RunKeeper:
     def _window(self, model: str) -> int:
         if self.fixed_window is not None:
             return self.fixed_window
-        live = sum(1 for w in self.store.live_workers(self.heartbeat_s).values() if w.get("model") == model)
+        live = sum(1 for w in self.store.live_workers(self.heartbeat_s).values() if worker_serves(w, model))
         return self.shards_per_worker * max(1, live)
 
     def _mark_done(self, record: dict, shard: dict, path: Path) -> None:

@@ -1,6 +1,6 @@
 """``python -m service.worker``: one worker process (``eqm worker`` starts and supervises them)."""
 import sys
 
-from service.worker.loop import main
+from service.worker.entry import main
 
 sys.exit(main())

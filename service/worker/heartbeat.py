@@ -24,21 +24,21 @@ class Heartbeat:
         k = self.keys
         with self._lock:
             inflight = dict(self._inflight)
-        info = {"device": self.cfg.device, "model": self.engine.model_name if self.engine else "",
+        info = {"device": self.cfg.device, "model": self.model, "models": [self.model],
                 "metrics_url": self._metrics_url, "seen": time.time(), "pid": os.getpid(),
                 "capacity": self.cfg.capacity, "jobs": len(inflight)}
         # Keep our long jobs from being reclaimed: reset the idle time of the entries still ours (first:
         # XCLAIM works in a full Redis, which refuses the registry write below); the ones another worker
         # claimed meanwhile are dropped by the loop (fencing).
         if inflight:
-            lost = {e.decode() for e in self.store.scripts.refresh(keys=[k.stream],
+            lost = {e.decode() for e in self.store.scripts.refresh(keys=[self.stream],
                                                                   args=[k.group, self.name, *inflight.values()])}
             for job_id, entry_id in inflight.items():
                 if entry_id in lost:
                     self._lost.put((job_id, "lost"))
             inflight = {j: e for j, e in inflight.items() if e not in lost}
         self.r.hset(k.workers, self.name, json.dumps(info))
-        self.metrics.queue_depth.set(self.store.queue_depth())
+        self.metrics.queue_depth.set(self.store.queue_depth(self.model))
         self._beats += 1
         if self._beats % 5 == 1:
             self._prune_dead_workers()
@@ -64,7 +64,7 @@ class Heartbeat:
         registry = {n.decode(): json.loads(v) for n, v in self.r.hgetall(k.workers).items()}
         try:
             consumers = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]: c
-                         for c in self.r.xinfo_consumers(k.stream, k.group)}
+                         for c in self.r.xinfo_consumers(self.stream, k.group)}
         except redis.ResponseError:
             consumers = {}
         for name in set(registry) | set(consumers):
@@ -76,5 +76,5 @@ class Heartbeat:
             consumer = consumers.get(name)
             if consumer is not None and (consumer["pending"] or consumer["idle"] < stale_s * 1000):
                 continue
-            if self.store.scripts.prune(keys=[k.stream, k.workers], args=[k.group, name]):
+            if self.store.scripts.prune(keys=[self.stream, k.workers], args=[k.group, name]):
                 log.info("pruned dead worker %s", name)

@@ -38,14 +38,12 @@ Delivery: at least once; results: exactly once.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,8 +51,6 @@ from pathlib import Path
 
 import redis
 
-from models.files import CheckpointError
-from models.codecs import CodecError
 from service.engine import PREVIEW_INTERVAL_S, Engine, JobError, StepOutput
 from service.jobstore import REDIS_BUSY, JobSpec, JobStore, is_oom
 from service.metrics import Metrics, serve_metrics
@@ -66,8 +62,7 @@ from service.worker.cancels import CancelListening
 from service.worker.heartbeat import Heartbeat
 from service.worker.results import ResultWriting
 from service.worker.scores import ScoreJobs
-from service.worker_config import (EXIT_CONFIG_ERROR, WorkerConfig, add_worker_arguments, check_device,
-                                   config_from_args)
+from service.worker_config import WorkerConfig
 
 log = logging.getLogger("eqm.worker")
 
@@ -116,6 +111,9 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         self.r = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
         self.store = JobStore(self.r, cfg.key_prefix, cfg.result_ttl_s)
         self.keys = self.store.keys
+        # The model this worker serves: the engine's, or the name build_engine will give it.
+        self.model = engine.model_name if engine is not None else cfg.model_name or Path(cfg.checkpoint).stem
+        self.stream = self.keys.stream_for(self.model)               # this worker reads its model's jobs only
         self._cancels: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._inflight: dict[str, str] = {}            # job id -> stream entry id
         self._lock = threading.Lock()                  # guards _inflight against the heartbeat thread
@@ -160,7 +158,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             self._metrics_url = f"http://{host}:{self.cfg.metrics_port}/metrics"
         while not self._stop.is_set():
             try:
-                self.store.ensure_group()
+                self.store.ensure_group(self.model)
                 self._beat()
                 break
             except REDIS_BUSY as exc:
@@ -175,7 +173,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             self._loop()
             self._hand_back()
             try:        # nothing of ours is pending now: leave the consumer group tidy
-                self.r.xgroup_delconsumer(self.keys.stream, self.keys.group, self.name)
+                self.r.xgroup_delconsumer(self.stream, self.keys.group, self.name)
             except redis.RedisError:
                 pass
         finally:
@@ -264,7 +262,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
 
     def _fetch(self, block_ms: int) -> None:
         k = self.keys
-        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {k.stream: ">"}, count=self._free_capacity(),
+        reply = self._xcall(self.r.xreadgroup, k.group, self.name, {self.stream: ">"}, count=self._free_capacity(),
                             block=block_ms or None)
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -286,7 +284,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         want = max(1, sched.capacity // 4, sched.capacity - sched.num_waiting - sched.num_running)
         cursor, taken = "0-0", 0
         while taken < want:
-            reply = self._xcall(self.r.xautoclaim, k.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
+            reply = self._xcall(self.r.xautoclaim, self.stream, k.group, self.name, min_idle_time=self.cfg.claim_idle_ms,
                                 start_id=cursor, count=want - taken)
             if not reply:
                 break
@@ -304,7 +302,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self.store.ensure_group()       # the stream or group was deleted under us
+            self.store.ensure_group(self.model)       # the stream or group was deleted under us
             return None
 
     def _take(self, entry_id: str, fields: dict | None, reclaimed: bool) -> None:
@@ -318,7 +316,7 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
         # One script: a cancel, a finish or an expiry landing between a read and a write here could
         # otherwise be overwritten; it also counts the loss when the job was running on a dead worker.
         state, spec_json, lost = self.store.scripts.take(
-            keys=[k.job(job_id), k.queued],
+            keys=[k.job(job_id), k.queued, k.queued_for(self.model)],
             args=[self.name, job_id, "1" if reclaimed else "0", self.cfg.max_deliveries])
         state = state.decode()
         if state in ("missing", "final"):
@@ -326,14 +324,14 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
             return
         if state == "cancel":
             self.store.finish(job_id, "cancelled")
-            self.metrics.jobs_total.labels("cancelled").inc()
+            self.metrics.jobs_total.labels(self.model, "cancelled").inc()
             self._ack(entry_id)
             return
         if state == "dead":
             reason = (f"dead-lettered: the worker running it stopped or crashed {int(lost)} times "
                       f"(limit {self.cfg.max_deliveries})")
             log.warning("job %s %s", job_id, reason)
-            self.r.xadd(k.deadletter, {"id": job_id, "reason": reason})
+            self.r.xadd(k.deadletter, {"id": job_id, "model": self.model, "reason": reason})
             self._fail(job_id, entry_id, reason)
             return
         try:
@@ -392,36 +390,9 @@ class Worker(CancelListening, Heartbeat, ResultWriting, ScoreJobs):
 
     def _fail(self, job_id: str, entry_id: str, error: str) -> None:
         self.store.finish(job_id, "failed", error=error)
-        self.metrics.jobs_total.labels("failed").inc()
+        self.metrics.jobs_total.labels(self.model, "failed").inc()
         self._ack(entry_id)
 
     def _ack(self, entry_id: str) -> None:
         """Ack and delete the entry, unless another worker claimed it meanwhile (that claim stands)."""
-        self.store.scripts.ack(keys=[self.keys.stream], args=[self.keys.group, self.name, entry_id])
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.worker", description="one EqM worker process on one device")
-    add_worker_arguments(p)
-    p.add_argument("--device", help="torch device, e.g. cuda:0 or cpu (default EQM_DEVICE, else cuda if present)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 = off)")
-    p.add_argument("--name", help="consumer name (default host:pid:device)")
-    p.add_argument("--parent-pid", type=int, default=0, help="stop when this process exits (set by the supervisor)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s [worker {os.getpid()}] %(message)s")
-    try:
-        cfg = config_from_args(args, device=args.device, metrics_port=args.metrics_port, name=args.name,
-                               parent_pid=args.parent_pid)
-        check_device(cfg.device)
-    except ValueError as exc:
-        print(f"eqm worker: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    worker = Worker(cfg)
-    worker.install_signal_handlers()
-    try:
-        return worker.run()
-    except (CheckpointError, CodecError, SetupError) as exc:
-        # A setup error, not a crash: exit code 2 tells the supervisor not to restart.
-        print(f"eqm worker: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        self.store.scripts.ack(keys=[self.stream], args=[self.keys.group, self.name, entry_id])

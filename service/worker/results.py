@@ -109,7 +109,7 @@ class ResultWriting:
             inflight = dict(self._inflight)
             self._inflight.clear()
         for job_id, entry_id in inflight.items():
-            requeued = self.store.scripts.hand_back(keys=[self.keys.job(job_id), self.keys.stream, self.keys.queued],
+            requeued = self.store.scripts.hand_back(keys=[self.keys.job(job_id), self.stream, self.keys.queued],
                                                     args=[self.keys.group, entry_id, job_id, self.name])
             if requeued:
                 self.store.publish(job_id, "queued", {"id": job_id, "time": time.time(), "handed_back": self.name})

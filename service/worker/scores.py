@@ -25,5 +25,5 @@ class ScoreJobs:
         # over meanwhile gets neither.
         if self.store.finish(job_id, "done", images=results, worker=self.name,
                              extra={"scores": json.dumps(scores)}) == 1:
-            self.metrics.jobs_total.labels("done").inc()
+            self.metrics.jobs_total.labels(self.model, "done").inc()
         self._ack(entry_id)
