@@ -154,7 +154,7 @@ def runs_client(make_client, redis_client, tmp_path):
     ({"num_samples": 2, "labels": [1, "zebra"]}, 422, "zebra"),
     ({"num_samples": 5000}, 422, "more than this server's limit of 1000 per run"),
     ({"num_samples": 10, "shard_size": 500}, 422, "shard_size=500 is more than 64"),
-    ({"num_samples": 10, "model": "other"}, 422, "unknown model 'other'"),
+    ({"num_samples": 10, "model": "other"}, 404, "unknown model 'other'"),
 ])
 def test_bad_runs_get_one_line_and_write_nothing(runs_client, tmp_path, body, status, message):
     resp = runs_client.post("/v1/sampling-runs", json=body)
