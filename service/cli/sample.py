@@ -117,9 +117,10 @@ def run_on_server(args: argparse.Namespace) -> int:
 def write_adm_npz(path: str, images, labels) -> None:
     """The ADM evaluator's layout, written to a temporary name then renamed."""
     import numpy as np
-    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+    from service.runs.store import adm_rgb
     tmp = Path(path + ".tmp.npz")
-    np.savez(tmp, arr_0=rgb.astype(np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
+    np.savez(tmp, arr_0=adm_rgb(images).astype(np.uint8), arr_1=np.asarray(labels, dtype=np.int64))
     os.replace(tmp, path)
 
 

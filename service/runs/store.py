@@ -165,6 +165,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 # -- assembly ---------------------------------------------------------------------------------------
+def adm_rgb(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) images in the ADM evaluator's 3 channels: a grey channel repeated, RGB as it is."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
 def assemble(root: Path, record: dict) -> tuple[Path, Path]:
     """Stream the shards, in order, into ``samples.npz`` (ADM layout) and ``stats.npz``. Grey images get
     their one channel repeated three times: the evaluator reads ``N x H x W x 3`` and its Inception network
@@ -186,8 +191,7 @@ def assemble(root: Path, record: dict) -> tuple[Path, Path]:
                     images = arrays["images"]
                     if images.shape != (shard["count"], h, w, images.shape[-1]):
                         raise StoreError(f"shard {shard['index']} holds images of shape {images.shape}")
-                    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-                    member.write(np.ascontiguousarray(rgb, dtype=np.uint8).tobytes())
+                    member.write(np.ascontiguousarray(adm_rgb(images), dtype=np.uint8).tobytes())
                     for k in STATS_ARRAYS:
                         stats[k].append(arrays[k])
             labels = np.concatenate(stats["labels"]).astype(np.int64)
